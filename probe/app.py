@@ -1,0 +1,107 @@
+"""Wiring: settings -> discovery -> checks -> telemetry -> server, and the lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from aiohttp import web
+
+from probe.checks.http import HttpChecker
+from probe.checks.rounds import Prober
+from probe.discovery import make_source
+from probe.neighbours import NeighbourSource
+from probe.server import ServerState, build_app, start_servers
+from probe.settings import Settings
+from probe.telemetry import otel
+from probe.telemetry.incoming import IncomingChecks
+from probe.telemetry.metrics import Metrics
+
+log = logging.getLogger("probe")
+
+
+class Probe:
+    """One running probe: its checks, its telemetry and its servers."""
+
+    def __init__(self, settings: Settings, neighbours: NeighbourSource | None = None) -> None:
+        self.settings = settings
+        self.neighbours = neighbours or make_source(settings)
+        self.incoming = IncomingChecks()
+        resource = otel.build_resource(settings)
+        self.tracer_provider = otel.build_tracer_provider(settings, resource)
+        otlp_reader = otel.build_otlp_metric_reader(settings)
+        self.metrics = Metrics(
+            buckets=settings.histogram_buckets,
+            incoming=self.incoming.count,
+            resource=resource,
+            extra_readers=[otlp_reader] if otlp_reader else [],
+        )
+        tracer = otel.tracer(self.tracer_provider)
+        self.checker = HttpChecker(settings, record=self.metrics.record, tracer=tracer)
+        self.prober = Prober(settings, self.neighbours, self.checker.check, on_departed=self._forget_series)
+        self.state = ServerState(
+            last_round=lambda: self.prober.last_round,
+            neighbourhood=self.neighbours.current,
+            incoming=self.incoming,
+        )
+        self.app = build_app(settings, self.state, self.metrics, tracer)
+        self._runner: web.AppRunner | None = None
+        self._rounds: asyncio.Task[None] | None = None
+
+    def _forget_series(self, check_types: set[str]) -> None:
+        dropped = self.metrics.forget(check_types)
+        log.info("neighbours left", extra={"checks": sorted(check_types), "series_dropped": dropped})
+
+    async def start(self) -> None:
+        await self.checker.start()
+        await self.neighbours.start()
+        self._runner = await start_servers(self.settings, self.app)
+        self._rounds = asyncio.create_task(self.prober.run(), name="rounds")
+        log.info(
+            "probe started",
+            extra={
+                "http_port": self.settings.http_port,
+                "pod": self.settings.pod_name,
+                "node": self.settings.node_name,
+            },
+        )
+
+    def begin_shutdown(self) -> None:
+        """/ready answers 503 from now on; the servers keep answering."""
+        self.state.shutting_down = True
+
+    async def stop(self) -> None:
+        self.begin_shutdown()
+        if self._rounds is not None:
+            self._rounds.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rounds
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.neighbours.stop()
+        await self.checker.close()
+        # Final flush of spans and metrics, each bounded by the exporters' own timeouts.
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown_telemetry)
+
+    def _shutdown_telemetry(self) -> None:
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()
+        self.metrics.shutdown()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop."""
+    probe = Probe(settings)
+    await probe.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": settings.shutdown_duration})
+    probe.begin_shutdown()
+    await asyncio.sleep(settings.shutdown_duration)
+    await probe.stop()
+    log.info("stopped")

@@ -1,0 +1,1 @@
+"""Checks: what to request (targets), how (http), when (rounds), and what came of it."""

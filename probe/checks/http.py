@@ -1,0 +1,142 @@
+"""One check = one GET, timed phase by phase, traced as a CLIENT span, recorded by a sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+from opentelemetry import propagate, trace
+
+from probe import __version__, names
+from probe.checks import httptrace, spans
+from probe.checks.result import CheckResult, Target
+from probe.settings import Settings
+
+USER_AGENT = f"kubenurse/{__version__}"
+# Generous enough for any small body; a target that streams forever is cut off here.
+MAX_BODY_BYTES = 1 << 20
+
+
+def build_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """System CAs + the service-account CA + KUBENURSE_EXTRA_CA; or no verification at all."""
+    context = httptrace.TimedSSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_default_certs()
+    sa_ca = Path(settings.serviceaccount_dir) / "ca.crt"
+    if sa_ca.is_file():
+        # A broken mounted CA must not stop the other checks; the TLS checks will say so.
+        with contextlib.suppress(OSError, ssl.SSLError):
+            context.load_verify_locations(cafile=str(sa_ca))
+    if settings.extra_ca_file:
+        context.load_verify_locations(cafile=settings.extra_ca_file)
+    if settings.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def describe(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+class HttpChecker:
+    """Performs checks. `record` is called with each result inside the check's span."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        record: Callable[[CheckResult], None] = lambda _r: None,
+        tracer: trace.Tracer | None = None,
+    ) -> None:
+        self._settings = settings
+        self._record = record
+        self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
+        self._ssl = build_ssl_context(settings)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        s = self._settings
+        connector = aiohttp.TCPConnector(
+            ssl=self._ssl,
+            # Go's DisableKeepAlives unless reuse is asked for: every check then measures
+            # DNS, connect and TLS afresh, which is the point of a network probe.
+            force_close=not s.reuse_connections,
+            use_dns_cache=False,
+            limit=0,
+            socket_factory=httptrace.socket_factory,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(total=s.check_timeout, connect=s.check_connect_timeout),
+            trace_configs=[httptrace.trace_config()],
+            headers={"User-Agent": USER_AGENT},
+            trust_env=False,
+            auto_decompress=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _token(self) -> str | None:
+        # Read every time: projected service-account tokens are rotated on disk.
+        try:
+            return (Path(self._settings.serviceaccount_dir) / "token").read_text().strip() or None
+        except OSError:
+            return None
+
+    async def check(self, target: Target) -> CheckResult:
+        timeline = httptrace.begin()
+        span = spans.start_client_span(self._tracer, target, timeline)
+        with trace.use_span(span, end_on_exit=False):
+            headers = dict(target.headers)
+            if target.send_token and (token := self._token()):
+                headers["Authorization"] = f"Bearer {token}"
+            propagate.inject(headers)
+            peer: tuple[str, int] | None = None
+            try:
+                result, peer = await self._request(target, headers, timeline)
+            except Exception as e:  # never let one check take the round down
+                result = CheckResult(
+                    target.check_type, f"{names.ROUND_TRIP_ERROR}: {describe(e)}", target,
+                    error_event=names.ROUND_TRIP_ERROR, events=timeline.offsets(),
+                )
+            spans.finish_client_span(self._tracer, span, result, timeline, peer)
+            self._record(result)
+        return result
+
+    async def _request(
+        self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline
+    ) -> tuple[CheckResult, tuple[str, int] | None]:
+        assert self._session is not None, "HttpChecker.start() first"
+        peer = None
+        try:
+            # The outer deadline is a backstop: aiohttp's own timeout should always fire first.
+            async with asyncio.timeout(self._settings.check_timeout + 1):
+                async with self._session.get(target.url, headers=headers, allow_redirects=True) as resp:
+                    timeline.mark(names.GOT_FIRST_RESP_BYTE)
+                    answered = timeline.marks[names.GOT_FIRST_RESP_BYTE]
+                    if resp.connection is not None and resp.connection.transport is not None:
+                        peer = resp.connection.transport.get_extra_info("peername")
+                    await resp.content.read(MAX_BODY_BYTES)
+        except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as e:
+            event = httptrace.failed_event(e, timeline)
+            return CheckResult(
+                target.check_type, f"{event}: {describe(e)}", target,
+                error_event=event, events=timeline.offsets(),
+            ), peer
+        duration = (answered - timeline.start_ns) / 1e9
+        events = timeline.offsets()
+        if resp.status == 200:
+            return CheckResult(target.check_type, names.OK, target, 200, None, duration, events), peer
+        event = names.status_code_event(resp.status)
+        summary = f"{event}: unexpected status code {resp.status} {resp.reason or ''}".rstrip()
+        return CheckResult(target.check_type, summary, target, resp.status, event, duration, events), peer
+
+

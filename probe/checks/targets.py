@@ -1,0 +1,69 @@
+"""Which checks a round performs, from the settings and the current neighbourhood."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from probe import names
+from probe.checks.result import CheckResult, Target
+from probe.neighbours import Neighbourhood
+from probe.settings import Settings
+
+
+@dataclass(frozen=True)
+class Plan:
+    targets: tuple[Target, ...]
+    skipped: tuple[CheckResult, ...]
+
+
+def _api_server_targets(settings: Settings) -> tuple[list[Target], list[CheckResult]]:
+    targets: list[Target] = []
+    skipped: list[CheckResult] = []
+    port = settings.kubernetes_service_port
+    if not settings.check_api_server_direct:
+        skipped.append(CheckResult.skip(names.API_SERVER_DIRECT, "disabled by KUBENURSE_CHECK_API_SERVER_DIRECT"))
+    elif not settings.kubernetes_service_host:
+        skipped.append(CheckResult.skip(names.API_SERVER_DIRECT, "KUBERNETES_SERVICE_HOST not set (not in a cluster)"))
+    else:
+        host = settings.kubernetes_service_host
+        host = f"[{host}]" if ":" in host else host
+        targets.append(Target(names.API_SERVER_DIRECT, f"https://{host}:{port}/version", send_token=True))
+    if not settings.check_api_server_dns:
+        skipped.append(CheckResult.skip(names.API_SERVER_DNS, "disabled by KUBENURSE_CHECK_API_SERVER_DNS"))
+    elif not settings.in_cluster and settings.kubernetes_service_dns is None:
+        skipped.append(CheckResult.skip(names.API_SERVER_DNS, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+    else:
+        url = f"https://{settings.api_server_dns_name}:{port}/version"
+        targets.append(Target(names.API_SERVER_DNS, url, send_token=True))
+    return targets, skipped
+
+
+def _url_target(check_type: str, enabled: bool, url: str | None, variable: str) -> Target | CheckResult:
+    if not enabled:
+        return CheckResult.skip(check_type, f"disabled by KUBENURSE_CHECK_{check_type.upper()}")
+    if not url:
+        return CheckResult.skip(check_type, f"{variable} not set")
+    return Target(check_type, f"{url}/alwayshappy")
+
+
+def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
+    """Targets and skipped checks of one round."""
+    targets, skipped = _api_server_targets(settings)
+    s = settings
+    for item in (
+        _url_target(names.ME_INGRESS, s.check_me_ingress, s.ingress_url, "KUBENURSE_INGRESS_URL"),
+        _url_target(names.ME_SERVICE, s.check_me_service, s.service_url, "KUBENURSE_SERVICE_URL"),
+    ):
+        if isinstance(item, Target):
+            targets.append(item)
+        else:
+            skipped.append(item)
+    targets.extend(Target(check.name, check.url) for check in settings.extra_checks)
+    if settings.check_neighbourhood and not neighbourhood.skipped:
+        scheme, port = ("https", settings.https_port) if settings.use_tls else ("http", settings.http_port)
+        origin = {names.NEIGHBOUR_ORIGIN_HEADER: settings.pod_name}
+        for n in neighbourhood.neighbours:
+            host = f"[{n.pod_ip}]" if ":" in n.pod_ip else n.pod_ip
+            url = f"{scheme}://{host}:{port}/alwayshappy"
+            targets.append(Target(names.path_type(n.node_name), url, headers=origin, neighbour=n))
+    return Plan(tuple(targets), tuple(skipped))

@@ -1,0 +1,76 @@
+"""Every externally visible name in one place: check types, events, metrics, spans.
+
+The contract (CONTRACT.md) pins these byte for byte; dashboards and alerts depend on them.
+"""
+
+from __future__ import annotations
+
+# Check types (the `type` label and `/alive` keys).
+API_SERVER_DIRECT = "api_server_direct"
+API_SERVER_DNS = "api_server_dns"
+ME_INGRESS = "me_ingress"
+ME_SERVICE = "me_service"
+PATH_PREFIX = "path_"
+
+
+def path_type(node_name: str) -> str:
+    """Check type of the neighbour check towards `node_name`."""
+    return PATH_PREFIX + node_name
+
+
+# Phase events, in the order they happen during one request (kubenurse's httptrace names).
+DNS_START = "dns_start"
+DNS_DONE = "dns_done"
+CONNECT_START = "connect_start"
+CONNECT_DONE = "connect_done"
+TLS_HANDSHAKE_START = "tls_handshake_start"
+TLS_HANDSHAKE_DONE = "tls_handshake_done"
+GOT_CONN = "got_conn"
+WROTE_REQUEST = "wrote_request"
+GOT_FIRST_RESP_BYTE = "got_first_resp_byte"
+EVENTS = (
+    DNS_START,
+    DNS_DONE,
+    CONNECT_START,
+    CONNECT_DONE,
+    TLS_HANDSHAKE_START,
+    TLS_HANDSHAKE_DONE,
+    GOT_CONN,
+    WROTE_REQUEST,
+    GOT_FIRST_RESP_BYTE,
+)
+ROUND_TRIP_ERROR = "round_trip_error"
+
+
+def status_code_event(code: int) -> str:
+    return f"status_code_{code}"
+
+
+# Outcomes shown in /alive.
+OK = "ok"
+SKIPPED = "skipped"
+
+# Instruments. The Prometheus exporter appends `_seconds` (unit "s") and `_total` (counters),
+# so these land on kubenurse's series names (NOTES.md).
+METER_NAME = "kubenurse"
+REQUEST_DURATION = "kubenurse_httpclient_request_duration"
+TRACE_REQUEST_DURATION = "kubenurse_httpclient_trace_request_duration"
+REQUESTS = "kubenurse_httpclient_requests"
+ERRORS = "kubenurse_errors"
+INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
+UNIT_SECONDS = "s"
+
+# Metric attribute keys.
+LABEL_TYPE = "type"
+LABEL_EVENT = "event"
+LABEL_CODE = "code"
+
+# HTTP headers.
+NEIGHBOUR_ORIGIN_HEADER = "KUBENURSE-NEIGHBOUR-ORIGIN"
+
+# Span attributes of our own (the rest follow the HTTP semantic conventions).
+ATTR_CHECK_TYPE = "kubenurse.check.type"
+ATTR_NEIGHBOUR_NODE = "kubenurse.neighbour.node"
+ATTR_NEIGHBOUR_POD = "kubenurse.neighbour.pod"
+ATTR_ERROR_EVENT = "kubenurse.error.event"
+TRACER_NAME = "kubenurse"

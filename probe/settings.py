@@ -1,0 +1,352 @@
+"""Settings: every environment variable the probe reads, parsed once into one immutable object.
+
+Nothing else in the probe reads the environment (the OpenTelemetry SDK reads its own
+OTEL_* variables; we only validate the ones whose typos would silently disable export).
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import socket
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from probe.labels import SelectorError, parse_selector
+
+T = TypeVar("T")
+
+DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+DEFAULT_SERVICE_DNS = "kubernetes.default.svc.cluster.local"
+DEFAULT_SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+LOG_FORMATS = ("json", "logfmt")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+
+
+class SettingsError(ValueError):
+    """A bad setting; the message is the one line printed before exiting 2."""
+
+    def __init__(self, variable: str, value: str, reason: str) -> None:
+        super().__init__(f"invalid {variable}={value!r}: {reason}")
+        self.variable = variable
+        self.value = value
+
+
+@dataclass(frozen=True)
+class ExtraCheck:
+    name: str
+    url: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    ingress_url: str | None = None
+    service_url: str | None = None
+    insecure: bool = False
+    extra_ca_file: str | None = None
+    extra_checks: tuple[ExtraCheck, ...] = ()
+    namespace: str | None = None
+    neighbour_filter: str = ""
+    neighbour_limit: int = 10
+    allow_unschedulable: bool = False
+    check_api_server_direct: bool = True
+    check_api_server_dns: bool = True
+    check_me_ingress: bool = True
+    check_me_service: bool = True
+    check_neighbourhood: bool = True
+    check_interval: float = 5.0
+    check_timeout: float = 6.0
+    check_connect_timeout: float = 5.0
+    reuse_connections: bool = False
+    histogram_buckets: tuple[float, ...] = DEFAULT_BUCKETS
+    expose_metadata: bool = True
+    use_tls: bool = False
+    cert_file: str | None = None
+    cert_key: str | None = None
+    shutdown_duration: float = 5.0
+    kubernetes_service_host: str | None = None
+    kubernetes_service_port: int = 443
+    #: None: not set, the default name below is used.
+    kubernetes_service_dns: str | None = None
+    pod_name: str = field(default_factory=socket.gethostname)
+    node_name: str | None = None
+    pod_namespace: str | None = None
+    listen_host: str | None = None
+    http_port: int = 8080
+    https_port: int = 8443
+    serviceaccount_dir: str = DEFAULT_SERVICEACCOUNT_DIR
+    kubeconfig: str | None = None
+    log_format: str = "json"
+    log_level: str = "INFO"
+    otlp_traces_enabled: bool = False
+    otlp_metrics_enabled: bool = False
+    otlp_traces_protocol: str = "http/protobuf"
+    otlp_metrics_protocol: str = "http/protobuf"
+
+    @property
+    def own_namespace(self) -> str | None:
+        return self.pod_namespace or self.namespace
+
+    @property
+    def in_cluster(self) -> bool:
+        return self.kubernetes_service_host is not None
+
+    @property
+    def api_server_dns_name(self) -> str:
+        return self.kubernetes_service_dns or DEFAULT_SERVICE_DNS
+
+
+# --- value parsers: each raises ValueError with a short reason --------------------------
+
+_BOOL = {
+    **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
+    **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
+}
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_bool(text: str) -> bool:
+    """Go's strconv.ParseBool, which kubenurse uses."""
+    try:
+        return _BOOL[text.strip()]
+    except KeyError:
+        raise ValueError("not a boolean (use true or false)") from None
+
+
+def parse_duration(text: str) -> float:
+    """Go's time.ParseDuration, in seconds: `500ms`, `5s`, `1m30s`, `1.5h`; negative rejected."""
+    s = text.strip()
+    if s in ("0", "+0"):
+        return 0.0
+    if s.startswith("-"):
+        raise ValueError("must not be negative")
+    s = s.removeprefix("+")
+    pos, total = 0, 0.0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if not m:
+            raise ValueError("not a duration (Go syntax, e.g. 500ms, 5s, 1m30s)")
+        total += float(m[1]) * _DURATION_UNITS[m[2]]
+        pos = m.end()
+    if not s:
+        raise ValueError("empty duration")
+    return total
+
+
+def parse_positive_duration(text: str) -> float:
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be greater than zero")
+    return value
+
+
+def parse_buckets(text: str) -> tuple[float, ...]:
+    bounds: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a number") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError("bounds must be finite")
+        # Integral bounds stay ints so they print as le="1", like Go's client does.
+        bounds.append(int(value) if value.is_integer() and "e" not in part.lower() else value)
+    if any(b <= a for a, b in itertools.pairwise(bounds)):
+        raise ValueError("bounds must be strictly increasing")
+    return tuple(bounds)
+
+
+def parse_url(text: str) -> str:
+    parts = urlsplit(text.strip())
+    if parts.scheme not in ("http", "https"):
+        raise ValueError("must be an http:// or https:// URL")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    return text.strip().rstrip("/")
+
+
+def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
+    checks: list[ExtraCheck] = []
+    for item in text.split("|"):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, url = item.partition(":")
+        if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ValueError(f"{item!r} is not name:url")
+        checks.append(ExtraCheck(name, parse_url(url)))
+    if len({c.name for c in checks}) != len(checks):
+        raise ValueError("check names must be unique")
+    return tuple(checks)
+
+
+def parse_port(text: str) -> int:
+    try:
+        port = int(text.strip())
+    except ValueError:
+        raise ValueError("not a port number") from None
+    if not 0 < port < 65536:
+        raise ValueError("port must be 1-65535")
+    return port
+
+
+def parse_limit(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError("not an integer") from None
+    if value < 0:
+        raise ValueError("must be 0 (all) or more")
+    return value
+
+
+def parse_selector_text(text: str) -> str:
+    try:
+        parse_selector(text)
+    except SelectorError as e:
+        raise ValueError(str(e)) from None
+    return text.strip()
+
+
+def readable_file(text: str) -> str:
+    path = Path(text)
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"cannot read file: {e.strerror or e}") from None
+    return str(path)
+
+
+def pem_file(text: str) -> str:
+    path = readable_file(text)
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except (ssl.SSLError, ValueError) as e:
+        raise ValueError(f"not a PEM CA bundle: {e}") from None
+    return path
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _nonempty(text: str) -> str:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return text.strip()
+
+
+# --- the table: variable -> (field, parser) -----------------------------------------------
+
+_VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
+    "KUBENURSE_INGRESS_URL": ("ingress_url", parse_url),
+    "KUBENURSE_SERVICE_URL": ("service_url", parse_url),
+    "KUBENURSE_INSECURE": ("insecure", parse_bool),
+    "KUBENURSE_EXTRA_CA": ("extra_ca_file", pem_file),
+    "KUBENURSE_EXTRA_CHECKS": ("extra_checks", parse_extra_checks),
+    "KUBENURSE_NAMESPACE": ("namespace", _nonempty),
+    "KUBENURSE_NEIGHBOUR_FILTER": ("neighbour_filter", parse_selector_text),
+    "KUBENURSE_NEIGHBOUR_LIMIT": ("neighbour_limit", parse_limit),
+    "KUBENURSE_ALLOW_UNSCHEDULABLE": ("allow_unschedulable", parse_bool),
+    "KUBENURSE_CHECK_API_SERVER_DIRECT": ("check_api_server_direct", parse_bool),
+    "KUBENURSE_CHECK_API_SERVER_DNS": ("check_api_server_dns", parse_bool),
+    "KUBENURSE_CHECK_ME_INGRESS": ("check_me_ingress", parse_bool),
+    "KUBENURSE_CHECK_ME_SERVICE": ("check_me_service", parse_bool),
+    "KUBENURSE_CHECK_NEIGHBOURHOOD": ("check_neighbourhood", parse_bool),
+    "KUBENURSE_CHECK_INTERVAL": ("check_interval", parse_positive_duration),
+    "KUBENURSE_CHECK_TIMEOUT": ("check_timeout", parse_positive_duration),
+    "KUBENURSE_CHECK_CONNECT_TIMEOUT": ("check_connect_timeout", parse_positive_duration),
+    "KUBENURSE_REUSE_CONNECTIONS": ("reuse_connections", parse_bool),
+    "KUBENURSE_HISTOGRAM_BUCKETS": ("histogram_buckets", parse_buckets),
+    "KUBENURSE_EXPOSE_METADATA": ("expose_metadata", parse_bool),
+    "KUBENURSE_USE_TLS": ("use_tls", parse_bool),
+    "KUBENURSE_CERT_FILE": ("cert_file", readable_file),
+    "KUBENURSE_CERT_KEY": ("cert_key", readable_file),
+    "KUBENURSE_SHUTDOWN_DURATION": ("shutdown_duration", parse_duration),
+    "KUBERNETES_SERVICE_HOST": ("kubernetes_service_host", _nonempty),
+    "KUBERNETES_SERVICE_PORT": ("kubernetes_service_port", parse_port),
+    "KUBERNETES_SERVICE_DNS": ("kubernetes_service_dns", _nonempty),
+    "POD_NAME": ("pod_name", _nonempty),
+    "NODE_NAME": ("node_name", _nonempty),
+    "POD_NAMESPACE": ("pod_namespace", _nonempty),
+    "KUBENURSE_LISTEN_HOST": ("listen_host", _nonempty),
+    "KUBENURSE_HTTP_PORT": ("http_port", parse_port),
+    "KUBENURSE_HTTPS_PORT": ("https_port", parse_port),
+    "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", _nonempty),
+    "KUBECONFIG": ("kubeconfig", _nonempty),
+    "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
+    "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
+}
+
+#: Every environment variable the probe reads itself (OTEL_* aside: the SDK reads those).
+KNOWN_VARIABLES: frozenset[str] = frozenset(_VARIABLES)
+
+
+def _otlp_settings(env: Mapping[str, str]) -> dict[str, object]:
+    """Which OTLP signals are on, and over which protocol. No endpoint set: nothing is
+    exported and nothing connects. The SDK reads the rest of OTEL_* itself."""
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        return {}
+    values: dict[str, object] = {}
+    default_protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip() or "http/protobuf"
+    base = bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip())
+    for signal in ("traces", "metrics"):
+        variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL"
+        raw = env.get(variable, "").strip()
+        if not raw:
+            variable, raw = "OTEL_EXPORTER_OTLP_PROTOCOL", default_protocol
+        if raw not in OTLP_PROTOCOLS:
+            raise SettingsError(variable, env.get(variable, raw), f"must be one of {', '.join(OTLP_PROTOCOLS)}")
+        exporter = env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").strip().lower()
+        own = bool(env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT", "").strip())
+        values[f"otlp_{signal}_enabled"] = (base or own) and exporter != "none"
+        values[f"otlp_{signal}_protocol"] = raw
+    return values
+
+
+def _check_tls_pair(settings: Settings) -> None:
+    if not settings.use_tls:
+        return
+    cert, key = settings.cert_file, settings.cert_key
+    if not cert:
+        raise SettingsError("KUBENURSE_CERT_FILE", "", "required when KUBENURSE_USE_TLS=true")
+    if not key:
+        raise SettingsError("KUBENURSE_CERT_KEY", "", "required when KUBENURSE_USE_TLS=true")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise SettingsError("KUBENURSE_CERT_FILE", cert, f"cannot load with KUBENURSE_CERT_KEY: {e}") from None
+
+
+def load_settings(env: Mapping[str, str]) -> Settings:
+    """Parse `env` (normally os.environ) into Settings; raise SettingsError naming the variable."""
+    values: dict[str, object] = {}
+    for variable, (name, parse) in _VARIABLES.items():
+        raw = env.get(variable)
+        if raw is None or not raw.strip():
+            continue  # blank means unset, as in kubenurse
+        try:
+            values[name] = parse(raw)
+        except ValueError as e:
+            raise SettingsError(variable, raw, str(e)) from None
+    values.update(_otlp_settings(env))
+    settings = Settings(**values)  # type: ignore[arg-type]
+    _check_tls_pair(settings)
+    return settings

@@ -1,0 +1,1 @@
+"""Telemetry: where measurements are recorded (metrics) and exported (Prometheus, OTLP)."""
