@@ -1,0 +1,293 @@
+"""Checks against real local servers: plain HTTP, HTTPS with a throwaway CA, 500, a hanging
+server, a refused port, a name that does not resolve."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trustme
+
+from probe import names
+from probe.checks.http import HttpChecker
+from probe.checks.result import CheckResult, Target
+from probe.checks.rounds import FailureLog, Prober
+from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
+from probe.settings import Settings, load_settings
+from tests.conftest import StartTarget, free_port
+
+PLAIN_EVENTS = [
+    names.CONNECT_START,
+    names.CONNECT_DONE,
+    names.GOT_CONN,
+    names.WROTE_REQUEST,
+    names.GOT_FIRST_RESP_BYTE,
+]
+
+
+async def run_check(settings: Settings, target: Target) -> CheckResult:
+    recorded: list[CheckResult] = []
+    checker = HttpChecker(settings, record=recorded.append)
+    await checker.start()
+    try:
+        result = await checker.check(target)
+    finally:
+        await checker.close()
+    assert recorded == [result], "every check is recorded exactly once"
+    return result
+
+
+def assert_ordered(events: dict[str, float]) -> None:
+    offsets = list(events.values())
+    assert offsets == sorted(offsets), events
+    assert all(o >= 0 for o in offsets)
+
+
+async def test_plain_http_ok_has_phase_events_in_order(start_target: StartTarget) -> None:
+    server = await start_target()
+    result = await run_check(Settings(), Target("extra", f"{server.url}/alwayshappy"))
+    assert result.summary == "ok"
+    assert result.status_code == 200 and result.error_event is None
+    assert list(result.events) == PLAIN_EVENTS  # an IP literal: no DNS
+    assert_ordered(dict(result.events))
+    assert result.duration is not None
+    assert result.duration >= result.events[names.WROTE_REQUEST]
+
+
+async def test_name_is_resolved_each_time(start_target: StartTarget) -> None:
+    server = await start_target()
+    url = f"http://localhost:{server.port}/alwayshappy"
+    first = await run_check(Settings(), Target("extra", url))
+    second = await run_check(Settings(), Target("extra", url))
+    for result in (first, second):
+        assert result.ok, result.summary
+        assert list(result.events)[:2] == [names.DNS_START, names.DNS_DONE]
+        assert_ordered(dict(result.events))
+
+
+async def test_https_with_extra_ca_times_tls_separately(
+    start_target: StartTarget, server_tls: ssl.SSLContext, ca_file: Path
+) -> None:
+    server = await start_target(ssl_context=server_tls)
+    settings = Settings(extra_ca_file=str(ca_file))
+    result = await run_check(settings, Target("extra", f"{server.url}/alwayshappy"))
+    assert result.ok, result.summary
+    assert list(result.events) == [
+        names.CONNECT_START,
+        names.CONNECT_DONE,
+        names.TLS_HANDSHAKE_START,
+        names.TLS_HANDSHAKE_DONE,
+        names.GOT_CONN,
+        names.WROTE_REQUEST,
+        names.GOT_FIRST_RESP_BYTE,
+    ]
+    assert_ordered(dict(result.events))
+    # The handshake takes real time; connect on loopback is much quicker than TLS.
+    tls = result.events[names.TLS_HANDSHAKE_DONE] - result.events[names.TLS_HANDSHAKE_START]
+    assert tls > 0
+
+
+async def test_untrusted_certificate_fails_at_tls(start_target: StartTarget, server_tls: ssl.SSLContext) -> None:
+    server = await start_target(ssl_context=server_tls)
+    result = await run_check(Settings(), Target("extra", f"{server.url}/alwayshappy"))
+    assert result.error_event == names.TLS_HANDSHAKE_DONE
+    assert result.summary.startswith("tls_handshake_done: ")
+    assert "certificate" in result.summary.lower()
+    assert result.status_code is None and result.duration is None
+    assert names.TLS_HANDSHAKE_START in result.events and names.TLS_HANDSHAKE_DONE not in result.events
+
+
+async def test_insecure_skips_verification(start_target: StartTarget, server_tls: ssl.SSLContext) -> None:
+    server = await start_target(ssl_context=server_tls)
+    result = await run_check(Settings(insecure=True), Target("extra", f"{server.url}/alwayshappy"))
+    assert result.ok, result.summary
+
+
+async def test_status_500_is_an_error_with_duration(start_target: StartTarget) -> None:
+    server = await start_target()
+    result = await run_check(Settings(), Target("extra", f"{server.url}/status/500"))
+    assert result.status_code == 500
+    assert result.error_event == "status_code_500"
+    assert result.summary == "status_code_500: unexpected status code 500 Internal Server Error"
+    assert result.duration is not None and result.duration > 0
+
+
+async def test_refused_port_fails_at_connect() -> None:
+    port = free_port()
+    result = await run_check(Settings(), Target("extra", f"http://127.0.0.1:{port}/"))
+    assert result.error_event == names.CONNECT_DONE
+    assert "Cannot connect" in result.summary
+    assert list(result.events) == [names.CONNECT_START]
+
+
+async def test_hanging_server_times_out_as_round_trip_error(start_target: StartTarget) -> None:
+    server = await start_target()
+    settings = Settings(check_timeout=0.5)
+    started = time.monotonic()
+    result = await run_check(settings, Target("extra", f"{server.url}/hang"))
+    elapsed = time.monotonic() - started
+    assert result.error_event == names.ROUND_TRIP_ERROR
+    assert result.summary.startswith("round_trip_error: ")
+    assert names.WROTE_REQUEST in result.events and names.GOT_FIRST_RESP_BYTE not in result.events
+    assert 0.45 < elapsed < 2.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root for a private netns")
+def test_unresolvable_name_fails_at_dns() -> None:
+    # In a fresh network namespace no resolver is reachable, so the lookup fails at once
+    # and for real, without a single packet leaving this machine.
+    script = (
+        "import asyncio, json\n"
+        "from probe.checks.result import Target\n"
+        "from probe.settings import Settings\n"
+        "from tests.test_checks import run_check\n"
+        "r = asyncio.run(run_check(Settings(), Target('extra', 'http://kubernetes.invalid:8080/')))\n"
+        "print(json.dumps({'event': r.error_event, 'summary': r.summary, 'events': list(r.events)}))\n"
+    )
+    out = subprocess.run(
+        ["unshare", "-n", sys.executable, "-c", script],
+        capture_output=True, text=True, timeout=30, cwd=Path(__file__).parent.parent,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["event"] == names.DNS_DONE
+    assert result["events"] == [names.DNS_START]
+    assert result["summary"].startswith("dns_done: ClientConnectorDNSError")
+
+
+async def test_token_goes_to_api_server_checks_only(
+    start_target: StartTarget, server_tls: ssl.SSLContext, ca: trustme.CA, tmp_path: Path
+) -> None:
+    api = await start_target(ssl_context=server_tls)
+    other = await start_target(ssl_context=server_tls)
+    (tmp_path / "token").write_text("s3cret-token\n")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.crt"))  # trusted via the service-account CA
+    settings = load_settings(
+        {
+            "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+            "KUBERNETES_SERVICE_PORT": str(api.port),
+            "KUBERNETES_SERVICE_DNS": "localhost",
+            "KUBENURSE_SERVICEACCOUNT_DIR": str(tmp_path),
+            "KUBENURSE_SERVICE_URL": other.url,
+            "KUBENURSE_INGRESS_URL": other.url,
+            "KUBENURSE_EXTRA_CHECKS": f"version:{other.url}/version",
+        }
+    )
+    hood = Neighbourhood(neighbours=(Neighbour("pod-b", "127.0.0.1", "127.0.0.1", "node-b"),))
+    checker = HttpChecker(settings)
+    await checker.start()
+    try:
+        prober = Prober(settings, StaticNeighbours(hood), checker.check)
+        round_ = await prober.run_round()
+    finally:
+        await checker.close()
+    api_results = {k: round_.results[k].summary for k in (names.API_SERVER_DIRECT, names.API_SERVER_DNS)}
+    assert api_results == {names.API_SERVER_DIRECT: "ok", names.API_SERVER_DNS: "ok"}
+    assert [r["path"] for r in api.requests] == ["/version", "/version"]
+    assert all(r.get("Authorization") == "Bearer s3cret-token" for r in api.requests)
+    assert sorted(r["path"] for r in other.requests) == ["/alwayshappy", "/alwayshappy", "/version"]
+    assert not any("Authorization" in r for r in other.requests), "token leaked beyond the API server"
+
+
+async def test_round_runs_checks_concurrently(start_target: StartTarget) -> None:
+    servers = [await start_target() for _ in range(4)]
+    for server in servers:
+        server.delay = 0.4
+    extra = "|".join(f"t{i}:{s.url}/alwayshappy" for i, s in enumerate(servers))
+    settings = load_settings({"KUBENURSE_EXTRA_CHECKS": extra})
+    checker = HttpChecker(settings)
+    await checker.start()
+    try:
+        round_ = await Prober(settings, StaticNeighbours.unavailable("test"), checker.check).run_round()
+    finally:
+        await checker.close()
+    assert all(round_.results[f"t{i}"].ok for i in range(4))
+    assert 0.4 <= round_.duration < 1.2, "a round takes as long as its slowest check, not the sum"
+
+
+async def test_rounds_never_overlap_on_a_hanging_target(start_target: StartTarget) -> None:
+    server = await start_target()
+    settings = load_settings(
+        {
+            "KUBENURSE_EXTRA_CHECKS": f"hang:{server.url}/hang|fine:{server.url}/alwayshappy",
+            "KUBENURSE_CHECK_INTERVAL": "100ms",
+            "KUBENURSE_CHECK_TIMEOUT": "400ms",
+        }
+    )
+    checker = HttpChecker(settings)
+    await checker.start()
+    in_flight, most = 0, 0
+
+    async def counted(target: Target) -> CheckResult:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await checker.check(target)
+        finally:
+            in_flight -= 1
+
+    prober = Prober(settings, StaticNeighbours.unavailable("test"), counted)
+    task = asyncio.create_task(prober.run())
+    await asyncio.sleep(1.5)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await checker.close()
+    hangs = [r for r in server.requests if r["path"] == "/hang"]
+    # 1.5 s / 0.4 s timeout: about 4 rounds, never 15 piled up; one hang in flight at a time.
+    assert 2 <= prober.rounds <= 5
+    assert len(hangs) == prober.rounds or len(hangs) == prober.rounds + 1
+    assert most <= 2  # the hang plus the quick check of the same round, never a previous round's
+    assert prober.last_round is not None
+    assert prober.last_round.results["hang"].error_event == names.ROUND_TRIP_ERROR
+    assert prober.last_round.results["fine"].ok
+
+
+def test_skipped_checks_say_why() -> None:
+    from probe.checks.targets import plan_round
+
+    plan = plan_round(Settings(check_me_service=False), StaticNeighbours.unavailable("x").current())
+    reasons = {r.check_type: r.skip_reason for r in plan.skipped}
+    assert reasons == {
+        names.API_SERVER_DIRECT: "KUBERNETES_SERVICE_HOST not set (not in a cluster)",
+        names.API_SERVER_DNS: "not in a cluster (KUBERNETES_SERVICE_HOST not set)",
+        names.ME_INGRESS: "KUBENURSE_INGRESS_URL not set",
+        names.ME_SERVICE: "disabled by KUBENURSE_CHECK_ME_SERVICE",
+    }
+    assert plan.targets == ()
+
+
+def test_neighbour_targets_use_pod_ip_port_and_origin_header() -> None:
+    from probe.checks.targets import plan_round
+
+    hood = Neighbourhood(neighbours=(Neighbour("pod-b", "10.0.0.7", "192.0.2.1", "node-b"),))
+    plan = plan_round(Settings(pod_name="pod-a", http_port=8080), hood)
+    (target,) = plan.targets
+    assert (target.check_type, target.url) == ("path_node-b", "http://10.0.0.7:8080/alwayshappy")
+    assert target.headers == {names.NEIGHBOUR_ORIGIN_HEADER: "pod-a"}
+    assert not target.send_token
+    tls = plan_round(Settings(pod_name="pod-a", use_tls=True, https_port=9443), hood)
+    assert tls.targets[0].url == "https://10.0.0.7:9443/alwayshappy"
+
+
+def test_failure_log_does_not_flood(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    failures = FailureLog(clock=lambda: now[0])
+    broken = CheckResult("path_x", "connect_done: refused", error_event=names.CONNECT_DONE)
+    with caplog.at_level("INFO", logger="probe.checks"):
+        for _ in range(100):  # 100 rounds, 5 s apart: 500 s
+            failures.update(broken)
+            now[0] += 5
+        failures.update(CheckResult("path_x", "ok"))
+    lines = [r for r in caplog.records if r.getMessage() == "check failed"]
+    assert len(lines) == 2  # the first failure and one reminder after 300 s
+    assert lines[1].failures == 61  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records][-1] == "check recovered"
