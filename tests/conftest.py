@@ -59,7 +59,9 @@ async def _start_target(
                 await asyncio.sleep(3600)
             if target.delay:
                 await asyncio.sleep(target.delay)
-            status = int(request.path.removeprefix("/status/")) if request.path.startswith("/status/") else target.status
+            status = target.status
+            if request.path.startswith("/status/"):
+                status = int(request.path.removeprefix("/status/"))
             return web.Response(status=status, text="answer\n")
         finally:
             target.in_flight -= 1

@@ -1,0 +1,210 @@
+"""/metrics as a user sees it: exactly the contract's series, labels and values."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+from probe.app import Probe
+from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
+from probe.settings import load_settings
+from tests.conftest import StartTarget, free_port
+
+CONTRACT_FAMILIES = {
+    "kubenurse_httpclient_request_duration_seconds": ("histogram", {"type"}),
+    "kubenurse_httpclient_trace_request_duration_seconds": ("histogram", {"type", "event"}),
+    "kubenurse_httpclient_requests": ("counter", {"type", "code"}),
+    "kubenurse_errors": ("counter", {"type", "event"}),
+    "kubenurse_neighbourhood_incoming_checks": ("gauge", set()),
+}
+
+
+async def scrape(port: int, accept: str | None = None) -> tuple[str, str]:
+    headers = {"Accept": accept} if accept else {}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics", headers=headers) as resp,
+    ):
+        assert resp.status == 200
+        return await resp.text(), resp.headers["Content-Type"]
+
+
+def samples(text: str) -> list[Sample]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+def value(text: str, name: str, **labels: str) -> float | None:
+    for s in samples(text):
+        if s.name == name and s.labels == labels:
+            return s.value
+    return None
+
+
+async def wait_rounds(probe: Probe, n: int, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while probe.prober.rounds < n:
+        assert asyncio.get_running_loop().time() < deadline, "rounds did not run"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def running(start_target: StartTarget) -> AsyncIterator[tuple[Probe, int]]:
+    good = await start_target()
+    port = free_port()
+    settings = load_settings(
+        {
+            "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+            "KUBENURSE_HTTP_PORT": str(port),
+            "KUBENURSE_CHECK_INTERVAL": "100ms",
+            "KUBENURSE_SERVICE_URL": good.url,
+            "KUBENURSE_EXTRA_CHECKS": f"broken:http://127.0.0.1:{free_port()}/|fails:{good.url}/status/500",
+            "POD_NAME": "pod-a",
+        }
+    )
+    probe = Probe(settings, StaticNeighbours.unavailable("test"))
+    await probe.start()
+    await wait_rounds(probe, 3)
+    yield probe, port
+    await probe.stop()
+
+
+async def test_exactly_the_contract_series(running: tuple[Probe, int]) -> None:
+    _, port = running
+    text, content_type = await scrape(port)
+    assert content_type.startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    kubenurse = {name: f for name, f in families.items() if name.startswith("kubenurse_")}
+    assert set(kubenurse) == set(CONTRACT_FAMILIES)
+    for name, (kind, labels) in CONTRACT_FAMILIES.items():
+        family = kubenurse[name]
+        assert family.type == kind, name
+        assert family.documentation, f"{name} has no HELP"
+        for s in family.samples:
+            assert set(s.labels) - {"le"} == labels, (name, s.labels)
+    assert "target_info" not in families
+    assert "otel_scope" not in text
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds"} <= set(families)
+    for line in (
+        "# TYPE kubenurse_httpclient_request_duration_seconds histogram",
+        "# TYPE kubenurse_errors_total counter",
+        "# TYPE kubenurse_neighbourhood_incoming_checks gauge",
+    ):
+        assert line in text
+
+
+async def test_values_follow_what_happened(running: tuple[Probe, int]) -> None:
+    _, port = running
+    text, _ = await scrape(port)
+    ok = value(text, "kubenurse_httpclient_requests_total", type="me_service", code="200")
+    assert ok is not None and ok >= 3
+    broken = value(text, "kubenurse_httpclient_requests_total", type="broken", code="round_trip_error")
+    assert broken is not None and broken >= 3
+    assert value(text, "kubenurse_errors_total", type="broken", event="connect_done") == broken
+    fails = value(text, "kubenurse_errors_total", type="fails", event="status_code_500")
+    assert fails is not None and fails == value(text, "kubenurse_httpclient_requests_total", type="fails", code="500")
+    # One failure is counted once: no other error events for these types.
+    errors = {(s.labels["type"], s.labels["event"]) for s in samples(text) if s.name == "kubenurse_errors_total"}
+    assert errors == {("broken", "connect_done"), ("fails", "status_code_500")}
+    # The duration histogram observes answered requests only (any status), like kubenurse.
+    assert value(text, "kubenurse_httpclient_request_duration_seconds_count", type="broken") is None
+    assert value(text, "kubenurse_httpclient_request_duration_seconds_count", type="fails") == fails
+    events = {
+        s.labels["event"]
+        for s in samples(text)
+        if s.name == "kubenurse_httpclient_trace_request_duration_seconds_count" and s.labels["type"] == "me_service"
+    }
+    assert events == {"connect_start", "connect_done", "got_conn", "wrote_request", "got_first_resp_byte"}
+    # Skipped checks leave no series.
+    assert 'type="api_server_direct"' not in text
+    les = [
+        s.labels["le"] for s in samples(text)
+        if s.name == "kubenurse_httpclient_request_duration_seconds_bucket" and s.labels["type"] == "me_service"
+    ]
+    assert les == ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1", "2.5", "5", "10", "+Inf"]
+
+
+async def test_openmetrics_is_negotiated(running: tuple[Probe, int]) -> None:
+    _, port = running
+    text, content_type = await scrape(port, "application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
+    assert content_type.startswith("application/openmetrics-text")
+    assert text.rstrip().endswith("# EOF")
+    assert "kubenurse_httpclient_requests_total{" in text
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool not installed (Debian package prometheus)")
+async def test_promtool_accepts_the_exposition(running: tuple[Probe, int]) -> None:
+    _, port = running
+    text, _ = await scrape(port)
+    lint = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+
+
+async def test_histogram_buckets_setting(start_target: StartTarget) -> None:
+    good = await start_target()
+    port = free_port()
+    settings = load_settings(
+        {
+            "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+            "KUBENURSE_HTTP_PORT": str(port),
+            "KUBENURSE_CHECK_INTERVAL": "100ms",
+            "KUBENURSE_SERVICE_URL": good.url,
+            "KUBENURSE_HISTOGRAM_BUCKETS": "0.001,0.1,1,5.5",
+        }
+    )
+    probe = Probe(settings, StaticNeighbours.unavailable("test"))
+    await probe.start()
+    try:
+        await wait_rounds(probe, 1)
+        text, _ = await scrape(port)
+    finally:
+        await probe.stop()
+    les = {
+        s.labels["le"] for s in samples(text) if s.name == "kubenurse_httpclient_request_duration_seconds_bucket"
+    }
+    assert les == {"0.001", "0.1", "1", "5.5", "+Inf"}
+
+
+async def test_departed_node_series_disappear(start_target: StartTarget) -> None:
+    # Neighbours are checked on the probe's own port at their pod IP: give each its own
+    # loopback address with a real server on that port.
+    port = free_port()
+    node_b = await start_target(host="127.0.0.2", port=port)
+    node_c = await start_target(host="127.0.0.3", port=port)
+    both = Neighbourhood(
+        neighbours=(
+            Neighbour("pod-b", "127.0.0.2", "127.0.0.2", "node-b"),
+            Neighbour("pod-c", "127.0.0.3", "127.0.0.3", "node-c"),
+        )
+    )
+    source = StaticNeighbours(both)
+    settings = load_settings(
+        {
+            "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+            "KUBENURSE_HTTP_PORT": str(port),
+            "KUBENURSE_CHECK_INTERVAL": "100ms",
+            "POD_NAME": "pod-a",
+        }
+    )
+    probe = Probe(settings, source)
+    await probe.start()
+    try:
+        await wait_rounds(probe, 2)
+        text, _ = await scrape(port)
+        assert value(text, "kubenurse_httpclient_requests_total", type="path_node-b", code="200")
+        assert value(text, "kubenurse_httpclient_requests_total", type="path_node-c", code="200")
+        assert node_b.requests[0]["KUBENURSE-NEIGHBOUR-ORIGIN"] == "pod-a"
+        source.neighbourhood = Neighbourhood(neighbours=both.neighbours[:1])
+        await wait_rounds(probe, probe.prober.rounds + 2)
+        text, _ = await scrape(port)
+    finally:
+        await probe.stop()
+    assert 'type="path_node-b"' in text
+    assert "path_node-c" not in text, "a departed node's series must go"
+    assert len(node_c.requests) >= 2
