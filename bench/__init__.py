@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` prints a table of figures measured on loopback."""

@@ -1,0 +1,226 @@
+"""The probe's own figures: accuracy, CPU per check, memory, /metrics and /alwayshappy speed.
+
+Everything runs on loopback against real servers and a real probe process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import aiohttp
+
+from probe.checks.http import HttpChecker
+from probe.checks.result import Target
+from probe.settings import Settings
+
+DELAY = 0.020  # the target's known server-side delay
+Row = tuple[str, str]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fetch(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+@contextmanager
+def delay_server(delay: float) -> Iterator[str]:
+    """A target answering after `delay`, in a process of its own (bench/delay_server.py)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.delay_server", str(port), str(delay)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                fetch(f"{url}/reset")
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("delay server did not start") from None
+                time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def served(url: str) -> list[float]:
+    return [float(x) for x in json.loads(fetch(f"{url}/served"))]
+
+
+async def accuracy(n: int = 200) -> list[float]:
+    """Reported request duration minus the server's true delay, per check, in seconds."""
+    reported: list[float] = []
+    with delay_server(DELAY) as url:
+        checker = HttpChecker(Settings())
+        await checker.start()
+        try:
+            for _ in range(n):
+                result = await checker.check(Target("bench", f"{url}/alwayshappy"))
+                assert result.duration is not None, result.summary
+                reported.append(result.duration)
+        finally:
+            await checker.close()
+        true = served(url)
+    return [r - t for r, t in zip(reported, true, strict=True)]
+
+
+def bare_socket_accuracy(n: int = 200) -> list[float]:
+    """The floor: the same GET on a fresh connection with a blocking socket and no HTTP
+    library, timed the same way (start -> response headers) minus the true delay."""
+    reported: list[float] = []
+    with delay_server(DELAY) as url:
+        port = int(url.rsplit(":", 1)[1])
+        request = b"GET /alwayshappy HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        for _ in range(n):
+            started = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += sock.recv(4096)
+                reported.append(time.perf_counter() - started)
+        true = served(url)
+    return [r - t for r, t in zip(reported, true, strict=True)]
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def start_probe(port: int, targets: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+        "KUBENURSE_HTTP_PORT": str(port),
+        "KUBENURSE_CHECK_INTERVAL": "100ms",
+        "KUBENURSE_EXTRA_CHECKS": targets,
+        "KUBENURSE_SHUTDOWN_DURATION": "0s",
+        **(extra_env or {}),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "probe"], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            fetch(f"http://127.0.0.1:{port}/alwayshappy")
+            return proc
+        except OSError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError("probe did not start") from None
+            time.sleep(0.1)
+
+
+def stop_probe(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def process_cost(target_url: str, checks_per_round: int = 10, seconds: float = 8.0,
+                 extra_env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """(CPU seconds per 1,000 checks, steady RSS in MB, checks performed) of a probe process."""
+    port = free_port()
+    targets = "|".join(f"t{i}:{target_url}/alwayshappy" for i in range(checks_per_round))
+    proc = start_probe(port, targets, extra_env)
+    try:
+        time.sleep(2.0)  # warm up: imports done, first rounds run
+        text = fetch(f"http://127.0.0.1:{port}/metrics")
+        checks0, cpu0 = scrape_value(text, "kubenurse_httpclient_requests_total"), cpu_seconds(proc.pid)
+        time.sleep(seconds)
+        text = fetch(f"http://127.0.0.1:{port}/metrics")
+        checks1, cpu1 = scrape_value(text, "kubenurse_httpclient_requests_total"), cpu_seconds(proc.pid)
+        rss = scrape_value(text, "process_resident_memory_bytes") / 1e6
+    finally:
+        stop_probe(proc)
+    checks = checks1 - checks0
+    return (cpu1 - cpu0) / checks * 1000, rss, checks
+
+
+async def endpoint_speed(port: int, seconds: float = 3.0, concurrency: int = 32) -> tuple[float, float]:
+    """(/metrics p50 ms, /alwayshappy requests per second) against a running probe."""
+    async with aiohttp.ClientSession() as session:
+        timings = []
+        for _ in range(30):
+            started = time.perf_counter()
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                await resp.read()
+            timings.append(time.perf_counter() - started)
+        done = 0
+        stop_at = time.monotonic() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.monotonic() < stop_at:
+                async with session.get(f"http://127.0.0.1:{port}/alwayshappy") as resp:
+                    await resp.read()
+                done += 1
+
+        started = time.monotonic()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        rate = done / (time.monotonic() - started)
+    return statistics.median(timings) * 1000, rate
+
+
+async def run_async() -> list[Row]:
+    rows: list[Row] = []
+    errors = await accuracy()
+    rows.append(("reported - true latency p50 (ms)", f"{percentile(errors, 0.5) * 1000:.3f}"))
+    rows.append(("reported - true latency p99 (ms)", f"{percentile(errors, 0.99) * 1000:.3f}"))
+    floor = await asyncio.to_thread(bare_socket_accuracy)
+    rows.append(("  floor: bare socket, same GET, p50 (ms)", f"{percentile(floor, 0.5) * 1000:.3f}"))
+    rows.append(("  floor: bare socket, same GET, p99 (ms)", f"{percentile(floor, 0.99) * 1000:.3f}"))
+    rows.append(("  probe overhead over the floor, p50 (ms)",
+                 f"{(percentile(errors, 0.5) - percentile(floor, 0.5)) * 1000:.3f}"))
+    with delay_server(0) as url:
+        cpu, rss, checks = await asyncio.to_thread(process_cost, url)
+        rows.append(("CPU seconds per 1,000 checks", f"{cpu:.3f}  ({checks:.0f} checks)"))
+        rows.append(("steady RSS (MB), OTLP off", f"{rss:.1f}"))
+        port = free_port()
+        proc = await asyncio.to_thread(start_probe, port, f"t:{url}/alwayshappy")
+        try:
+            await asyncio.sleep(1.0)
+            metrics_ms, rate = await endpoint_speed(port)
+        finally:
+            stop_probe(proc)
+    rows.append(("/metrics time p50 (ms)", f"{metrics_ms:.2f}"))
+    rows.append(("/alwayshappy requests per second", f"{rate:.0f}"))
+    return rows
+
+
+def run() -> list[Row]:
+    return asyncio.run(run_async())
