@@ -21,6 +21,9 @@ from probe.telemetry.metrics import Metrics
 
 log = logging.getLogger("probe")
 
+#: How long the final flush to a collector may take when the probe stops.
+TELEMETRY_FLUSH_SECONDS = 3.0
+
 
 class Probe:
     """One running probe: its checks, its telemetry and its servers."""
@@ -30,7 +33,7 @@ class Probe:
         self.neighbours = neighbours or make_source(settings)
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
-        self.tracer_provider = otel.build_tracer_provider(settings, resource)
+        self.tracing = otel.build_tracing(settings, resource)
         otlp_reader = otel.build_otlp_metric_reader(settings)
         self.metrics = Metrics(
             buckets=settings.histogram_buckets,
@@ -38,7 +41,7 @@ class Probe:
             resource=resource,
             extra_readers=[otlp_reader] if otlp_reader else [],
         )
-        tracer = otel.tracer(self.tracer_provider)
+        tracer = otel.tracer(self.tracing)
         self.checker = HttpChecker(settings, record=self.metrics.record, tracer=tracer)
         self.prober = Prober(settings, self.neighbours, self.checker.check, on_departed=self._forget_series)
         self.state = ServerState(
@@ -82,13 +85,11 @@ class Probe:
             await self._runner.cleanup()
         await self.neighbours.stop()
         await self.checker.close()
-        # Final flush of spans and metrics, each bounded by the exporters' own timeouts.
-        await asyncio.get_running_loop().run_in_executor(None, self._shutdown_telemetry)
-
-    def _shutdown_telemetry(self) -> None:
-        if self.tracer_provider is not None:
-            self.tracer_provider.shutdown()
-        self.metrics.shutdown()
+        # Final flush of spans and metrics, side by side, each within the budget.
+        flushes = [asyncio.to_thread(self.metrics.shutdown, TELEMETRY_FLUSH_SECONDS)]
+        if self.tracing is not None:
+            flushes.append(asyncio.to_thread(self.tracing.shutdown, TELEMETRY_FLUSH_SECONDS))
+        await asyncio.gather(*flushes)
 
 
 async def serve(settings: Settings) -> None:

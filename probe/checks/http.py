@@ -99,44 +99,38 @@ class HttpChecker:
             if target.send_token and (token := self._token()):
                 headers["Authorization"] = f"Bearer {token}"
             propagate.inject(headers)
-            peer: tuple[str, int] | None = None
             try:
-                result, peer = await self._request(target, headers, timeline)
+                result = await self._request(target, headers, timeline)
             except Exception as e:  # never let one check take the round down
                 result = CheckResult(
                     target.check_type, f"{names.ROUND_TRIP_ERROR}: {describe(e)}", target,
                     error_event=names.ROUND_TRIP_ERROR, events=timeline.offsets(),
                 )
-            spans.finish_client_span(self._tracer, span, result, timeline, peer)
+            spans.finish_client_span(self._tracer, span, result, timeline)
             self._record(result)
         return result
 
-    async def _request(
-        self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline
-    ) -> tuple[CheckResult, tuple[str, int] | None]:
+    async def _request(self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline) -> CheckResult:
         assert self._session is not None, "HttpChecker.start() first"
-        peer = None
         try:
             # The outer deadline is a backstop: aiohttp's own timeout should always fire first.
             async with asyncio.timeout(self._settings.check_timeout + 1):
                 async with self._session.get(target.url, headers=headers, allow_redirects=True) as resp:
                     timeline.mark(names.GOT_FIRST_RESP_BYTE)
                     answered = timeline.marks[names.GOT_FIRST_RESP_BYTE]
-                    if resp.connection is not None and resp.connection.transport is not None:
-                        peer = resp.connection.transport.get_extra_info("peername")
                     await resp.content.read(MAX_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as e:
             event = httptrace.failed_event(e, timeline)
             return CheckResult(
                 target.check_type, f"{event}: {describe(e)}", target,
                 error_event=event, events=timeline.offsets(),
-            ), peer
+            )
         duration = (answered - timeline.start_ns) / 1e9
         events = timeline.offsets()
         if resp.status == 200:
-            return CheckResult(target.check_type, names.OK, target, 200, None, duration, events), peer
+            return CheckResult(target.check_type, names.OK, target, 200, None, duration, events)
         event = names.status_code_event(resp.status)
         summary = f"{event}: unexpected status code {resp.status} {resp.reason or ''}".rstrip()
-        return CheckResult(target.check_type, summary, target, resp.status, event, duration, events), peer
+        return CheckResult(target.check_type, summary, target, resp.status, event, duration, events)
 
 

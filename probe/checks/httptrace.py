@@ -36,6 +36,8 @@ class Timeline:
     marks: dict[str, int] = field(default_factory=dict)
     tls: bool = False
     new_connection: bool = False
+    #: The address of the last connect attempt (the one that succeeded, or failed last).
+    peer: tuple[str, int] | None = None
 
     def mark(self, event: str, at_ns: int | None = None) -> None:
         if event not in self.marks:
@@ -76,9 +78,12 @@ def _mark(event: str) -> None:
 
 def socket_factory(addr_info: AddrInfoType) -> socket.socket:
     """Called by the connector right before it connects: the TCP connect starts now."""
-    family, type_, proto, _, _ = addr_info
+    family, type_, proto, _, address = addr_info
     sock = socket.socket(family=family, type=type_, proto=proto)
-    _mark(names.CONNECT_START)
+    timeline = _current.get()
+    if timeline is not None:
+        timeline.mark(names.CONNECT_START)
+        timeline.peer = (str(address[0]), int(address[1]))
     return sock
 
 

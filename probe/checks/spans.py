@@ -57,14 +57,13 @@ def finish_client_span(
     span: trace.Span,
     result: CheckResult,
     timeline: Timeline,
-    peer: tuple[str, int] | None,
 ) -> None:
     if not span.is_recording():
         span.end()
         return
-    if peer:
-        span.set_attribute("network.peer.address", str(peer[0]))
-        span.set_attribute("network.peer.port", int(peer[1]))
+    if timeline.peer:
+        span.set_attribute("network.peer.address", timeline.peer[0])
+        span.set_attribute("network.peer.port", timeline.peer[1])
     if result.status_code is not None:
         span.set_attribute("http.response.status_code", result.status_code)
     context = trace.set_span_in_context(span)

@@ -16,6 +16,7 @@ from prometheus_client.exposition import choose_encoder
 
 from probe import names
 from probe.checks.result import CheckResult
+from probe.telemetry.otel import run_bounded
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class Metrics:
         self.provider = MeterProvider(
             metric_readers=[self._prometheus, *extra_readers],
             resource=resource or Resource.get_empty(),
+            shutdown_on_exit=False,  # Probe.stop() flushes, within a time budget
         )
         meter = self.provider.get_meter(names.METER_NAME)
         # Buckets come from the advisory, not a View, so an OTLP reader may still choose
@@ -121,8 +123,8 @@ class Metrics:
         encoder, content_type = choose_encoder(accept)
         return encoder(self.registry), content_type
 
-    def shutdown(self) -> None:
-        self.provider.shutdown()
+    def shutdown(self, timeout_seconds: float = 5.0) -> None:
+        run_bounded(lambda: self.provider.shutdown(timeout_millis=timeout_seconds * 1000), timeout_seconds)
 
 
 def _has_any(key: object, wanted: set[tuple[str, tuple[str, str]]]) -> bool:

@@ -6,6 +6,9 @@ With no OTLP endpoint configured nothing here creates an exporter, a thread or a
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
@@ -45,7 +48,33 @@ def build_resource(settings: Settings) -> Resource:
     return Resource.create(attributes).merge(OTELResourceDetector().detect())
 
 
-def build_tracer_provider(settings: Settings, resource: Resource) -> TracerProvider | None:
+@dataclass
+class Tracing:
+    provider: TracerProvider
+    processor: BatchSpanProcessor
+
+    def shutdown(self, timeout_seconds: float) -> None:
+        """Flush what is queued, giving up after `timeout_seconds`."""
+        run_bounded(self.provider.shutdown, timeout_seconds)
+
+
+def run_bounded(fn: Callable[[], object], timeout_seconds: float) -> bool:
+    """Run a blocking SDK shutdown/flush for at most `timeout_seconds`; False if it overran.
+
+    The SDK's own timeouts do not bound a black-holed collector (the span processor joins
+    its worker for up to 30 s), and a dead collector must not hold up the pod's
+    termination. A daemon thread is abandoned at exit instead of joined.
+    """
+    worker = threading.Thread(target=fn, name="otel-shutdown", daemon=True)
+    worker.start()
+    worker.join(timeout_seconds)
+    if worker.is_alive():
+        log.warning("telemetry flush gave up", extra={"timeout_seconds": timeout_seconds})
+        return False
+    return True
+
+
+def build_tracing(settings: Settings, resource: Resource) -> Tracing | None:
     """A provider exporting over OTLP, or None (spans stay non-recording and cost nothing)."""
     if not settings.otlp_traces_enabled:
         return None
@@ -58,18 +87,14 @@ def build_tracer_provider(settings: Settings, resource: Resource) -> TracerProvi
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpSpanExporter
 
         exporter = HttpSpanExporter()
-    provider = TracerProvider(resource=resource)
-    provider.add_span_processor(
-        BatchSpanProcessor(
-            exporter,
-            max_queue_size=MAX_QUEUE_SIZE,
-            export_timeout_millis=EXPORT_TIMEOUT_MILLIS,
-        )
-    )
-    return provider
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default: parent-based always-on).
+    provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    processor = BatchSpanProcessor(exporter, max_queue_size=MAX_QUEUE_SIZE)
+    provider.add_span_processor(processor)
+    return Tracing(provider, processor)
 
 
-def build_otlp_metric_reader(settings: Settings, interval_seconds: float = 15.0) -> MetricReader | None:
+def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
     """Periodic OTLP export: delta temporality and exponential histograms (fine resolution,
     no bucket tuning); /metrics keeps its cumulative explicit buckets."""
     if not settings.otlp_metrics_enabled:
@@ -89,14 +114,11 @@ def build_otlp_metric_reader(settings: Settings, interval_seconds: float = 15.0)
         )
 
         exporter = HttpMetricExporter(preferred_temporality=temporality, preferred_aggregation=aggregation)
-    return PeriodicExportingMetricReader(
-        exporter,
-        export_interval_millis=interval_seconds * 1000,
-        export_timeout_millis=EXPORT_TIMEOUT_MILLIS,
-    )
+    # The interval comes from OTEL_METRIC_EXPORT_INTERVAL (SDK default 60 s).
+    return PeriodicExportingMetricReader(exporter, export_timeout_millis=EXPORT_TIMEOUT_MILLIS)
 
 
-def tracer(provider: TracerProvider | None) -> trace.Tracer:
-    if provider is None:
+def tracer(tracing: Tracing | None) -> trace.Tracer:
+    if tracing is None:
         return trace.NoOpTracer()
-    return provider.get_tracer(names.TRACER_NAME, __version__)
+    return tracing.provider.get_tracer(names.TRACER_NAME, __version__)
