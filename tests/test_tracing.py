@@ -14,7 +14,7 @@ from otlp_receiver import OtlpReceiver, Span
 
 from probe import names
 from probe.app import Probe
-from probe.checks.spans import PHASES, span_name
+from probe.checks.spans import span_name
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import load_settings
 from tests.conftest import StartTarget, free_port
