@@ -7,7 +7,7 @@ import json
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -140,7 +140,17 @@ def build_app(
             response.enable_compression()
         return response
 
-    app = web.Application(client_max_size=64 * 1024)
+    @web.middleware
+    async def limit_body(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        # No handler reads a body, so client_max_size alone never applies: read it here
+        # (bounded by client_max_size, 413 above it) before answering.
+        if request.body_exists:
+            await request.read()
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024, middlewares=[limit_body])
     app.router.add_get("/", root)
     app.router.add_get("/alive", alive)
     app.router.add_get("/alwayshappy", always_happy)

@@ -1,0 +1,520 @@
+"""Settings: every variable in KNOWN_VARIABLES parsed, its bad values rejected with a
+message naming the variable and the value, and the real command exiting 2 on them."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import trustme
+
+from probe import names
+from probe.checks.result import CheckResult
+from probe.settings import (
+    DEFAULT_BUCKETS,
+    DEFAULT_SERVICE_DNS,
+    DEFAULT_SERVICEACCOUNT_DIR,
+    KNOWN_VARIABLES,
+    ExtraCheck,
+    Settings,
+    SettingsError,
+    load_settings,
+    parse_bool,
+    parse_buckets,
+    parse_duration,
+    parse_extra_checks,
+    parse_selector_text,
+)
+from probe.telemetry.metrics import Metrics
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.timeout(30)
+
+
+# --- files the table refers to ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Placeholders used in the table: a CA bundle, a matching cert/key pair, a key that
+    belongs to another cert, a file that is not PEM, a directory and a missing path."""
+    d = tmp_path_factory.mktemp("settings")
+    leaf = ca.issue_cert("localhost", "127.0.0.1")
+    other = ca.issue_cert("other.example")
+    paths = {
+        "ca": d / "ca.pem",
+        "cert": d / "cert.pem",
+        "key": d / "key.pem",
+        "other_key": d / "other-key.pem",
+        "garbage": d / "garbage.pem",
+    }
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    leaf.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    leaf.private_key_pem.write_to_path(str(paths["key"]))
+    other.private_key_pem.write_to_path(str(paths["other_key"]))
+    paths["garbage"].write_text("this is not a certificate\n")
+    return {**{k: str(v) for k, v in paths.items()}, "dir": str(d), "missing": str(d / "does-not-exist.pem")}
+
+
+def fill(value: object, files: dict[str, str]) -> object:
+    return value.format(**files) if isinstance(value, str) else value
+
+
+# --- the table: one row per variable ---------------------------------------------------
+
+
+class Row(NamedTuple):
+    variable: str
+    good: str
+    field: str
+    expected: object
+    #: A value that must be rejected, or None when every non-blank value is acceptable.
+    bad: str | None
+    #: Other variables the good value needs (KUBENURSE_USE_TLS=true needs a cert and key).
+    also: tuple[tuple[str, str], ...] = ()
+
+
+TABLE: list[Row] = [
+    Row("KUBENURSE_INGRESS_URL", "https://ingress.example.com/", "ingress_url", "https://ingress.example.com",
+        "ingress.example.com"),
+    Row("KUBENURSE_SERVICE_URL", "http://kubenurse.kube-system.svc:8080", "service_url",
+        "http://kubenurse.kube-system.svc:8080", "http://kubenurse:99999"),
+    Row("KUBENURSE_INSECURE", "true", "insecure", True, "yes"),
+    Row("KUBENURSE_EXTRA_CA", "{ca}", "extra_ca_file", "{ca}", "{missing}"),
+    Row("KUBENURSE_EXTRA_CHECKS", "google:https://google.com|api:http://10.0.0.1:8080/healthz", "extra_checks",
+        (ExtraCheck("google", "https://google.com"), ExtraCheck("api", "http://10.0.0.1:8080/healthz")), "google"),
+    Row("KUBENURSE_NAMESPACE", "kube-system", "namespace", "kube-system", None),
+    Row("KUBENURSE_NEIGHBOUR_FILTER", "app.kubernetes.io/name=kubenurse", "neighbour_filter",
+        "app.kubernetes.io/name=kubenurse", "app in (kubenurse"),
+    Row("KUBENURSE_NEIGHBOUR_LIMIT", "0", "neighbour_limit", 0, "-1"),
+    Row("KUBENURSE_ALLOW_UNSCHEDULABLE", "1", "allow_unschedulable", True, "on"),
+    Row("KUBENURSE_CHECK_API_SERVER_DIRECT", "false", "check_api_server_direct", False, "no"),
+    Row("KUBENURSE_CHECK_API_SERVER_DNS", "F", "check_api_server_dns", False, "off"),
+    Row("KUBENURSE_CHECK_ME_INGRESS", "FALSE", "check_me_ingress", False, "disabled"),
+    Row("KUBENURSE_CHECK_ME_SERVICE", "0", "check_me_service", False, "fals"),
+    Row("KUBENURSE_CHECK_NEIGHBOURHOOD", "False", "check_neighbourhood", False, "2"),
+    Row("KUBENURSE_CHECK_INTERVAL", "1m30s", "check_interval", 90.0, "5"),
+    Row("KUBENURSE_CHECK_TIMEOUT", "2s", "check_timeout", 2.0, "0"),
+    Row("KUBENURSE_CHECK_CONNECT_TIMEOUT", "500ms", "check_connect_timeout", 0.5, "-1s"),
+    Row("KUBENURSE_REUSE_CONNECTIONS", "T", "reuse_connections", True, "y"),
+    Row("KUBENURSE_HISTOGRAM_BUCKETS", "0.1,1,10", "histogram_buckets", (0.1, 1, 10), "1,1"),
+    Row("KUBENURSE_EXPOSE_METADATA", "false", "expose_metadata", False, "nope"),
+    Row("KUBENURSE_USE_TLS", "true", "use_tls", True, "maybe",
+        (("KUBENURSE_CERT_FILE", "{cert}"), ("KUBENURSE_CERT_KEY", "{key}"))),
+    Row("KUBENURSE_CERT_FILE", "{cert}", "cert_file", "{cert}", "{missing}"),
+    Row("KUBENURSE_CERT_KEY", "{key}", "cert_key", "{key}", "{dir}"),
+    Row("KUBENURSE_SHUTDOWN_DURATION", "0", "shutdown_duration", 0.0, "5x"),
+    Row("KUBERNETES_SERVICE_HOST", "10.96.0.1", "kubernetes_service_host", "10.96.0.1", None),
+    Row("KUBERNETES_SERVICE_PORT", "6443", "kubernetes_service_port", 6443, "https"),
+    Row("KUBERNETES_SERVICE_DNS", "kubernetes.default.svc", "kubernetes_service_dns", "kubernetes.default.svc", None),
+    Row("POD_NAME", "kubenurse-7d9f-abcde", "pod_name", "kubenurse-7d9f-abcde", None),
+    Row("NODE_NAME", "node-a", "node_name", "node-a", None),
+    Row("POD_NAMESPACE", "monitoring", "pod_namespace", "monitoring", None),
+    Row("KUBENURSE_LISTEN_HOST", "127.0.0.1", "listen_host", "127.0.0.1", None),
+    Row("KUBENURSE_HTTP_PORT", "18080", "http_port", 18080, "0"),
+    Row("KUBENURSE_HTTPS_PORT", "18443", "https_port", 18443, "65536"),
+    Row("KUBENURSE_SERVICEACCOUNT_DIR", "/tmp/sa", "serviceaccount_dir", "/tmp/sa", None),
+    Row("KUBECONFIG", "/root/.kube/config", "kubeconfig", "/root/.kube/config", None),
+    Row("KUBENURSE_LOG_FORMAT", "logfmt", "log_format", "logfmt", "text"),
+    Row("KUBENURSE_LOG_LEVEL", "debug", "log_level", "DEBUG", "verbose"),
+]
+BY_VARIABLE = {row.variable: row for row in TABLE}
+BAD_ROWS = [row for row in TABLE if row.bad is not None]
+
+
+def test_table_covers_every_known_variable() -> None:
+    assert len(BY_VARIABLE) == len(TABLE), "a variable is listed twice"
+    assert set(BY_VARIABLE) == KNOWN_VARIABLES, "add a row for every variable load_settings reads"
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    assert {row.field for row in TABLE} <= fields
+
+
+@pytest.mark.parametrize("row", TABLE, ids=lambda r: r.variable)
+def test_good_value_sets_its_field_and_nothing_else(row: Row, files: dict[str, str]) -> None:
+    env = {row.variable: str(fill(row.good, files)), **{k: str(fill(v, files)) for k, v in row.also}}
+    settings = load_settings(env)
+    assert getattr(settings, row.field) == fill(row.expected, files)
+    if not row.also:
+        # Only this field moved: put the default back and the whole object is the default.
+        default = getattr(Settings(), row.field)
+        assert dataclasses.replace(settings, **{row.field: default}) == Settings()
+
+
+@pytest.mark.parametrize("row", BAD_ROWS, ids=lambda r: r.variable)
+def test_bad_value_names_variable_and_value(row: Row, files: dict[str, str]) -> None:
+    bad = str(fill(row.bad, files))
+    with pytest.raises(SettingsError) as info:
+        load_settings({row.variable: bad})
+    assert info.value.variable == row.variable
+    assert info.value.value == bad
+    message = str(info.value)
+    assert row.variable in message and bad in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("variable", sorted(KNOWN_VARIABLES))
+def test_blank_means_unset(variable: str) -> None:
+    assert load_settings({variable: "  "}) == Settings()
+
+
+def test_settings_are_frozen() -> None:
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_settings({}).check_interval = 1.0  # type: ignore[misc]
+
+
+def test_defaults_are_the_contracts() -> None:
+    s = load_settings({})
+    assert s == Settings()
+    assert (s.ingress_url, s.service_url, s.extra_ca_file, s.extra_checks) == (None, None, None, ())
+    assert s.insecure is False and s.allow_unschedulable is False and s.reuse_connections is False
+    assert s.namespace is None and s.neighbour_filter == "" and s.neighbour_limit == 10
+    assert s.check_api_server_direct and s.check_api_server_dns and s.check_me_ingress
+    assert s.check_me_service and s.check_neighbourhood and s.expose_metadata
+    assert s.check_interval == 5.0 and s.shutdown_duration == 5.0
+    assert (s.check_connect_timeout, s.check_timeout) == (5.0, 6.0)
+    assert s.histogram_buckets == DEFAULT_BUCKETS == (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+    assert (s.use_tls, s.cert_file, s.cert_key) == (False, None, None)
+    assert (s.http_port, s.https_port, s.listen_host) == (8080, 8443, None)
+    assert s.kubernetes_service_host is None and not s.in_cluster
+    assert s.api_server_dns_name == DEFAULT_SERVICE_DNS == "kubernetes.default.svc.cluster.local"
+    assert s.serviceaccount_dir == DEFAULT_SERVICEACCOUNT_DIR == "/var/run/secrets/kubernetes.io/serviceaccount"
+    assert s.kubeconfig is None and s.node_name is None
+    assert s.pod_name == __import__("socket").gethostname()
+    assert (s.log_format, s.log_level) == ("json", "INFO")
+    assert not s.otlp_traces_enabled and not s.otlp_metrics_enabled
+
+
+def test_pod_namespace_defaults_to_kubenurse_namespace() -> None:
+    assert load_settings({"KUBENURSE_NAMESPACE": "kube-system"}).own_namespace == "kube-system"
+    both = load_settings({"KUBENURSE_NAMESPACE": "kube-system", "POD_NAMESPACE": "monitoring"})
+    assert both.own_namespace == "monitoring"
+
+
+# --- durations (Go's time.ParseDuration) -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+        ("0", 0.0),
+        ("0s", 0.0),
+        ("2h45m", 9900.0),
+        ("1h0m0s", 3600.0),
+        (".5s", 0.5),
+        ("250us", 250e-6),
+        ("250µs", 250e-6),
+        ("100ns", 100e-9),
+        ("+5s", 5.0),
+    ],
+)
+def test_go_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["5", "5x", "-1s", "", "s", "1.5", "00", "1h 30m", "5 s", "1d", "5S", "ms"])
+def test_bad_go_durations(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_interval_must_be_positive_but_shutdown_may_be_zero() -> None:
+    with pytest.raises(SettingsError, match="KUBENURSE_CHECK_INTERVAL"):
+        load_settings({"KUBENURSE_CHECK_INTERVAL": "0s"})
+    assert load_settings({"KUBENURSE_SHUTDOWN_DURATION": "0s"}).shutdown_duration == 0.0
+    assert load_settings({"KUBENURSE_CHECK_INTERVAL": "200ms"}).check_interval == pytest.approx(0.2)
+
+
+# --- booleans (Go's strconv.ParseBool) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["1", "t", "T", "TRUE", "true", "True"])
+def test_go_true(text: str) -> None:
+    assert parse_bool(text) is True
+
+
+@pytest.mark.parametrize("text", ["0", "f", "F", "FALSE", "false", "False"])
+def test_go_false(text: str) -> None:
+    assert parse_bool(text) is False
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "off", "tRUE", "2", "", "truee"])
+def test_bad_booleans(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_bool(text)
+
+
+# --- histogram buckets ---------------------------------------------------------------------
+
+
+def test_buckets_keep_integers_integral() -> None:
+    buckets = parse_buckets("0.005, 0.5,1,2.5,10")
+    assert buckets == (0.005, 0.5, 1, 2.5, 10)
+    assert [type(b) for b in buckets] == [float, float, int, float, int]
+    assert type(parse_buckets("1.0")[0]) is int
+
+
+def test_integral_bucket_prints_as_le_1() -> None:
+    metrics = Metrics(buckets=parse_buckets("0.5,1,2"), incoming=lambda: 0)
+    try:
+        metrics.record(CheckResult("extra", names.OK, status_code=200, duration=0.7))
+        body, _ = metrics.exposition("")
+    finally:
+        metrics.shutdown()
+    text = body.decode()
+    assert 'le="1"' in text and 'le="1.0"' not in text
+    assert 'le="0.5"' in text and 'le="2"' in text
+
+
+@pytest.mark.parametrize("text", ["1,1", "2,1", "0.1,0.05", "a,b", "", "1,,2", "1,2,", "1,nan", "1,inf", "1;2"])
+def test_bad_buckets(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_buckets(text)
+
+
+def test_bad_buckets_name_the_variable() -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBENURSE_HISTOGRAM_BUCKETS": "1,0.5"})
+    assert "KUBENURSE_HISTOGRAM_BUCKETS" in str(info.value) and "'1,0.5'" in str(info.value)
+
+
+# --- extra checks --------------------------------------------------------------------------
+
+
+def test_extra_checks() -> None:
+    assert parse_extra_checks("a:http://x|b:https://y:8443/path/|") == (
+        ExtraCheck("a", "http://x"),
+        ExtraCheck("b", "https://y:8443/path"),
+    )
+    assert parse_extra_checks(" a:http://x ") == (ExtraCheck("a", "http://x"),)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "google",  # no url
+        "google:",  # empty url
+        ":http://x",  # no name
+        "google:google.com",  # not a URL
+        "google:ftp://google.com",  # not http(s)
+        "google:http://",  # no host
+        "google:http://x:http",  # bad port
+        "a:http://x|a:http://y",  # duplicate name
+        "bad name:http://x",  # name unfit for a label value
+    ],
+)
+def test_bad_extra_checks(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_extra_checks(text)
+    with pytest.raises(SettingsError, match="KUBENURSE_EXTRA_CHECKS"):
+        load_settings({"KUBENURSE_EXTRA_CHECKS": text})
+
+
+# --- label selectors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "app=kubenurse",
+        "app==kubenurse",
+        "app!=kubenurse",
+        "app in (a, b)",
+        "tier notin (frontend)",
+        "canary",
+        "!canary",
+        "app.kubernetes.io/name=kubenurse,env",
+        "app=",
+    ],
+)
+def test_good_selectors(text: str) -> None:
+    assert parse_selector_text(text) == text.strip()
+    assert load_settings({"KUBENURSE_NEIGHBOUR_FILTER": text}).neighbour_filter == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["app in (a", "app)", "a b", "=x", "app=x=y", "app,,env", "-app=x", "app=" + "x" * 64, "app in a", "app=(x)"],
+)
+def test_malformed_selectors(text: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBENURSE_NEIGHBOUR_FILTER": text})
+    assert info.value.variable == "KUBENURSE_NEIGHBOUR_FILTER"
+
+
+# --- files and TLS -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["KUBENURSE_EXTRA_CA", "KUBENURSE_CERT_FILE", "KUBENURSE_CERT_KEY"])
+@pytest.mark.parametrize("which", ["missing", "dir"])
+def test_unreadable_files(variable: str, which: str, files: dict[str, str]) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({variable: files[which]})
+    assert info.value.variable == variable
+    assert files[which] in str(info.value) and "cannot read" in str(info.value)
+
+
+def test_extra_ca_must_be_pem(files: dict[str, str]) -> None:
+    with pytest.raises(SettingsError, match=r"KUBENURSE_EXTRA_CA.*not a PEM"):
+        load_settings({"KUBENURSE_EXTRA_CA": files["garbage"]})
+
+
+def test_tls_needs_cert_and_key(files: dict[str, str]) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBENURSE_USE_TLS": "true"})
+    assert info.value.variable == "KUBENURSE_CERT_FILE"
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBENURSE_USE_TLS": "true", "KUBENURSE_CERT_FILE": files["cert"]})
+    assert info.value.variable == "KUBENURSE_CERT_KEY"
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBENURSE_USE_TLS": "true", "KUBENURSE_CERT_KEY": files["key"]})
+    assert info.value.variable == "KUBENURSE_CERT_FILE"
+    # Without TLS the pair is not needed.
+    assert load_settings({"KUBENURSE_USE_TLS": "false"}).use_tls is False
+
+
+def test_tls_cert_and_key_must_match(files: dict[str, str]) -> None:
+    env = {"KUBENURSE_USE_TLS": "true", "KUBENURSE_CERT_FILE": files["cert"], "KUBENURSE_CERT_KEY": files["other_key"]}
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == "KUBENURSE_CERT_FILE"
+    assert files["cert"] in str(info.value) and "KUBENURSE_CERT_KEY" in str(info.value)
+    # A key file that is no key at all, too.
+    with pytest.raises(SettingsError, match="KUBENURSE_CERT_FILE"):
+        load_settings({**env, "KUBENURSE_CERT_KEY": files["garbage"]})
+    ok = load_settings({**env, "KUBENURSE_CERT_KEY": files["key"]})
+    assert (ok.use_tls, ok.cert_file, ok.cert_key) == (True, files["cert"], files["key"])
+
+
+# --- OpenTelemetry ---------------------------------------------------------------------------
+
+ENDPOINT = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"}
+
+
+def otlp(env: dict[str, str]) -> tuple[bool, bool, str, str]:
+    s = load_settings(env)
+    return s.otlp_traces_enabled, s.otlp_metrics_enabled, s.otlp_traces_protocol, s.otlp_metrics_protocol
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, (False, False, "http/protobuf", "http/protobuf")),
+        (ENDPOINT, (True, True, "http/protobuf", "http/protobuf")),
+        ({**ENDPOINT, "OTEL_EXPORTER_OTLP_ENDPOINT": " "}, (False, False, "http/protobuf", "http/protobuf")),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, (False, False, "grpc", "grpc")),
+        ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, (True, True, "grpc", "grpc")),
+        (
+            {**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf"},
+            (True, True, "grpc", "http/protobuf"),
+        ),
+        ({**ENDPOINT, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "grpc"}, (True, True, "grpc", "http/protobuf")),
+        ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, (True, False, "http/protobuf",
+                                                                             "http/protobuf")),
+        ({"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://c:4318/v1/metrics"}, (False, True, "http/protobuf",
+                                                                               "http/protobuf")),
+        ({**ENDPOINT, "OTEL_SDK_DISABLED": "true"}, (False, False, "http/protobuf", "http/protobuf")),
+        ({**ENDPOINT, "OTEL_SDK_DISABLED": "TRUE"}, (False, False, "http/protobuf", "http/protobuf")),
+        ({**ENDPOINT, "OTEL_SDK_DISABLED": "false"}, (True, True, "http/protobuf", "http/protobuf")),
+        ({**ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}, (False, True, "http/protobuf", "http/protobuf")),
+        ({**ENDPOINT, "OTEL_METRICS_EXPORTER": "none"}, (True, False, "http/protobuf", "http/protobuf")),
+        ({**ENDPOINT, "OTEL_TRACES_EXPORTER": "otlp"}, (True, True, "http/protobuf", "http/protobuf")),
+    ],
+)
+def test_otlp_signals(env: dict[str, str], expected: tuple[bool, bool, str, str]) -> None:
+    assert otlp(env) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "variable", "value"),
+    [
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}, "OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ({**ENDPOINT, "OTEL_EXPORTER_OTLP_PROTOCOL": "gprc"}, "OTEL_EXPORTER_OTLP_PROTOCOL", "gprc"),
+        ({"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http"}, "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http"),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "HTTP/protobuf"},
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+            "HTTP/protobuf",
+        ),
+    ],
+)
+def test_bad_otlp_protocol(env: dict[str, str], variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == variable
+    assert variable in str(info.value) and repr(value) in str(info.value)
+
+
+# --- the real command --------------------------------------------------------------------------
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """The test runner's environment without anything the probe reads, plus `settings`."""
+    ours = ("KUBENURSE_", "OTEL_", "KUBERNETES_", "POD_", "NODE_", "KUBECONFIG")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    # If a bad value were accepted, the probe would start: keep it off the real ports.
+    env.update(KUBENURSE_LISTEN_HOST="127.0.0.1", KUBENURSE_HTTP_PORT=str(free_port()), **settings)
+    return env
+
+
+def run_probe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "probe", *args], env=env, capture_output=True, text=True, timeout=15,
+            cwd=Path(__file__).parent,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the probe kept running: the bad value was accepted")
+
+
+@pytest.mark.parametrize(
+    ("variable", "bad"),
+    [
+        ("KUBENURSE_CHECK_INTERVAL", "5x"),
+        ("KUBENURSE_INSECURE", "yes"),
+        ("KUBENURSE_HISTOGRAM_BUCKETS", "1,0.5"),
+        ("KUBENURSE_EXTRA_CHECKS", "google"),
+        ("KUBENURSE_NEIGHBOUR_FILTER", "app in (a"),
+        ("KUBENURSE_EXTRA_CA", "/nonexistent/ca.pem"),
+        ("KUBENURSE_HTTPS_PORT", "http"),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+    ],
+)
+def test_command_exits_2_with_one_line(variable: str, bad: str) -> None:
+    done = run_probe([], clean_env(**{variable: bad}))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("kubenurse: ")
+    assert variable in lines[0] and bad in lines[0]
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_command_tls_without_cert_exits_2() -> None:
+    done = run_probe([], clean_env(KUBENURSE_USE_TLS="true"))
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1 and "KUBENURSE_CERT_FILE" in done.stderr
+
+
+def test_unknown_argument_exits_2() -> None:
+    # Decision: a usage error is a configuration error like a bad setting, and 2 is what
+    # argparse, Go's flag package and POSIX tools use for it; "nothing else exits 2" keeps
+    # runtime failures (port taken ...) apart from it, and those exit 1.
+    done = run_probe(["--bogus"], clean_env())
+    assert done.returncode == 2
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and "--bogus" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_help_exits_0() -> None:
+    done = run_probe(["--help"], clean_env())
+    assert done.returncode == 0 and "usage" in done.stdout and done.stderr == ""
