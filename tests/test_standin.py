@@ -617,6 +617,17 @@ async def test_end_watches_makes_clients_resume_from_their_last_version(
     assert server.count("pods", watch=False) == 1
 
 
+async def test_a_client_leaving_ends_its_watch(server: ApiServerStandin, http: Http) -> None:
+    server.add_node("n1")
+    async with http.session.get(
+        server.url + "/api/v1/nodes", params={"watch": "1"}, ssl=http.ssl, headers=http.headers()
+    ) as resp:
+        assert json.loads(await resp.content.readline())["type"] == "ADDED"
+        assert server.watch_count == 1
+        resp.close()  # drops the connection
+    await until(lambda: server.watch_count == 0)
+
+
 # Outage ------------------------------------------------------------------------------------
 
 
@@ -632,7 +643,7 @@ async def test_down_refuses_connections_and_up_restores_the_same_server(server: 
             assert json.loads(await resp.content.readline())["type"] == "ADDED"
             await server.down()
             with pytest.raises(aiohttp.ClientPayloadError):
-                await resp.content.read()  # cut off, not cleanly ended
+                await asyncio.wait_for(resp.content.read(), 5)  # cut off, not cleanly ended
         assert server.watch_count == 0
         with pytest.raises(aiohttp.ClientConnectorError) as refused:
             await http.get("/api/v1/nodes")

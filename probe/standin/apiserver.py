@@ -20,6 +20,7 @@ import secrets
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,6 +102,13 @@ def _write_atomically(path: Path, data: bytes) -> None:
 
 
 class ApiServerStandin:
+    """The stand-in. Call every method from the event loop's thread (it is not thread-safe).
+
+    history_size: changes kept for resuming watches; older versions get 410 Expired.
+    bookmark_interval: seconds between BOOKMARK events on watches that allow them.
+    max_watch_seconds: how long a watch without timeoutSeconds lasts (kube-apiserver: 30-60 min).
+    """
+
     def __init__(
         self,
         host: str = "127.0.0.1",
@@ -111,13 +119,13 @@ class ApiServerStandin:
         history_size: int = 1000,
         bookmark_interval: float = 1.0,
         max_watch_seconds: float = 1800.0,
+        request_log_size: int = 100_000,
     ) -> None:
         self.host = host
         self._port = port
         self._ca = trustme.CA()
-        names = dict.fromkeys(
-            [*CLUSTER_NAMES, *extra_names, *([host] if host not in ("0.0.0.0", "::") else [])]
-        )
+        bound_to = [] if host in ("0.0.0.0", "::") else [host]
+        names = dict.fromkeys([*CLUSTER_NAMES, *bound_to, *extra_names])  # no duplicates, order kept
         self._ssl = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self._ca.issue_cert(*names).configure_cert(self._ssl)
         self.ca_pem: bytes = self._ca.cert_pem.bytes()
@@ -128,7 +136,8 @@ class ApiServerStandin:
         self._api = Api(self._store, WatchSettings(bookmark_interval, max_watch_seconds))
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
-        self.requests: list[RequestRecord] = []
+        # Bounded so a long sandbox run cannot grow without limit; tests see everything.
+        self.requests: deque[RequestRecord] = deque(maxlen=request_log_size)
         self._node_count = 0
 
     # Addresses -------------------------------------------------------------------------
@@ -246,9 +255,7 @@ class ApiServerStandin:
         config = {
             "apiVersion": "v1",
             "kind": "Config",
-            "clusters": [
-                {"name": "standin", "cluster": {"server": self.url, "certificate-authority-data": ca_data}}
-            ],
+            "clusters": [{"name": "standin", "cluster": {"server": self.url, "certificate-authority-data": ca_data}}],
             "users": [{"name": "standin", "user": {"token": self.token}}],
             "contexts": [
                 {
@@ -382,9 +389,7 @@ class ApiServerStandin:
         return self._store.update("pods", object_key(namespace, name), mutate)
 
     def set_pod_phase(self, name: str, phase: str, *, namespace: str) -> Obj:
-        return self.update_pod(
-            name, lambda pod: pod["status"].__setitem__("phase", phase), namespace=namespace
-        )
+        return self.update_pod(name, lambda pod: pod["status"].__setitem__("phase", phase), namespace=namespace)
 
     def mark_pod_terminating(self, name: str, *, namespace: str, grace_period_seconds: int = 30) -> Obj:
         """What a graceful delete does first: deletionTimestamp set, the pod still listed."""

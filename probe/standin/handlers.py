@@ -70,9 +70,7 @@ def parse_bool(query: Any, name: str) -> bool:
         return True
     if value in _FALSE or value == "":
         return False
-    raise bad_request(
-        f'{name}: Invalid value: "{value}": strconv.ParseBool: parsing "{value}": invalid syntax'
-    )
+    raise bad_request(f'{name}: Invalid value: "{value}": strconv.ParseBool: parsing "{value}": invalid syntax')
 
 
 def _parse_int(query: Any, name: str) -> int | None:
@@ -168,9 +166,7 @@ class Api:
         name = request.match_info["name"]
         stored = self._store.get(kind, object_key(request.match_info.get("namespace"), name))
         if stored is None:
-            return ApiError(
-                404, "NotFound", f'{kind} "{name}" not found', {"name": name, "kind": kind}
-            ).response()
+            return ApiError(404, "NotFound", f'{kind} "{name}" not found', {"name": name, "kind": kind}).response()
         return web.Response(body=with_kind(kind, stored.body), content_type="application/json")
 
     async def collection(self, request: web.Request) -> web.StreamResponse:
@@ -186,9 +182,7 @@ class Api:
         namespace = request.match_info.get("namespace")
         try:
             labels = parse_label_selector(request.query.get("labelSelector", ""))
-            fields = parse_field_selector(
-                request.query.get("fieldSelector", ""), objects.supported_fields(kind)
-            )
+            fields = parse_field_selector(request.query.get("fieldSelector", ""), objects.supported_fields(kind))
         except SelectorError as exc:
             raise bad_request(str(exc)) from None
 
@@ -245,28 +239,26 @@ class Api:
         # Like the real server, the server-side limit applies when the client sets none.
         duration = float(timeout) if timeout > 0 else self._settings.max_watch_seconds
         since = _parse_int(request.query, "resourceVersion") or 0
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
         # Subscribing and reading the history happen without an await in between, so no
         # change is lost or sent twice.
         watcher = self._store.subscribe(kind)
         try:
             first, resumable = self._first_events(kind, since, accepts)
-            response = web.StreamResponse(headers={"Content-Type": "application/json"})
-            response.enable_chunked_encoding()
             await response.prepare(request)
             for line in first:
                 await response.write(line)
             if resumable:
                 await self._stream(response, watcher, accepts, bookmarks, duration)
             await response.write_eof()
-            return response
         except ConnectionResetError:
-            return web.Response()  # the client went away; nothing more to send
+            pass  # the client went away; nothing more to send
         finally:
             self._store.unsubscribe(watcher)
+        return response
 
-    def _first_events(
-        self, kind: str, since: int, accepts: Callable[[Obj], bool]
-    ) -> tuple[list[bytes], bool]:
+    def _first_events(self, kind: str, since: int, accepts: Callable[[Obj], bool]) -> tuple[list[bytes], bool]:
         """The events a new watch starts with, and whether it goes on after them."""
         if since == 0:
             # No resourceVersion (or "0"): the current state as synthetic ADDED events.

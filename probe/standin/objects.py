@@ -17,9 +17,7 @@ Obj = dict[str, Any]
 TaintSpec = Mapping[str, str] | str
 
 UNSCHEDULABLE_TAINT_KEY = "node.kubernetes.io/unschedulable"
-POD_FIELDS = frozenset(
-    {"metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"}
-)
+POD_FIELDS = frozenset({"metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"})
 NODE_FIELDS = frozenset({"metadata.name", "spec.unschedulable"})
 KIND_NAMES = {"pods": "Pod", "nodes": "Node"}
 
