@@ -94,12 +94,12 @@ class Probe:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop."""
-    probe = Probe(settings)
-    await probe.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: no window without them
         loop.add_signal_handler(sig, stop.set)
+    probe = Probe(settings)
+    await probe.start()
     await stop.wait()
     log.info("shutting down", extra={"grace_seconds": settings.shutdown_duration})
     probe.begin_shutdown()

@@ -53,6 +53,24 @@ class ServerState:
     shutting_down: bool = False
 
 
+def _headers(request: web.Request) -> dict[str, list[str]]:
+    """Request headers as Go's http.Header prints them (name -> list of values), minus secrets."""
+    headers: dict[str, list[str]] = {}
+    for name, value in request.headers.items():
+        if name.lower() not in HIDDEN_HEADERS:
+            headers.setdefault(name, []).append(value)
+    return headers
+
+
+def _remote_addr(request: web.Request) -> str:
+    """`ip:port` like Go's RemoteAddr."""
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not peer:
+        return request.remote or ""
+    host, port = str(peer[0]), peer[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, object], int]:
     last = state.last_round()
     hood = last.neighbourhood if last else state.neighbourhood()
@@ -69,10 +87,10 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
     results["neighbourhood"] = [n.as_alive() for n in hood.neighbours]
     document: dict[str, object] = {
         "hostname": socket.gethostname(),
-        "headers": {k: v for k, v in request.headers.items() if k.lower() not in HIDDEN_HEADERS},
+        "headers": _headers(request),
         "user_agent": request.headers.get("User-Agent", ""),
         "request_uri": request.path_qs,
-        "remote_addr": f"{request.remote}" if request.remote else "",
+        "remote_addr": _remote_addr(request),
         "last_check_result": results,
         "skipped_checks": reasons,
         "discovery": {"stale": hood.stale, **hood.details},

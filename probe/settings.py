@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from probe import names
 from probe.labels import SelectorError, parse_selector
 
 T = TypeVar("T")
@@ -175,6 +176,9 @@ def parse_url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
+_BUILTIN_CHECKS = frozenset({names.API_SERVER_DIRECT, names.API_SERVER_DNS, names.ME_INGRESS, names.ME_SERVICE})
+
+
 def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
     checks: list[ExtraCheck] = []
     for item in text.split("|"):
@@ -184,6 +188,8 @@ def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
         name, sep, url = item.partition(":")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"{item!r} is not name:url")
+        if name in _BUILTIN_CHECKS or name.startswith(names.PATH_PREFIX) or name.startswith("neighbourhood"):
+            raise ValueError(f"{name!r} is the name of a built-in check")
         checks.append(ExtraCheck(name, parse_url(url)))
     if len({c.name for c in checks}) != len(checks):
         raise ValueError("check names must be unique")

@@ -148,8 +148,8 @@ async def test_alive_document_when_all_checks_pass(run_probe: RunProbe, start_ta
     assert doc["hostname"]
     assert doc["user_agent"] == "test-agent/1"
     assert doc["request_uri"] == "/alive?probe=1"
-    assert doc["remote_addr"].startswith(HOST)
-    assert doc["headers"]["X-Test"] == "yes"
+    assert doc["remote_addr"].startswith(HOST + ":")
+    assert doc["headers"]["X-Test"] == ["yes"]  # Go's http.Header shape, as kubenurse prints it
     result = doc["last_check_result"]
     assert result["extra"] == "ok"
     assert result["path_node-b"] == "ok"

@@ -308,6 +308,8 @@ def test_extra_checks() -> None:
         "google:http://",  # no host
         "google:http://x:http",  # bad port
         "a:http://x|a:http://y",  # duplicate name
+        "me_ingress:http://x",  # would overwrite a built-in check's result and series
+        "path_node-a:http://x",
         "bad name:http://x",  # name unfit for a label value
     ],
 )
