@@ -312,3 +312,39 @@ async def test_dead_collector_never_gets_in_the_way(
     finally:
         await probe.stop()
     assert time.monotonic() - started < 8, "shutdown stays within its budget with a black-holed collector"
+
+
+async def test_openmetrics_scrape_carries_exemplars_of_real_traces(
+    rx: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, start_target: StartTarget
+) -> None:
+    import re
+
+    import aiohttp
+
+    env = otel_env(monkeypatch, rx, "grpc")
+    target = await start_target()
+    port = free_port()
+    probe = Probe(load_settings({**env, **base_settings(port, KUBENURSE_SERVICE_URL=target.url)}),
+                  StaticNeighbours.unavailable("test"))
+    await probe.start()
+    try:
+        await wait_until(lambda: probe.prober.rounds >= 3, timeout=10)
+        async with aiohttp.ClientSession() as session:
+            url = f"http://127.0.0.1:{port}/metrics"
+            async with session.get(url, headers={"Accept": "application/openmetrics-text; version=1.0.0"}) as r:
+                openmetrics = await r.text()
+            async with session.get(url) as r:
+                text = await r.text()
+        await rx.async_wait_for(lambda: len(rx.spans()) > 6, timeout=10)
+    finally:
+        await probe.stop()
+    pattern = re.compile(
+        r'^kubenurse_httpclient_request_duration_seconds_bucket\{[^}]*type="me_service"[^}]*\} \S+ '
+        r'# \{span_id="([0-9a-f]{16})",trace_id="([0-9a-f]{32})"\} [0-9.e-]+ [0-9.]+$',
+        re.MULTILINE,
+    )
+    found = pattern.findall(openmetrics)
+    assert found, "OpenMetrics bucket samples carry exemplars"
+    trace_ids = {s.trace_id for s in rx.spans()}
+    assert any(trace_id in trace_ids for _, trace_id in found), "exemplars point at exported traces"
+    assert "trace_id" not in text, "the classic text format has no exemplars"

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -16,6 +15,7 @@ from prometheus_client.exposition import choose_encoder
 
 from probe import names
 from probe.checks.result import CheckResult
+from probe.telemetry.exemplars import ExemplarCollector, ExemplarPrometheusReader, ExemplarStore
 from probe.telemetry.otel import run_bounded
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,14 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
-        self._prometheus = PrometheusMetricReader(
-            disable_target_info=True, scope_info_enabled=False, registry=self.registry
+        # The exporter writes into a registry of its own; /metrics serves it through the
+        # exemplar collector (exemplars show in OpenMetrics scrapes only).
+        self._exemplars = ExemplarStore()
+        exported = CollectorRegistry(auto_describe=True)
+        self._prometheus = ExemplarPrometheusReader(
+            self._exemplars, disable_target_info=True, scope_info_enabled=False, registry=exported
         )
+        self.registry.register(ExemplarCollector(exported, self._exemplars))
         self.provider = MeterProvider(
             metric_readers=[self._prometheus, *extra_readers],
             resource=resource or Resource.get_empty(),
@@ -115,6 +120,7 @@ class Metrics:
                                 dropped += 1
         except (AttributeError, TypeError) as e:  # pragma: no cover - SDK internals moved
             log.warning("cannot drop series of departed neighbours: %s", e)
+        self._exemplars.forget(names.LABEL_TYPE, check_types)
         return dropped
 
     def exposition(self, accept: str) -> tuple[bytes, str]:
