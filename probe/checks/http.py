@@ -115,7 +115,10 @@ class HttpChecker:
         try:
             # The outer deadline is a backstop: aiohttp's own timeout should always fire first.
             async with asyncio.timeout(self._settings.check_timeout + 1):
-                async with self._session.get(target.url, headers=headers, allow_redirects=True) as resp:
+                # Redirects are followed like Go's client does, except where a token is sent:
+                # the token goes to the API server and nowhere else, not even by redirect.
+                redirects = not target.send_token
+                async with self._session.get(target.url, headers=headers, allow_redirects=redirects) as resp:
                     timeline.mark(names.GOT_FIRST_RESP_BYTE)
                     answered = timeline.marks[names.GOT_FIRST_RESP_BYTE]
                     await resp.content.read(MAX_BODY_BYTES)
