@@ -59,6 +59,8 @@ async def _start_target(
                 await asyncio.sleep(3600)
             if target.delay:
                 await asyncio.sleep(target.delay)
+            if request.path == "/redirect":
+                raise web.HTTPFound(request.query["to"])
             status = target.status
             if request.path.startswith("/status/"):
                 status = int(request.path.removeprefix("/status/"))

@@ -291,3 +291,18 @@ def test_failure_log_does_not_flood(caplog: pytest.LogCaptureFixture) -> None:
     assert len(lines) == 2  # the first failure and one reminder after 300 s
     assert lines[1].failures == 61  # type: ignore[attr-defined]
     assert [r.getMessage() for r in caplog.records][-1] == "check recovered"
+
+
+async def test_token_never_follows_a_redirect(start_target: StartTarget, tmp_path: Path) -> None:
+    elsewhere = await start_target()
+    api = await start_target()
+    (tmp_path / "token").write_text("s3cret-token")
+    settings = Settings(serviceaccount_dir=str(tmp_path))
+    redirect = f"{api.url}/redirect?to={elsewhere.url}/version"
+    result = await run_check(settings, Target(names.API_SERVER_DIRECT, redirect, send_token=True))
+    assert result.error_event == "status_code_302"
+    assert elsewhere.requests == []
+    # Without a token, redirects are followed as Go's client does.
+    followed = await run_check(settings, Target("extra", redirect))
+    assert followed.ok and [r["path"] for r in elsewhere.requests] == ["/version"]
+    assert "Authorization" not in elsewhere.requests[0]
