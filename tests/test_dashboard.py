@@ -1,16 +1,20 @@
 """The Grafana dashboard, and the alert rules, against a real Prometheus scraping real probes.
 
-Two probes run on loopback (`python -m probe`), each checking the other through
-KUBENURSE_SERVICE_URL / KUBENURSE_INGRESS_URL / a `path_<node>` extra check, and one also
-checking a refused port so the error series exist. A real Prometheus (Debian's
-/usr/bin/prometheus) scrapes them every second as job "kubenurse" with a `node` label, as the
-ServiceMonitor does, and loads deploy/prometheus/kubenurse-rules.yaml. Every PromQL
+A small cluster on loopback: the Kubernetes API-server stand-in (probe.standin) with two
+nodes and a probe pod on each, labelled as k8s/base labels them; two real probes
+(`python -m probe`), one per "node" address (127.0.0.2, 127.0.0.3) on the same port, that
+discover each other through the stand-in with the manifest's neighbour filter and check the
+API server (directly and by name), each other (as "service", "ingress" and neighbour) and,
+on one of them, a refused port, so the error series exist too. A real Prometheus (Debian's
+/usr/bin/prometheus) scrapes them every second as job "kubenurse" with a `node` label, as
+the ServiceMonitor does, and loads deploy/prometheus/kubenurse-rules.yaml. Every PromQL
 expression of the dashboard, with its template variables substituted by the values
 Prometheus offers for them, must parse and return data.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -20,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -35,8 +40,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "dashboards" / "kubenurse.json"
 RULES = ROOT / "deploy" / "prometheus" / "kubenurse-rules.yaml"
+DAEMONSET = ROOT / "k8s" / "base" / "daemonset.yaml"
 PROMETHEUS = shutil.which("prometheus") or ("/usr/bin/prometheus" if Path("/usr/bin/prometheus").exists() else None)
 JOB = "kubenurse"
+NAMESPACE = "kubenurse"
 # What Grafana would put for its built-in interval variables with a 1 s scrape interval.
 BUILTINS = {"__rate_interval": "5s", "__interval": "2s", "__range": "1m", "__range_s": "60"}
 DEADLINE_SECONDS = 40
@@ -196,7 +203,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 @dataclass
 class Live:
     prometheus: str
-    probes: dict[str, int]  # node name -> port
     deadline: float
 
     def until(self) -> float:
@@ -219,11 +225,51 @@ class Live:
 
 
 def clean_env() -> dict[str, str]:
-    """This machine's env minus anything that would make a probe think it is in a cluster."""
+    """This machine's env minus anything that would point a probe at a real cluster."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBENURSE_", "KUBERNETES_", "OTEL_"))}
     env.pop("KUBECONFIG", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+def manifest_pod() -> tuple[dict[str, str], str]:
+    """The probe pods' labels and neighbour filter, as k8s/base ships them."""
+    daemonset = yaml.safe_load(DAEMONSET.read_text())
+    template = daemonset["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    return template["metadata"]["labels"], env["KUBENURSE_NEIGHBOUR_FILTER"]
+
+
+class Cluster:
+    """The API-server stand-in on its own event loop thread: two nodes, a probe pod on each."""
+
+    def __init__(self, directory: Path, pods: dict[str, str]) -> None:
+        from probe.standin import ApiServerStandin
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="standin", daemon=True)
+        self.thread.start()
+        self.server = ApiServerStandin("127.0.0.1", 0)
+        self.serviceaccount = directory / "serviceaccount"
+        labels, _ = manifest_pod()
+
+        async def setup() -> None:
+            await self.server.start()
+            self.server.write_serviceaccount(self.serviceaccount, NAMESPACE)
+            for node, ip in pods.items():
+                self.server.add_node(node)
+                self.server.add_pod(f"kubenurse-{node}", namespace=NAMESPACE, node_name=node, pod_ip=ip,
+                                    labels=labels)
+
+        asyncio.run_coroutine_threadsafe(setup(), self.loop).result(timeout=10)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self.server.stop(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+        self.loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -233,42 +279,48 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     deadline = time.monotonic() + DEADLINE_SECONDS
     tmp = tmp_path_factory.mktemp("live")
     processes: list[subprocess.Popen[bytes]] = []
+    # One loopback address per "node", so both probes serve the same port, as in a cluster.
+    pod_ips = {"node-a": "127.0.0.2", "node-b": "127.0.0.3"}
+    other = {"node-a": "node-b", "node-b": "node-a"}
     # A bound socket that never listens: connecting to it is refused, for sure, all along.
     refused = socket.socket()
     refused.bind(("127.0.0.1", 0))
     closed_port = refused.getsockname()[1]
-    ports = {"node-a": free_port(), "node-b": free_port()}
-    other = {"node-a": "node-b", "node-b": "node-a"}
+    port = free_port()
+    cluster = None
     try:
-        for node, port in ports.items():
-            peer = ports[other[node]]
-            extra = f"path_{other[node]}:http://127.0.0.1:{peer}/alwayshappy"
-            if node == "node-a":
-                extra += f"|broken:http://127.0.0.1:{closed_port}/"
+        cluster = Cluster(tmp, pod_ips)
+        _, neighbour_filter = manifest_pod()
+        for node, ip in pod_ips.items():
+            peer = pod_ips[other[node]]
             env = clean_env() | {
-                "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_HOST": "127.0.0.1",
+                "KUBERNETES_SERVICE_PORT": str(cluster.server.port),
+                # A name, so the DNS phases are measured too.
+                "KUBERNETES_SERVICE_DNS": "localhost",
+                "KUBENURSE_SERVICEACCOUNT_DIR": str(cluster.serviceaccount),
+                "KUBENURSE_NAMESPACE": NAMESPACE,
+                "KUBENURSE_NEIGHBOUR_FILTER": neighbour_filter,
+                "KUBENURSE_LISTEN_HOST": ip,
                 "KUBENURSE_HTTP_PORT": str(port),
                 "KUBENURSE_CHECK_INTERVAL": "500ms",
-                "KUBENURSE_SERVICE_URL": f"http://127.0.0.1:{peer}",
-                # A name, so the DNS phases are measured too.
-                "KUBENURSE_INGRESS_URL": f"http://localhost:{peer}",
-                "KUBENURSE_EXTRA_CHECKS": extra,
+                # "Service" and "ingress": the other probe, straight.
+                "KUBENURSE_SERVICE_URL": f"http://{peer}:{port}",
+                "KUBENURSE_INGRESS_URL": f"http://{peer}:{port}",
                 "KUBENURSE_SHUTDOWN_DURATION": "0s",
-                "KUBENURSE_SERVICEACCOUNT_DIR": str(tmp / "no-serviceaccount"),
                 "POD_NAME": f"kubenurse-{node}",
                 "NODE_NAME": node,
-                "POD_NAMESPACE": "kubenurse",
+                "POD_NAMESPACE": NAMESPACE,
             }
+            if node == "node-a":
+                env["KUBENURSE_EXTRA_CHECKS"] = f"broken:http://127.0.0.1:{closed_port}/"
             log = (tmp / f"probe-{node}.log").open("wb")
             processes.append(
                 subprocess.Popen([sys.executable, "-m", "probe"], cwd=ROOT, env=env, stdout=log, stderr=log)
             )
-        for node, port in ports.items():
-            wait_for(f"probe on {node}", lambda p=port: http_get(f"http://127.0.0.1:{p}/alwayshappy")[0] == 200,
-                     deadline)
-            # What a neighbour's check would leave behind: one incoming check from the other node.
-            http_get(f"http://127.0.0.1:{port}/alwayshappy",
-                     {"KUBENURSE-NEIGHBOUR-ORIGIN": f"kubenurse-{other[node]}"})
+        for node, ip in pod_ips.items():
+            wait_for(f"probe on {node} (log: {tmp}/probe-{node}.log)",
+                     lambda ip=ip: http_get(f"http://{ip}:{port}/alwayshappy")[0] == 200, deadline)
 
         prometheus_port = free_port()
         config = {
@@ -276,8 +328,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
             "rule_files": [str(RULES)],
             "scrape_configs": [{
                 "job_name": JOB,
+                # The `node` label, as the ServiceMonitor's relabeling adds it.
                 "static_configs": [
-                    {"targets": [f"127.0.0.1:{port}"], "labels": {"node": node}} for node, port in ports.items()
+                    {"targets": [f"{ip}:{port}"], "labels": {"node": node}} for node, ip in pod_ips.items()
                 ],
             }],
         }
@@ -290,10 +343,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         ))
         url = f"http://127.0.0.1:{prometheus_port}"
         wait_for("prometheus ready", lambda: http_get(f"{url}/-/ready")[0] == 200, deadline)
-        yield Live(url, ports, deadline)
+        yield Live(url, deadline)
     finally:
         for process in processes:
             stop(process)
+        if cluster is not None:
+            cluster.close()
         refused.close()
 
 
@@ -361,7 +416,8 @@ def test_every_dashboard_query_returns_data_from_live_probes(live: Live) -> None
     # What two probes checking each other and one refused port look like.
     assert values["job"] == [JOB]
     assert values["node"] == ["node-a", "node-b"]
-    assert {"me_service", "me_ingress", "path_node-a", "path_node-b", "broken"} <= set(values["type"])
+    assert set(values["type"]) == {"api_server_direct", "api_server_dns", "me_service", "me_ingress",
+                                   "path_node-a", "path_node-b", "broken"}
     assert "broken" not in values["path"], "a check that never answers has no latency to draw"
     checked = expressions_to_check(dashboard, values)
     assert len(checked) >= 15
@@ -392,12 +448,13 @@ def test_alert_expressions_on_live_probes(live: Live) -> None:
     until_all_have_data(live, lambda: [
         ("errors", "kubenurse_errors_total"),
         ("p99 recording rule", 'type:kubenurse_httpclient_request_duration_seconds:p99_10m{type="path_node-b"}'),
+        ("incoming", "kubenurse_neighbourhood_incoming_checks > 0"),
         ("expected incoming", "kubenurse:neighbourhood_incoming_checks:expected"),
     ])
     firing = {name: live.query(expr)["result"] for name, expr in alert_exprs().items()}
     assert [s["metric"]["type"] for s in firing.pop("KubenursePathErroring")] == ["broken"]
     assert all(result == [] for result in firing.values()), {k: v for k, v in firing.items() if v}
-    # Two probes, one incoming check each: exactly the expected number.
+    # Two probes checking each other: one incoming check each, exactly the expected number.
     expected = live.query("kubenurse:neighbourhood_incoming_checks:expected")["result"]
     assert [float(s["value"][1]) for s in expected] == [1.0]
     incoming = live.query("kubenurse_neighbourhood_incoming_checks")["result"]
