@@ -122,6 +122,19 @@ def test_rules_use_only_series_and_labels_the_probe_exposes() -> None:
                 assert label in known_labels, f"unknown label {label}"
 
 
+def test_expected_incoming_checks_follow_the_manifests_neighbour_limit() -> None:
+    """The 10 in the recording rule (and the dashboard's "expected" line) is the neighbour limit."""
+    daemonset = yaml.safe_load((ROOT / "k8s" / "base" / "daemonset.yaml").read_text())
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    limit = int(env.get("KUBENURSE_NEIGHBOUR_LIMIT") or 10)
+    (expected,) = [r["expr"] for r in all_rules(rules()) if r.get("record", "").endswith(":expected")]
+    dashboard = (ROOT / "dashboards" / "kubenurse.json").read_text()
+    pattern = r"clamp_max\(count\(kubenurse_neighbourhood_incoming_checks[^)]*\) - 1, (\d+)\)"
+    assert [int(n) for n in re.findall(pattern, expected)] == [limit]
+    assert {int(n) for n in re.findall(pattern, dashboard)} == {limit}
+
+
 def rendered_prometheus_rule() -> str:
     spec = importlib.util.spec_from_file_location("render_prometheusrule", RENDERER)
     assert spec and spec.loader
