@@ -1,0 +1,708 @@
+"""Discovery against the API-server stand-in: list once, then watch; 410s, outages, token
+rotation, readiness, identity, KUBECONFIG, and a real Probe checking real neighbour servers
+on 127.0.0.x (all on the probe's own port, as neighbours are checked on the same port)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import json
+import socket
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from probe.app import Probe
+from probe.discovery import make_source
+from probe.discovery.cache import Reflector, Timing, iter_list
+from probe.discovery.kube import KubeClient, Kubeconfig, ServiceAccount
+from probe.discovery.source import KubeNeighbours, node_info, pod_info
+from probe.neighbours import StaticNeighbours
+from probe.settings import ExtraCheck, Settings
+from probe.standin import ApiServerStandin
+
+NS = "kubenurse"
+LABELS = {"app.kubernetes.io/name": "kubenurse"}
+FILTER = "app.kubernetes.io/name=kubenurse"
+ME, MY_NODE = "kubenurse-me", "node-me"
+#: Everything short: watches end every second or two, retries within a quarter second.
+FAST = Timing(
+    request_timeout=5.0,
+    connect_timeout=2.0,
+    watch_seconds=1.0,
+    watch_grace=2.0,
+    idle_timeout=5.0,
+    backoff_initial=0.05,
+    backoff_max=0.25,
+    initial_sync=5.0,
+)
+
+T = TypeVar("T")
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
+    """Poll `check` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(0.02)
+
+
+# The stand-in and the probe's view of it -------------------------------------------------
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[ApiServerStandin]:
+    server = ApiServerStandin(bookmark_interval=0.2)
+    server.add_node(MY_NODE)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+def sa_dir(api: ApiServerStandin, tmp_path: Path) -> Path:
+    return api.write_serviceaccount(tmp_path / "serviceaccount", NS)
+
+
+def add_neighbour(api: ApiServerStandin, name: str, node: str, ip: str, **kwargs: Any) -> None:
+    if api.node(node) is None:
+        api.add_node(node)
+    api.add_pod(name, namespace=NS, node_name=node, pod_ip=ip, labels=LABELS, **kwargs)
+
+
+def in_cluster(api: ApiServerStandin, sa_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "kubernetes_service_host": "127.0.0.1",
+        "kubernetes_service_port": api.port,
+        "serviceaccount_dir": str(sa_dir),
+        "neighbour_filter": FILTER,
+        "pod_name": ME,
+        "node_name": MY_NODE,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def source(settings: Settings, timing: Timing = FAST) -> KubeNeighbours:
+    made = make_source(settings, timing=timing)
+    assert isinstance(made, KubeNeighbours), made.current()
+    return made
+
+
+@contextlib.asynccontextmanager
+async def started(src: KubeNeighbours) -> AsyncIterator[KubeNeighbours]:
+    await src.start()
+    try:
+        yield src
+    finally:
+        await src.stop()
+
+
+def pod_names(src: KubeNeighbours) -> set[str]:
+    return {n.pod_name for n in src.current().neighbours}
+
+
+def has_pod(src: KubeNeighbours, name: str) -> Callable[[], bool]:
+    return lambda: name in pod_names(src)
+
+
+def pod_watches_reach(api: ApiServerStandin, count: int) -> Callable[[], bool]:
+    return lambda: api.count("pods", verb="watch") >= count
+
+
+def schedulable_is(src: KubeNeighbours, expected: bool) -> Callable[[], bool]:
+    return lambda: src.current().node_schedulable is expected
+
+
+# Pure pieces: the list walker and the decoders ---------------------------------------------
+
+
+def test_iter_list_yields_members_and_items_one_at_a_time() -> None:
+    text = ' {"kind":"PodList" , "metadata" : {"resourceVersion":"7"},\n "items" : [ {"a":1} ,{"b":[2]} ] }'
+    assert list(iter_list(text)) == [
+        ("kind", "PodList"),
+        ("metadata", {"resourceVersion": "7"}),
+        (None, {"a": 1}),
+        (None, {"b": [2]}),
+    ]
+    assert list(iter_list('{"items":[],"metadata":{}}')) == [("metadata", {})]
+    assert list(iter_list("{}")) == []
+    for broken in ('{"items":[{"a":1}', '{"items":[{"a":1},]}', "[1]", '{"a":1', '{"a" 1}', ""):
+        with pytest.raises(ValueError):
+            list(iter_list(broken))
+
+
+def test_decoders_keep_only_what_selection_reads(api: ApiServerStandin) -> None:
+    api.add_node("n1", taints=["node.kubernetes.io/unschedulable:NoExecute", "other:NoSchedule"])
+    api.add_node("n2", taints=["node.kubernetes.io/unschedulable:NoSchedule"])
+    api.add_node("n3", unschedulable=True)
+    assert node_info(api.node("n1") or {}).schedulable  # wrong effect, wrong key
+    n2, n3 = node_info(api.node("n2") or {}), node_info(api.node("n3") or {})
+    assert (n2.unschedulable, n2.unschedulable_taint) == (False, True)
+    assert (n3.unschedulable, n3.unschedulable_taint) == (True, False)
+    api.add_pod("p", namespace=NS, node_name="n1", pod_ip="10.1.2.3", labels=LABELS)
+    api.mark_pod_terminating("p", namespace=NS)
+    info = pod_info(api.pod("p", namespace=NS) or {})
+    assert (info.name, info.node_name, info.pod_ip, info.phase, info.terminating) == (
+        "p", "n1", "10.1.2.3", "Running", True,
+    )
+    assert info.host_ip.startswith("10.128.")
+    empty = pod_info({"metadata": {"name": "x"}})
+    assert (empty.node_name, empty.pod_ip, empty.phase, empty.terminating) == ("", "", "", False)
+
+
+# Where discovery connects to ---------------------------------------------------------------
+
+
+async def test_neither_in_cluster_nor_kubeconfig_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    src = make_source(Settings(serviceaccount_dir=str(tmp_path)))
+    assert isinstance(src, StaticNeighbours)
+    hood = src.current()
+    assert hood.skipped
+    assert "KUBERNETES_SERVICE_HOST not set" in hood.state and "KUBECONFIG not set" in hood.state
+    no_token = make_source(Settings(kubernetes_service_host="10.0.0.1", serviceaccount_dir=str(tmp_path)))
+    assert no_token.current().skipped
+    assert f"no service-account token in {tmp_path}" in no_token.current().state
+    off = make_source(Settings(check_neighbourhood=False)).current()
+    assert off.skipped and "KUBENURSE_CHECK_NEIGHBOURHOOD" in off.state
+
+
+async def test_in_cluster_wins_over_kubeconfig(api: ApiServerStandin, sa_dir: Path, tmp_path: Path) -> None:
+    kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig", NS))
+    src = make_source(in_cluster(api, sa_dir, kubeconfig=kubeconfig))
+    assert isinstance(src, KubeNeighbours) and isinstance(src._credentials, ServiceAccount)
+    outside = make_source(Settings(kubeconfig=kubeconfig, serviceaccount_dir=str(sa_dir)))
+    assert isinstance(outside, KubeNeighbours) and isinstance(outside._credentials, Kubeconfig)
+
+
+async def test_unknown_namespace_is_skipped_with_the_reason(api: ApiServerStandin, sa_dir: Path) -> None:
+    (sa_dir / "namespace").unlink()
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        hood = src.current()
+        assert hood.skipped and "KUBENURSE_NAMESPACE not set" in hood.state
+    assert api.count("pods") == 0
+
+
+async def test_namespace_defaults_to_pod_namespace_then_serviceaccount(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    api.add_pod("elsewhere", namespace="other", node_name="node-a", pod_ip="10.0.0.3", labels=LABELS)
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        assert src.namespace == NS and pod_names(src) == {"a"}
+    async with started(source(in_cluster(api, sa_dir, pod_namespace="other"))) as src:
+        assert src.namespace == "other" and pod_names(src) == {"elsewhere"}
+    async with started(source(in_cluster(api, sa_dir, namespace="other", pod_namespace=NS))) as src:
+        assert src.namespace == "other" and pod_names(src) == {"elsewhere"}
+
+
+async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig", NS)
+    settings = Settings(kubeconfig=str(kubeconfig), neighbour_filter=FILTER, pod_name=ME, node_name=MY_NODE,
+                        serviceaccount_dir=str(tmp_path / "none"))
+    async with started(source(settings)) as src:
+        hood = src.current()
+        assert (hood.details["source"], hood.details["namespace"]) == ("kubeconfig", NS)
+        assert pod_names(src) == {"a"} and not hood.stale
+        add_neighbour(api, "b", "node-b", "10.0.0.3")
+        await eventually(lambda: pod_names(src) == {"a", "b"}, "a watched change")
+    assert api.count(authorized=False) == 0
+
+
+async def test_unreadable_kubeconfig_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    missing = make_source(Settings(kubeconfig=str(tmp_path / "nope")))
+    assert isinstance(missing, KubeNeighbours)
+    await missing.start()
+    assert missing.current().skipped and "file not found" in missing.current().state
+    await missing.stop()
+    (tmp_path / "bad").write_text("clusters: [")
+    bad = make_source(Settings(kubeconfig=str(tmp_path / "bad")))
+    await bad.start()
+    assert bad.current().skipped and "KUBECONFIG=" in bad.current().state
+    await bad.stop()
+
+
+# The cache -------------------------------------------------------------------------------
+
+
+async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    add_neighbour(api, "b", "node-b", "10.0.0.3")
+    api.add_pod(ME, namespace=NS, node_name=MY_NODE, pod_ip="10.0.0.1", labels=LABELS)
+    api.add_pod("unlabelled", namespace=NS, node_name="node-a", pod_ip="10.0.0.9")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        assert pod_names(src) == {"a", "b"}
+        hood = src.current()
+        assert hood.state == "ok" and not hood.stale and hood.node_schedulable
+        assert src.current() is hood  # nothing changed: the same snapshot, no recomputation
+
+        add_neighbour(api, "c", "node-c", "10.0.0.4", phase="Pending")
+        await asyncio.sleep(0.3)
+        assert pod_names(src) == {"a", "b"}
+        api.set_pod_phase("c", "Running", namespace=NS)
+        await eventually(lambda: pod_names(src) == {"a", "b", "c"}, "c running")
+        api.mark_pod_terminating("a", namespace=NS)
+        await eventually(lambda: pod_names(src) == {"b", "c"}, "a terminating")
+        api.delete_pod("a", namespace=NS)
+        api.update_pod("b", lambda p: p["metadata"]["labels"].clear(), namespace=NS)  # stops matching
+        await eventually(lambda: pod_names(src) == {"c"}, "b unlabelled")
+        api.cordon("node-c")
+        await eventually(lambda: pod_names(src) == set(), "node-c cordoned")
+        api.uncordon("node-c")
+        await eventually(lambda: pod_names(src) == {"c"}, "node-c back")
+        api.delete_node("node-c")
+        await eventually(lambda: pod_names(src) == set(), "node-c gone")
+        assert src.current().details["pods"] == 2  # this pod and c
+    # A label selector on the server: the unlabelled pod never reached the probe.
+    assert all(r.query.get("labelSelector") == FILTER for r in api.requests if r.kind == "pods")
+
+
+async def test_one_list_then_only_watches_and_a_410_lists_once_more(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    add_neighbour(api, "b", "node-b", "10.0.0.3")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        # Several server-side watch ends (timeoutSeconds=1) and bookmarks; changes keep flowing.
+        for i in range(3):
+            add_neighbour(api, f"x{i}", f"node-x{i}", f"10.0.1.{i}")
+            await eventually(has_pod(src, f"x{i}"), f"x{i}")
+            await eventually(pod_watches_reach(api, i + 2), "watch renewed")
+        assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+        watches = [r for r in api.requests if r.verb == "watch"]
+        assert all(
+            r.query["resourceVersion"] not in ("", "0")
+            and r.query["allowWatchBookmarks"] == "true"
+            and int(r.query["timeoutSeconds"]) >= 1
+            for r in watches
+        )
+
+        # History compacted while watching: resuming gets 410 Gone, which means list again.
+        api.delete_pod("b", namespace=NS)
+        api.compact()
+        api.end_watches()
+        add_neighbour(api, "c", "node-c", "10.0.0.4")
+        await eventually(lambda: pod_names(src) == {"a", "c", "x0", "x1", "x2"}, "state after relist")
+        await eventually(lambda: api.count("pods", verb="list") == 2, "pods listed again")
+        await eventually(lambda: api.count("nodes", verb="list") == 2, "nodes listed again")
+        relist = [r for r in api.requests if r.verb == "list"][-1]
+        assert "resourceVersion" not in relist.query  # a consistent read after 410
+        assert src.pods is not None and src.pods.relists_after_gone == 1
+        await eventually(pod_watches_reach(api, api.count("pods", verb="watch") + 2), "more watch renewals")
+        assert api.count("pods", verb="list") == 2 and api.count("nodes", verb="list") == 2
+        assert not src.current().stale
+
+
+class PlainHttp:
+    """Credentials for a plain-HTTP fake API server (the Credentials protocol)."""
+
+    source = "test"
+    namespace = NS
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+
+    async def load(self) -> None:
+        pass
+
+    async def authorization(self) -> str | None:
+        return "Bearer test"
+
+    def ssl_context(self) -> bool:
+        return False
+
+    def rejected(self) -> None:
+        pass
+
+
+async def test_a_410_error_event_in_the_middle_of_a_watch_lists_again() -> None:
+    """The stand-in sends 410 only when a watch starts; a real server can also send it in
+    the middle of a stream (its watch cache fell behind). The same path must handle it."""
+    lists: list[dict[str, str]] = []
+    watches: list[dict[str, str]] = []
+
+    def node(name: str, rv: str) -> dict[str, Any]:
+        return {"metadata": {"name": name, "resourceVersion": rv}, "spec": {}}
+
+    async def nodes(request: web.Request) -> web.StreamResponse:
+        if request.query.get("watch") != "true":
+            lists.append(dict(request.query))
+            first = len(lists) == 1
+            items = [node("n1", "5")] if first else [node("n2", "20")]
+            metadata = {"resourceVersion": "5" if first else "20"}
+            return web.json_response({"kind": "NodeList", "metadata": metadata, "items": items})
+        watches.append(dict(request.query))
+        response = web.StreamResponse()
+        await response.prepare(request)
+        if len(watches) == 1:
+            await response.write(json.dumps({"type": "ADDED", "object": node("n3", "6")}).encode() + b"\n")
+            await response.write(json.dumps({"type": "BOOKMARK", "object": node("", "7")}).encode() + b"\n")
+            gone = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}
+            await response.write(json.dumps({"type": "ERROR", "object": gone}).encode() + b"\n")
+            return response
+        await asyncio.sleep(30)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/nodes", nodes)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    client = KubeClient(PlainHttp(f"http://127.0.0.1:{port}"))
+    reflector = Reflector(client, "nodes", "/api/v1/nodes", node_info, timing=FAST)
+    task = asyncio.create_task(reflector.run())
+    try:
+        await eventually(lambda: len(lists) == 2 and set(reflector.items) == {"n2"}, "relisted after the 410")
+        assert reflector.relists_after_gone == 1
+        assert lists[0].get("resourceVersion") == "0" and "resourceVersion" not in lists[1]
+        assert [w["resourceVersion"] for w in watches[:2]] == ["5", "20"]
+        assert reflector.connected and reflector.resource_version == "20"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.close()
+        await runner.cleanup()
+
+
+async def test_a_silent_connection_is_given_up_after_the_idle_timeout(sa_dir: Path, tmp_path: Path) -> None:
+    # No bookmarks and no changes: a watch that looks exactly like a half-dead connection.
+    silent = ApiServerStandin(bookmark_interval=3600)
+    await silent.start()
+    try:
+        folder = silent.write_serviceaccount(tmp_path / "silent", NS)
+        timing = Timing(**{**FAST.__dict__, "watch_seconds": 60.0, "idle_timeout": 0.4})
+        async with started(source(in_cluster(silent, folder), timing)):
+            await eventually(lambda: silent.count("pods", verb="watch") >= 3, "watches renewed after idling", 5)
+            assert silent.count("pods", verb="list") == 1
+    finally:
+        await silent.stop()
+
+
+async def test_token_rotation(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        await eventually(lambda: api.watch_count == 2, "both watches open")
+        # The kubelet's rotation: a new token in the file; the old one stops working.
+        rotated_at = time.monotonic()
+        api.rotate_token()
+        assert (sa_dir / "token").read_text() == api.token
+        await eventually(lambda: api.count("pods", verb="watch", since=rotated_at) >= 2, "watches renewed")
+        add_neighbour(api, "b", "node-b", "10.0.0.3")
+        await eventually(lambda: pod_names(src) == {"a", "b"}, "b after rotation")
+        assert api.count(authorized=False) == 0
+        assert not src.current().stale
+
+        # The server switches first and the file follows later: 401s, stale, then recovery.
+        api.set_token("standin-next-token")
+        api.end_watches()
+        await eventually(lambda: src.current().stale, "stale on 401")
+        assert "401" in str(src.current().details["error"])
+        add_neighbour(api, "c", "node-c", "10.0.0.4")
+        api.write_serviceaccount(sa_dir, NS)
+        await eventually(lambda: not src.current().stale, "recovered with the new token")
+        await eventually(lambda: pod_names(src) == {"a", "b", "c"}, "c after the new token")
+        assert api.count("pods", verb="list") == 1
+
+
+async def test_readiness_follows_this_node(api: ApiServerStandin, sa_dir: Path) -> None:
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        assert src.current().node_schedulable
+        steps: list[tuple[Callable[[], object], bool, str]] = [
+            (lambda: api.cordon(MY_NODE), False, "cordoned"),
+            (lambda: api.uncordon(MY_NODE), True, "uncordoned"),
+            (lambda: api.taint_node(MY_NODE, "node.kubernetes.io/unschedulable"), False, "tainted"),
+            (lambda: api.untaint(MY_NODE, "node.kubernetes.io/unschedulable"), True, "untainted"),
+            (lambda: api.taint_node(MY_NODE, "dedicated", effect="NoSchedule"), True, "other taint"),
+            (lambda: api.delete_node(MY_NODE), False, "gone"),
+            (lambda: api.add_node(MY_NODE), True, "back"),
+        ]
+        for change, expected, what in steps:
+            change()
+            await eventually(schedulable_is(src, expected), what)
+    assert api.count("nodes", verb="list") == 1  # driven by the watch, not by polling
+
+
+async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir: Path) -> None:
+    api.add_node("node-x")
+    api.add_pod(ME, namespace=NS, node_name="node-x", pod_ip="10.0.0.1", labels=LABELS)
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    async with started(source(in_cluster(api, sa_dir, node_name=None))) as src:
+        await eventually(lambda: src.current().details["node"] == "node-x", "own node from the cache")
+        assert pod_names(src) == {"a"}
+        api.cordon("node-x")
+        await eventually(lambda: not src.current().node_schedulable, "own node cordoned")
+    assert api.count("pods", verb="get") == 0
+
+    # This pod is not a candidate (another namespace): one GET finds its node.
+    api.uncordon("node-x")
+    api.add_pod("probe-elsewhere", namespace="infra", node_name="node-a", pod_ip="10.0.0.5")
+    settings = in_cluster(api, sa_dir, node_name=None, pod_name="probe-elsewhere", pod_namespace="infra", namespace=NS)
+    async with started(source(settings)) as src:
+        await eventually(lambda: src.current().details["node"] == "node-a", "own node from a GET")
+        assert pod_names(src) == {"a", ME}
+    assert api.count("pods", verb="get") == 1
+
+
+async def test_allow_unschedulable_watches_only_this_node(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    api.cordon("node-a")
+    async with started(source(in_cluster(api, sa_dir, allow_unschedulable=True))) as src:
+        assert pod_names(src) == {"a"}
+        assert src.current().details["nodes"] == 1
+        api.cordon(MY_NODE)
+        await eventually(lambda: not src.current().node_schedulable, "own node cordoned")
+    assert {r.query.get("fieldSelector") for r in api.requests if r.kind == "nodes"} == {f"metadata.name={MY_NODE}"}
+
+
+# A real probe checking real neighbours ----------------------------------------------------
+
+
+def free_port(hosts: list[str]) -> int:
+    """A port free on every one of `hosts` (neighbours are all checked on one port)."""
+    for _ in range(100):
+        with socket.socket() as probe_socket:
+            probe_socket.bind(("127.0.0.1", 0))
+            port = probe_socket.getsockname()[1]
+        sockets = []
+        try:
+            for host in hosts:
+                s = socket.socket()
+                sockets.append(s)
+                s.bind((host, port))
+            return port
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise RuntimeError("no common free port")
+
+
+class Neighbours:
+    """/alwayshappy servers on 127.0.0.x:port that note who checked them, and when."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.hits: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        self._runners: list[web.AppRunner] = []
+
+    async def serve(self, ip: str) -> None:
+        async def happy(request: web.Request) -> web.Response:
+            self.hits[ip].append((time.monotonic(), request.headers.get("KUBENURSE-NEIGHBOUR-ORIGIN", "")))
+            return web.Response(text="I'm happy\n")
+
+        app = web.Application()
+        app.router.add_get("/alwayshappy", happy)
+        app.router.add_get("/healthz", happy)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, ip, self.port, reuse_address=True).start()
+        self._runners.append(runner)
+
+    def count(self, ip: str, since: float = 0.0) -> int:
+        return sum(1 for at, _ in self.hits[ip] if at >= since)
+
+    async def close(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+
+
+@pytest.fixture
+async def world(api: ApiServerStandin, sa_dir: Path) -> AsyncIterator[tuple[Neighbours, Settings]]:
+    """Neighbour servers on 127.0.0.2-5 and settings for a probe on 127.0.0.1, same port."""
+    ips = [f"127.0.0.{i}" for i in range(1, 6)]
+    port = free_port(ips)
+    servers = Neighbours(port)
+    for ip in ips[1:]:
+        await servers.serve(ip)
+    settings = in_cluster(
+        api,
+        sa_dir,
+        listen_host="127.0.0.1",
+        http_port=port,
+        check_interval=0.2,
+        check_api_server_dns=False,
+        check_timeout=2.0,
+        check_connect_timeout=1.0,
+        extra_checks=(ExtraCheck("local", f"http://127.0.0.5:{port}/healthz"),),
+    )
+    api.add_pod(ME, namespace=NS, node_name=MY_NODE, pod_ip="127.0.0.1", labels=LABELS)
+    try:
+        yield servers, settings
+    finally:
+        await servers.close()
+
+
+@contextlib.asynccontextmanager
+async def running_probe(settings: Settings, neighbours: Any = None) -> AsyncIterator[Client]:
+    probe = Probe(settings, neighbours=neighbours if neighbours is not None else source(settings))
+    await probe.start()
+    try:
+        async with aiohttp.ClientSession(f"http://127.0.0.1:{settings.http_port}") as session:
+            yield Client(probe, session)
+    finally:
+        await probe.stop()
+
+
+class Client:
+    def __init__(self, probe: Probe, session: aiohttp.ClientSession) -> None:
+        self.probe = probe
+        self.session = session
+
+    async def alive(self) -> dict[str, Any]:
+        async with self.session.get("/alive") as response:
+            return dict(json.loads(await response.text()))
+
+    async def neighbourhood(self) -> set[str]:
+        return {n["PodName"] for n in (await self.alive())["last_check_result"]["neighbourhood"]}
+
+    async def ready(self) -> int:
+        async with self.session.get("/ready") as response:
+            return response.status
+
+    async def metrics(self) -> str:
+        async with self.session.get("/metrics") as response:
+            return await response.text()
+
+    async def rounds(self, count: int) -> None:
+        target = self.probe.prober.rounds + count
+        await eventually(lambda: self.probe.prober.rounds >= target, f"{count} rounds", 2 + count)
+
+
+async def test_probe_checks_the_neighbours_alive_shows_and_counts_its_api_requests(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    servers, settings = world
+    add_neighbour(api, "a", "node-a", "127.0.0.2")
+    add_neighbour(api, "b", "node-b", "127.0.0.3")
+    async with running_probe(settings) as probe:
+        assert await probe.neighbourhood() == {"a", "b"}
+        await eventually(lambda: servers.count("127.0.0.2") and servers.count("127.0.0.3"), "a and b checked")
+        assert {origin for _, origin in servers.hits["127.0.0.2"]} == {ME}
+        add_neighbour(api, "c", "node-c", "127.0.0.4")
+        await eventually(lambda: servers.count("127.0.0.4"), "c checked")
+        api.delete_pod("a", namespace=NS)
+        await eventually(async_equals(probe.neighbourhood, {"b", "c"}), "a gone from /alive")
+        alive = await probe.alive()
+        results = alive["last_check_result"]
+        assert results["neighbourhood_state"] == "ok"
+        assert results["path_node-b"] == results["path_node-c"] == results["local"] == "ok"
+        assert alive["discovery"]["stale"] is False and alive["discovery"]["namespace"] == NS
+        assert results["api_server_direct"] == "ok"  # the checks and discovery share the stand-in
+
+        # Many more rounds: watches only, never a list again (the API server's side of scale).
+        await probe.rounds(10)
+    assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+    assert api.count("pods", verb="watch") >= 2 and api.count("nodes", verb="watch") >= 2
+    assert api.count("version") >= 10  # one api_server_direct check per round, for scale
+    assert api.count(authorized=False) == 0
+
+
+def async_equals(fetch: Callable[[], Awaitable[T]], expected: T) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return await fetch() == expected
+
+    return check
+
+
+async def test_outage_keeps_checking_the_last_neighbourhood_and_recovers(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    servers, settings = world
+    add_neighbour(api, "a", "node-a", "127.0.0.2")
+    add_neighbour(api, "b", "node-b", "127.0.0.3")
+    async with running_probe(settings) as probe:
+        await eventually(lambda: servers.count("127.0.0.3"), "b checked")
+        down_at = time.monotonic()
+        await api.down()
+        await eventually(lambda: probe.probe.neighbours.current().stale, "stale")
+        # Made while the server is unreachable: the probe cannot know yet.
+        add_neighbour(api, "c", "node-c", "127.0.0.4")
+        api.delete_pod("b", namespace=NS)
+        await probe.rounds(5)  # > 1 s of outage
+        alive = await probe.alive()
+        assert alive["discovery"]["stale"] is True
+        assert "cannot connect" in alive["discovery"]["error"]
+        assert alive["discovery"]["stale_since"] and alive["discovery"]["last_sync"]
+        assert await probe.neighbourhood() == {"a", "b"}  # the last known neighbourhood...
+        assert servers.count("127.0.0.2", since=down_at) >= 3  # ...is still being checked
+        assert servers.count("127.0.0.4") == 0
+        results = alive["last_check_result"]
+        assert results["local"] == "ok" and results["path_node-a"] == "ok"
+        assert results["api_server_direct"] != "ok"
+        assert await probe.ready() == 200  # an API outage is not this node's fault
+
+        await api.up()
+        await eventually(lambda: not probe.probe.neighbours.current().stale, "fresh again")
+        await eventually(async_equals(probe.neighbourhood, {"a", "c"}), "changes from the outage")
+        await eventually(lambda: servers.count("127.0.0.4"), "c checked")
+        assert "error" not in (await probe.alive())["discovery"]
+    # Resumed from the last version: the outage cost no list.
+    assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+
+
+async def test_cordon_makes_ready_503_and_uncordon_200(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    _, settings = world
+    async with running_probe(settings) as probe:
+        assert await probe.ready() == 200
+        api.cordon(MY_NODE)
+        await eventually(async_equals(probe.ready, 503), "/ready 503 when cordoned")
+        api.uncordon(MY_NODE)
+        await eventually(async_equals(probe.ready, 200), "/ready 200 when uncordoned")
+        api.delete_node(MY_NODE)
+        await eventually(async_equals(probe.ready, 503), "/ready 503 when the node is gone")
+
+
+async def test_a_departed_nodes_series_leave_metrics(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    servers, settings = world
+    add_neighbour(api, "a", "node-a", "127.0.0.2")
+    add_neighbour(api, "b", "node-b", "127.0.0.3")
+    async with running_probe(settings) as probe:
+        await eventually(lambda: servers.count("127.0.0.3"), "b checked")
+        metrics = await probe.metrics()
+        assert 'type="path_node-a"' in metrics and 'type="path_node-b"' in metrics
+        api.delete_node("node-b")
+        await eventually(async_equals(probe.neighbourhood, {"a"}), "node-b gone from /alive")
+
+        async def b_gone() -> bool:
+            return 'type="path_node-b"' not in await probe.metrics()
+
+        await eventually(b_gone, "path_node-b series gone")
+        assert 'kubenurse_httpclient_requests_total{code="200",type="path_node-a"}' in (await probe.metrics())
+
+
+async def test_probe_without_kubernetes_skips_the_neighbourhood_and_runs_the_rest(
+    world: tuple[Neighbours, Settings], tmp_path: Path
+) -> None:
+    _, settings = world
+    outside = Settings(**{
+        **settings.__dict__,
+        "kubernetes_service_host": None,
+        "serviceaccount_dir": str(tmp_path / "none"),
+    })
+    async with running_probe(outside, make_source(outside)) as probe:
+        await probe.rounds(1)
+        alive = await probe.alive()
+        results = alive["last_check_result"]
+        assert results["neighbourhood_state"] == "skipped" and results["neighbourhood"] == []
+        assert "KUBECONFIG not set" in alive["skipped_checks"]["neighbourhood"]
+        assert results["local"] == "ok"
+        assert await probe.ready() == 200
