@@ -118,10 +118,7 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
 def test_latency_queries_ask_for_exemplars_and_say_how_to_link_them() -> None:
     dashboard = load_dashboard()
     latency = [
-        t
-        for p in query_panels(dashboard)
-        for t in p["targets"]
-        if "duration_seconds_bucket" in t.get("expr", "")
+        t for p in query_panels(dashboard) for t in p["targets"] if "duration_seconds_bucket" in t.get("expr", "")
     ]
     assert latency
     assert all(t.get("exemplar") is True for t in latency)
@@ -259,8 +256,7 @@ class Cluster:
             self.server.write_serviceaccount(self.serviceaccount, NAMESPACE)
             for node, ip in pods.items():
                 self.server.add_node(node)
-                self.server.add_pod(f"kubenurse-{node}", namespace=NAMESPACE, node_name=node, pod_ip=ip,
-                                    labels=labels)
+                self.server.add_pod(f"kubenurse-{node}", namespace=NAMESPACE, node_name=node, pod_ip=ip, labels=labels)
 
         asyncio.run_coroutine_threadsafe(setup(), self.loop).result(timeout=10)
 
@@ -319,28 +315,40 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                 subprocess.Popen([sys.executable, "-m", "probe"], cwd=ROOT, env=env, stdout=log, stderr=log)
             )
         for node, ip in pod_ips.items():
-            wait_for(f"probe on {node} (log: {tmp}/probe-{node}.log)",
-                     lambda ip=ip: http_get(f"http://{ip}:{port}/alwayshappy")[0] == 200, deadline)
+            wait_for(
+                f"probe on {node} (log: {tmp}/probe-{node}.log)",
+                lambda ip=ip: http_get(f"http://{ip}:{port}/alwayshappy")[0] == 200,
+                deadline,
+            )
 
         prometheus_port = free_port()
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "900ms", "evaluation_interval": "1s"},
             "rule_files": [str(RULES)],
-            "scrape_configs": [{
-                "job_name": JOB,
-                # The `node` label, as the ServiceMonitor's relabeling adds it.
-                "static_configs": [
-                    {"targets": [f"{ip}:{port}"], "labels": {"node": node}} for node, ip in pod_ips.items()
-                ],
-            }],
+            "scrape_configs": [
+                {
+                    "job_name": JOB,
+                    # The `node` label, as the ServiceMonitor's relabeling adds it.
+                    "static_configs": [
+                        {"targets": [f"{ip}:{port}"], "labels": {"node": node}} for node, ip in pod_ips.items()
+                    ],
+                }
+            ],
         }
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         log = (tmp / "prometheus.log").open("wb")
-        processes.append(subprocess.Popen(
-            [PROMETHEUS, f"--config.file={tmp / 'prometheus.yml'}", f"--storage.tsdb.path={tmp / 'data'}",
-             f"--web.listen-address=127.0.0.1:{prometheus_port}"],
-            stdout=log, stderr=log,
-        ))
+        processes.append(
+            subprocess.Popen(
+                [
+                    PROMETHEUS,
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{prometheus_port}",
+                ],
+                stdout=log,
+                stderr=log,
+            )
+        )
         url = f"http://127.0.0.1:{prometheus_port}"
         wait_for("prometheus ready", lambda: http_get(f"{url}/-/ready")[0] == 200, deadline)
         yield Live(url, deadline)
@@ -373,7 +381,7 @@ def expressions_to_check(dashboard: dict[str, Any], values: dict[str, list[str]]
     out = []
     for panel in query_panels(dashboard):
         repeat = panel.get("repeat")
-        for value_set in ([values | {repeat: [v]} for v in values[repeat]] if repeat else [values]):
+        for value_set in [values | {repeat: [v]} for v in values[repeat]] if repeat else [values]:
             for expr in exprs(panel):
                 where = panel["title"] + (f" [{repeat}={value_set[repeat][0]}]" if repeat else "")
                 out.append((where, interpolate(expr, value_set)))
@@ -416,8 +424,15 @@ def test_every_dashboard_query_returns_data_from_live_probes(live: Live) -> None
     # What two probes checking each other and one refused port look like.
     assert values["job"] == [JOB]
     assert values["node"] == ["node-a", "node-b"]
-    assert set(values["type"]) == {"api_server_direct", "api_server_dns", "me_service", "me_ingress",
-                                   "path_node-a", "path_node-b", "broken"}
+    assert set(values["type"]) == {
+        "api_server_direct",
+        "api_server_dns",
+        "me_service",
+        "me_ingress",
+        "path_node-a",
+        "path_node-b",
+        "broken",
+    }
     assert "broken" not in values["path"], "a check that never answers has no latency to draw"
     checked = expressions_to_check(dashboard, values)
     assert len(checked) >= 15
@@ -445,12 +460,15 @@ def alert_exprs() -> dict[str, str]:
 
 def test_alert_expressions_on_live_probes(live: Live) -> None:
     """On real series: the refused port is a failing path, nothing else is alarming."""
-    until_all_have_data(live, lambda: [
-        ("errors", "kubenurse_errors_total"),
-        ("p99 recording rule", 'type:kubenurse_httpclient_request_duration_seconds:p99_10m{type="path_node-b"}'),
-        ("incoming", "kubenurse_neighbourhood_incoming_checks > 0"),
-        ("expected incoming", "kubenurse:neighbourhood_incoming_checks:expected"),
-    ])
+    until_all_have_data(
+        live,
+        lambda: [
+            ("errors", "kubenurse_errors_total"),
+            ("p99 recording rule", 'type:kubenurse_httpclient_request_duration_seconds:p99_10m{type="path_node-b"}'),
+            ("incoming", "kubenurse_neighbourhood_incoming_checks > 0"),
+            ("expected incoming", "kubenurse:neighbourhood_incoming_checks:expected"),
+        ],
+    )
     firing = {name: live.query(expr)["result"] for name, expr in alert_exprs().items()}
     assert [s["metric"]["type"] for s in firing.pop("KubenursePathErroring")] == ["broken"]
     assert all(result == [] for result in firing.values()), {k: v for k, v in firing.items() if v}

@@ -209,8 +209,15 @@ def crd_problems(obj: Obj) -> list[str]:
             if not isinstance(e.get("port"), str):
                 problems.append(f"ServiceMonitor endpoint needs a named port: {e}")
             for r in e.get("relabelings", []):
-                if not set(r) <= {"action", "sourceLabels", "targetLabel", "regex", "replacement",
-                                  "separator", "modulus"}:
+                if not set(r) <= {
+                    "action",
+                    "sourceLabels",
+                    "targetLabel",
+                    "regex",
+                    "replacement",
+                    "separator",
+                    "modulus",
+                }:
                     problems.append(f"unknown relabeling field in {r}")
     elif kind == "PrometheusRule":
         groups = spec.get("groups") or []
@@ -222,8 +229,7 @@ def crd_problems(obj: Obj) -> list[str]:
             for rule in group.get("rules", []):
                 if ("alert" in rule) == ("record" in rule) or not isinstance(rule.get("expr"), str):
                     problems.append(f"rule needs exactly one of alert/record and an expr: {rule}")
-                if not set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations",
-                                     "keep_firing_for"}:
+                if not set(rule) <= {"alert", "record", "expr", "for", "labels", "annotations", "keep_firing_for"}:
                     problems.append(f"unknown rule field in {rule}")
     else:
         problems.append(f"no schema and no structural check for {kind}")
@@ -255,14 +261,43 @@ def test_everything_lives_in_its_own_namespace(objects: tuple[Obj, ...]) -> None
 
 # --- pod security ----------------------------------------------------------------------------
 
-_BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
-                  "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
-_SAFE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_syncookies",
-                 "net.ipv4.ping_group_range", "net.ipv4.ip_unprivileged_port_start",
-                 "net.ipv4.ip_local_reserved_ports", "net.ipv4.tcp_keepalive_time",
-                 "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl", "net.ipv4.tcp_keepalive_probes"}
-_RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
-                       "persistentVolumeClaim", "projected", "secret"}
+_BASELINE_CAPS = {
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+}
+_SAFE_SYSCTLS = {
+    "kernel.shm_rmid_forced",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+}
+_RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def pod_security_violations(pod: Obj, level: str) -> list[str]:
@@ -327,8 +362,13 @@ def test_pod_security_check_catches_violations() -> None:
     bad = {
         "hostNetwork": True,
         "volumes": [{"name": "h", "hostPath": {"path": "/"}}],
-        "containers": [{"name": "c", "ports": [{"containerPort": 1, "hostPort": 1}],
-                        "securityContext": {"privileged": True, "runAsUser": 0}}],
+        "containers": [
+            {
+                "name": "c",
+                "ports": [{"containerPort": 1, "hostPort": 1}],
+                "securityContext": {"privileged": True, "runAsUser": 0},
+            }
+        ],
     }
     assert len(pod_security_violations(bad, "baseline")) == 4
     assert len(pod_security_violations(bad, "restricted")) >= 9
@@ -509,9 +549,7 @@ def test_container_and_service_ports_match_the_probe(objects: tuple[Obj, ...], s
         assert "https" not in ports, "nothing listens on 8443 without KUBENURSE_USE_TLS"
 
 
-def test_ingress_publishes_only_alwayshappy_for_the_ingress_url(
-    objects: tuple[Obj, ...], settings: Settings
-) -> None:
+def test_ingress_publishes_only_alwayshappy_for_the_ingress_url(objects: tuple[Obj, ...], settings: Settings) -> None:
     ingress = the(objects, "Ingress")
     spec = ingress["spec"]
     assert spec["ingressClassName"] == "nginx"
@@ -619,9 +657,7 @@ def test_tls_overlay_serves_https_from_a_mounted_secret(tmp_path: Path) -> None:
     assert volume["secret"]["secretName"]
     # Readable by the non-root user through the fsGroup, by nobody else.
     assert volume["secret"]["defaultMode"] & 0o007 == 0
-    assert ds["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == container["securityContext"][
-        "runAsUser"
-    ]
+    assert ds["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == container["securityContext"]["runAsUser"]
     env = resolved_env(ds, container)
     for variable in ("KUBENURSE_CERT_FILE", "KUBENURSE_CERT_KEY", "KUBENURSE_EXTRA_CA"):
         assert env[variable].startswith(mount["mountPath"] + "/")
@@ -775,9 +811,18 @@ def test_dockerignore_keeps_the_context_small_and_complete() -> None:
         for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    for unwanted in (".git/HEAD", "venv/bin/python", ".venv/bin/python", "tests/test_deploy.py",
-                     ".pytest_cache/v/x", "probe/__pycache__/app.cpython-311.pyc", "k8s/base/daemonset.yaml",
-                     "dashboards/kubenurse.json", ".mypy_cache/x", "build/lib/x.py"):
+    for unwanted in (
+        ".git/HEAD",
+        "venv/bin/python",
+        ".venv/bin/python",
+        "tests/test_deploy.py",
+        ".pytest_cache/v/x",
+        "probe/__pycache__/app.cpython-311.pyc",
+        "k8s/base/daemonset.yaml",
+        "dashboards/kubenurse.json",
+        ".mypy_cache/x",
+        "build/lib/x.py",
+    ):
         assert dockerignore_excludes(unwanted, patterns), f"{unwanted} would be sent to the builder"
     copied = [
         source
