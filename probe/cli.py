@@ -14,7 +14,12 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help"):
         print("usage: kubenurse            run the probe (configured by environment variables)")
+        print("       kubenurse sandbox    try it: N probes as a pretend cluster on loopback (sandbox --help)")
         return 0
+    if args and args[0] == "sandbox":
+        from probe.sandbox import main as sandbox
+
+        return sandbox(args[1:])
     if args:
         print(f"kubenurse: unknown command {args[0]!r} (try --help)", file=sys.stderr)
         return 2

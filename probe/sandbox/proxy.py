@@ -1,0 +1,119 @@
+"""A TCP proxy that can add latency: how the sandbox makes one node slow without root.
+
+There is no `tc netem` to lean on, so every node's pod address is served by one of these
+in front of the probe. Bytes travelling towards the upstream are held back `delay` seconds
+each (latency, not a bandwidth cap: chunks queue up and each leaves `delay` after it
+arrived), so every check *to* that node takes `delay` longer. Replies pass straight through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+
+log = logging.getLogger("probe.sandbox")
+
+Address = tuple[str, int]
+#: Upstreams to try, in order, for one new connection (empty: refuse it by closing).
+Upstreams = Callable[[], Sequence[Address]]
+
+CONNECT_TIMEOUT = 5.0
+CHUNK = 64 * 1024
+
+
+class DelayProxy:
+    """Listens on `host:port` and forwards each connection to the first upstream that accepts it."""
+
+    def __init__(self, host: str, port: int, upstreams: Upstreams, *, delay: float = 0.0) -> None:
+        self.host = host
+        self.port = port
+        self.delay = delay
+        self._upstreams = upstreams
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    async def start(self) -> None:
+        if self._server is None:
+            self._server = await asyncio.start_server(self._serve, self.host, self.port, reuse_address=True)
+            self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and cut every open connection (as a node going down would)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=2.0)
+        if server is not None:
+            await server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            connected = await self._connect()
+            if connected is None:
+                return  # nothing accepts: the client sees the connection closed
+            up_reader, upstream = connected
+            await asyncio.gather(self._pipe(reader, upstream, delayed=True), self._pipe(up_reader, writer))
+        except (OSError, asyncio.IncompleteReadError):
+            pass  # one side reset the connection: both ends close below
+        finally:
+            self._connections.discard(task)
+            for w in (writer, upstream):
+                if w is not None:
+                    w.transport.abort()
+
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+        for host, port in self._upstreams():
+            try:
+                return await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError):
+                continue
+        return None
+
+    async def _pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, delayed: bool = False) -> None:
+        if not delayed:
+            while chunk := await source.read(CHUNK):
+                sink.write(chunk)
+                await sink.drain()
+        else:
+            await self._delayed_pipe(source, sink)
+        with contextlib.suppress(OSError):
+            if sink.can_write_eof():
+                sink.write_eof()
+
+    async def _delayed_pipe(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def forward() -> None:
+            while True:
+                due, chunk = await queue.get()
+                if (wait := due - loop.time()) > 0:
+                    await asyncio.sleep(wait)
+                if not chunk:
+                    return
+                sink.write(chunk)
+                await sink.drain()
+
+        forwarder = asyncio.create_task(forward())
+        try:
+            while True:
+                chunk = await source.read(CHUNK)
+                queue.put_nowait((loop.time() + self.delay, chunk))
+                if not chunk:
+                    break
+            await forwarder
+        finally:
+            forwarder.cancel()
