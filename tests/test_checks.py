@@ -306,3 +306,16 @@ async def test_token_never_follows_a_redirect(start_target: StartTarget, tmp_pat
     followed = await run_check(settings, Target("extra", redirect))
     assert followed.ok and [r["path"] for r in elsewhere.requests] == ["/version"]
     assert "Authorization" not in elsewhere.requests[0]
+
+
+async def test_insecure_never_covers_the_token(
+    start_target: StartTarget, server_tls: ssl.SSLContext, tmp_path: Path
+) -> None:
+    impostor = await start_target(ssl_context=server_tls)  # its CA is trusted nowhere here
+    (tmp_path / "token").write_text("s3cret-token")
+    settings = Settings(insecure=True, serviceaccount_dir=str(tmp_path))
+    api = await run_check(settings, Target(names.API_SERVER_DIRECT, f"{impostor.url}/version", send_token=True))
+    other = await run_check(settings, Target("extra", f"{impostor.url}/alwayshappy"))
+    assert api.error_event == names.TLS_HANDSHAKE_DONE
+    assert other.ok
+    assert [r["path"] for r in impostor.requests] == ["/alwayshappy"]

@@ -21,8 +21,9 @@ USER_AGENT = f"kubenurse/{__version__}"
 MAX_BODY_BYTES = 1 << 20
 
 
-def build_ssl_context(settings: Settings) -> ssl.SSLContext:
-    """System CAs + the service-account CA + KUBENURSE_EXTRA_CA; or no verification at all."""
+def build_ssl_context(settings: Settings, *, verify: bool = True) -> ssl.SSLContext:
+    """System CAs + the service-account CA + KUBENURSE_EXTRA_CA; no verification at all
+    when `verify` is False."""
     context = httptrace.TimedSSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_default_certs()
     sa_ca = Path(settings.serviceaccount_dir) / "ca.crt"
@@ -32,7 +33,7 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext:
             context.load_verify_locations(cafile=str(sa_ca))
     if settings.extra_ca_file:
         context.load_verify_locations(cafile=settings.extra_ca_file)
-    if settings.insecure:
+    if not verify:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
@@ -56,7 +57,11 @@ class HttpChecker:
         self._settings = settings
         self._record = record
         self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
-        self._ssl = build_ssl_context(settings)
+        self._ssl = build_ssl_context(settings, verify=not settings.insecure)
+        # KUBENURSE_INSECURE never covers the checks that carry the service-account token:
+        # the API server's CA is in the service-account CA bundle, and an unverified peer
+        # could be anyone.
+        self._token_ssl = build_ssl_context(settings) if settings.insecure else self._ssl
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -118,7 +123,10 @@ class HttpChecker:
                 # Redirects are followed like Go's client does, except where a token is sent:
                 # the token goes to the API server and nowhere else, not even by redirect.
                 redirects = not target.send_token
-                async with self._session.get(target.url, headers=headers, allow_redirects=redirects) as resp:
+                context = self._token_ssl if target.send_token else self._ssl
+                async with self._session.get(
+                    target.url, headers=headers, allow_redirects=redirects, ssl=context
+                ) as resp:
                     timeline.mark(names.GOT_FIRST_RESP_BYTE)
                     answered = timeline.marks[names.GOT_FIRST_RESP_BYTE]
                     await resp.content.read(MAX_BODY_BYTES)
