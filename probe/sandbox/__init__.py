@@ -9,14 +9,17 @@ cordon, stop or slow down a node and watch the others notice.
 - children.py: starting and stopping the child processes
 - control.py: the command language, the control endpoint and its client, the prompt
 - session.py: one run, from start to a clean stop
+- options.py: what the command line asked for
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 
-from probe.sandbox.cluster import DEFAULT_PORT, MAX_NODES, Options
+from probe.sandbox.control import HELP, send
+from probe.sandbox.options import DEFAULT_PORT, MAX_NODES, Options
 
 USAGE = """\
 kubenurse sandbox [--nodes N] [--port P] [--interval D] [--neighbour-limit K] [--no-prometheus]
@@ -28,17 +31,28 @@ def _parser() -> argparse.ArgumentParser:
         prog="kubenurse sandbox",
         usage=USAGE,
         description="Run N probes as a small pretend cluster on loopback (no root, no cluster needed).",
+        epilog=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--nodes", type=int, default=5, help=f"how many nodes/probes, 1-{MAX_NODES} (default 5)")
+    parser.add_argument(
+        "--nodes", metavar="N", type=int, default=5, help=f"how many nodes/probes, 1-{MAX_NODES} (default 5)"
+    )
     parser.add_argument(
         "--port",
+        metavar="P",
         type=int,
         default=DEFAULT_PORT,
         help=f"control endpoint and probe port; the stand-ins use the next four (default {DEFAULT_PORT}; 0: any free)",
     )
-    parser.add_argument("--interval", default="1s", help="KUBENURSE_CHECK_INTERVAL of every probe (default 1s)")
     parser.add_argument(
-        "--neighbour-limit", type=int, default=3, help="KUBENURSE_NEIGHBOUR_LIMIT: neighbours each probe checks"
+        "--interval", metavar="D", default="1s", help="KUBENURSE_CHECK_INTERVAL of every probe (default 1s)"
+    )
+    parser.add_argument(
+        "--neighbour-limit",
+        metavar="K",
+        type=int,
+        default=3,
+        help="KUBENURSE_NEIGHBOUR_LIMIT: neighbours each probe checks",
     )
     parser.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
@@ -49,9 +63,7 @@ def main(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command:
-        from probe.sandbox.control import send
-
-        return send(args.port, args.command)
+        return _remote(args.port, args.command)
     if not 0 <= args.port <= 65535 - 4:
         parser.error("--port must be 0-65531")
     if not 1 <= args.nodes <= MAX_NODES:
@@ -71,9 +83,25 @@ def main(argv: list[str]) -> int:
         neighbour_limit=args.neighbour_limit,
         prometheus=not args.no_prometheus,
     )
-    from probe.sandbox.session import run
-
+    try:
+        from probe.sandbox.session import run
+    except ModuleNotFoundError as e:
+        if e.name != "trustme":
+            raise
+        print(
+            "kubenurse sandbox: the API-server stand-in needs trustme: pip install 'kubenurse-otel[sandbox]'",
+            file=sys.stderr,
+        )
+        return 1
     return asyncio.run(run(options))
+
+
+def _remote(port: int, words: list[str]) -> int:
+    """A command for the sandbox listening on `port` (`help` is answered here)."""
+    if words[0].lower() in ("help", "?"):
+        print(HELP)
+        return 0
+    return send(port, words)
 
 
 __all__ = ["main"]

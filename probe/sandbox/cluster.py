@@ -30,12 +30,11 @@ from pathlib import Path
 import aiohttp
 
 from probe.sandbox import children
+from probe.sandbox.options import MAX_NODES, Options, SandboxError
 from probe.sandbox.proxy import Address, DelayProxy
 from probe.settings import KNOWN_VARIABLES
 from probe.standin import ApiServerStandin
 
-DEFAULT_PORT = 24080
-MAX_NODES = 50  # 127.0.0.2 .. 127.0.0.51 (127.0.0.53 is often systemd-resolved)
 NAMESPACE = "kubenurse"
 APP_LABEL = {"app.kubernetes.io/name": "kubenurse"}
 NEIGHBOUR_FILTER = "app.kubernetes.io/name=kubenurse"
@@ -46,19 +45,6 @@ STOP_GRACE = 8.0
 PROMETHEUS_QUERY = (
     "histogram_quantile(0.9, sum by (le, type) (rate(kubenurse_httpclient_request_duration_seconds_bucket[30s])))"
 )
-
-
-class SandboxError(Exception):
-    """The sandbox cannot start; the message is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Options:
-    nodes: int = 5
-    port: int = DEFAULT_PORT  # 0: free ports picked at start
-    interval: str = "1s"
-    neighbour_limit: int = 3
-    prometheus: bool = True
 
 
 @dataclass(frozen=True)
@@ -97,6 +83,11 @@ class Node:
         return self.process is not None and self.process.poll() is None
 
 
+def reason(error: OSError) -> str:
+    """`Address already in use`, without create_server's "(while attempting to bind ...)"."""
+    return os.strerror(error.errno) if error.errno else str(error)
+
+
 def _try_bind(host: str, port: int) -> OSError | None:
     try:
         with socket.create_server((host, port)):
@@ -118,7 +109,7 @@ def check_loopback(specs: list[NodeSpec]) -> None:
         error = _try_bind(host, 0)
         if error is not None:
             raise SandboxError(
-                f"cannot listen on {host} ({error.strerror or error}); the sandbox gives every node its own "
+                f"cannot listen on {host} ({reason(error)}); the sandbox gives every node its own "
                 f"loopback address 127.0.0.2-{last.address} and 127.0.1.2-{last.inner_address}"
                 " (Linux has them all; on macOS add them first: sudo ifconfig lo0 alias 127.0.0.2 up, ...)"
             )
@@ -132,7 +123,7 @@ def pick_probe_port(specs: list[NodeSpec], wanted: int) -> int:
         for host in hosts:
             if (error := _try_bind(host, port)) is not None:
                 if wanted:
-                    raise SandboxError(f"port {port} on {host} is in use ({error.strerror}); try --port")
+                    raise SandboxError(f"port {port} on {host} is in use ({reason(error)}); try --port")
                 break
         else:
             return port
@@ -204,7 +195,7 @@ class Sandbox:
         try:
             await start()
         except OSError as e:
-            raise SandboxError(f"cannot start {what} on 127.0.0.1:{port} ({e.strerror or e}); try --port") from None
+            raise SandboxError(f"cannot start {what} on 127.0.0.1:{port} ({reason(e)}); try --port") from None
 
     async def close(self, *, hurry: bool = False) -> None:
         """Stop everything and remove the temporary directory. `hurry`: kill, do not wait."""
@@ -355,7 +346,7 @@ class Sandbox:
         assert binary is not None
         port = self._port(4) or _free_port()
         if error := _try_bind("127.0.0.1", port):
-            raise SandboxError(f"port {port} for Prometheus is in use ({error.strerror}); try --port, --no-prometheus")
+            raise SandboxError(f"port {port} for Prometheus is in use ({reason(error)}); try --port, --no-prometheus")
         targets = [
             {
                 "targets": [f"{s.inner_address}:{self.probe_port}"],

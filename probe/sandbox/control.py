@@ -12,11 +12,15 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from probe.sandbox.cluster import Sandbox, SandboxError
+from probe.sandbox.options import SandboxError
 from probe.settings import parse_duration
+
+if TYPE_CHECKING:
+    from probe.sandbox.cluster import Sandbox
 
 HELP = """\
 commands (NODE is node-2 or just 2):

@@ -12,8 +12,9 @@ import time
 
 from aiohttp import web
 
-from probe.sandbox.cluster import Options, Sandbox, SandboxError
+from probe.sandbox.cluster import Sandbox, reason
 from probe.sandbox.control import HELP, Commands, control_app, read_lines
+from probe.sandbox.options import Options, SandboxError
 
 #: Waiting for the first all-ok rounds is reported after this long at most.
 HEALTHY_WITHIN = 20.0
@@ -30,6 +31,12 @@ class Console:
         if text:
             print(text, flush=True)
         self.prompt()
+
+    def notice(self, text: str) -> None:
+        """Something that happened on its own: replaces the waiting prompt's line."""
+        if self.interactive:
+            print("\r\033[K", end="")
+        self.say(text)
 
     def prompt(self) -> None:
         if self.interactive:
@@ -94,7 +101,7 @@ async def _serve_control(commands: Commands, port: int) -> tuple[web.AppRunner, 
     except OSError as e:
         await runner.cleanup()
         raise SandboxError(
-            f"cannot listen on 127.0.0.1:{port} ({e.strerror or e}): another sandbox? "
+            f"cannot listen on 127.0.0.1:{port} ({reason(e)}): another sandbox? "
             f"(`kubenurse sandbox --port {port} status`) or choose another --port"
         ) from None
     bound[0] = runner.addresses[0][1]
@@ -119,17 +126,18 @@ async def _report_health(sandbox: Sandbox, console: Console, started: float) -> 
     sick = await sandbox.wait_healthy(HEALTHY_WITHIN)
     took = time.monotonic() - started
     if sick:
-        console.say(f"after {took:.0f} s not every check is ok yet on {', '.join(sick)}; try `status`")
+        console.notice(f"after {took:.0f} s not every check is ok yet on {', '.join(sick)}; try `status`")
     else:
         n = len(sandbox.nodes)
-        console.say(f"ready after {took:.1f} s: all {n} probes answer /alive 200, every check ok")
+        probes = {1: "the probe answers", 2: "both probes answer"}.get(n, f"all {n} probes answer")
+        console.notice(f"ready after {took:.1f} s: {probes} /alive 200, every check ok")
 
 
 async def run(options: Options) -> int:
     started = time.monotonic()
     console = Console()
     stop = asyncio.Event()
-    sandbox = Sandbox(options, say=console.say)
+    sandbox = Sandbox(options, say=console.notice)
     commands = Commands(sandbox, stop.set)
     loop = asyncio.get_running_loop()
     signals = 0
