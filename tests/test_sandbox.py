@@ -289,6 +289,7 @@ def test_cordon_from_another_terminal(sandbox: Sandbox) -> None:
     done = sandbox.command("cordon", "node-2")
     assert done.returncode == 0, done.stderr
     assert "node-2 cordoned" in done.stdout
+    sandbox.wait_output(r"^\[control endpoint\] cordon node-2: node-2 cordoned", timeout=5)  # told in its terminal
     node1, node2, node3 = sandbox.nodes["node-1"], sandbox.nodes["node-2"], sandbox.nodes["node-3"]
 
     eventually(lambda: (get(f"{node2}/ready")[0] == 503, get(f"{node2}/ready")), 5, "node-2 /ready 503")

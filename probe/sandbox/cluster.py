@@ -76,6 +76,7 @@ class Node:
     proxy: DelayProxy
     process: subprocess.Popen[bytes] | None = None
     cordoned: bool = False
+    stopping: bool = False  # `stop` is under way
     log_path: Path = field(default_factory=Path)
 
     @property
@@ -286,11 +287,16 @@ class Sandbox:
 
     async def stop_node(self, name: str) -> str:
         node = self.node(name)
-        if node.process is None or not node.running:
+        if node.process is None or not node.running or node.stopping:
             return f"{name} is not running"
-        process, node.process = node.process, None
-        await node.proxy.stop()  # its pod IP now refuses connections, as a dead node's would
-        status = await children.stop(process, grace=STOP_GRACE)
+        node.stopping = True
+        try:
+            await node.proxy.stop()  # its pod IP now refuses connections, as a dead node's would
+            # Still node.process meanwhile: if this is cancelled (Ctrl-C), close() stops it.
+            status = await children.stop(node.process, grace=STOP_GRACE)
+            node.process = None
+        finally:
+            node.stopping = False
         return f"{name}: probe stopped (exit status {status}); its pod stays listed, so paths to it fail"
 
     def cordon(self, name: str) -> str:
@@ -330,7 +336,7 @@ class Sandbox:
         while True:
             await asyncio.sleep(0.5)
             for node in self.nodes.values():
-                if node.process is not None and node.process.poll() is not None:
+                if node.process is not None and not node.stopping and node.process.poll() is not None:
                     status, node.process = node.process.returncode, None
                     lines = "\n".join(f"    {line}" for line in children.tail(node.log_path))
                     self.say(f"{node.spec.name}: probe exited with status {status}; its log ends with:\n{lines}")

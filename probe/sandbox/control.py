@@ -123,7 +123,11 @@ def _expect(verb: str, args: list[str], count: int, usage: str | None = None) ->
 # The control endpoint ----------------------------------------------------------------------
 
 
-def control_app(commands: Commands, port: Callable[[], int]) -> web.Application:
+def control_app(
+    commands: Commands, port: Callable[[], int], notice: Callable[[str], None] = lambda _text: None
+) -> web.Application:
+    """`notice` tells the sandbox's own terminal what was changed from elsewhere."""
+
     async def command(request: web.Request) -> web.Response:
         # A web page could POST here (it may not read the answer): browsers send Origin, curl
         # and our client do not. The Host check stops DNS rebinding.
@@ -133,6 +137,8 @@ def control_app(commands: Commands, port: Callable[[], int]) -> web.Application:
             return web.Response(status=403, text="use http://127.0.0.1:<port>/command\n")
         line = (await request.text())[:1000]
         reply = await commands.run(line)
+        if reply.ok and line.split()[:1] not in ([], ["status"], ["help"]):
+            notice(f"[control endpoint] {line.strip()}: {reply.text}")
         return web.Response(status=200 if reply.ok else 400, text=reply.text + "\n")
 
     async def index(_request: web.Request) -> web.Response:

@@ -91,9 +91,10 @@ def summary(sandbox: Sandbox, control_port: int) -> str:
     return "\n".join(lines)
 
 
-async def _serve_control(commands: Commands, port: int) -> tuple[web.AppRunner, int]:
+async def _serve_control(commands: Commands, port: int, console: Console) -> tuple[web.AppRunner, int]:
     bound: list[int] = [port]
-    runner = web.AppRunner(control_app(commands, lambda: bound[0]), access_log=None, shutdown_timeout=1.0)
+    app = control_app(commands, lambda: bound[0], console.notice)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", port)
     try:
@@ -155,7 +156,7 @@ async def run(options: Options) -> int:
     tasks: list[asyncio.Task[None]] = []
     code = 0
     try:
-        control, control_port = await _serve_control(commands, options.port)
+        control, control_port = await _serve_control(commands, options.port, console)
         starting = asyncio.create_task(sandbox.start())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
