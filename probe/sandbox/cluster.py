@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -151,7 +150,6 @@ class Sandbox:
         self._session: aiohttp.ClientSession | None = None
         self._monitor: asyncio.Task[None] | None = None
         self._rr = 0
-        self._started_at = time.monotonic()
 
     # Ports, from --port P: control P, probes P (on their own addresses), API server P+1,
     # Service P+2, ingress P+3, Prometheus P+4. With --port 0 every one is picked free.
@@ -240,7 +238,7 @@ class Sandbox:
 
     def _endpoints(self) -> list[Address]:
         """The Service's endpoints: ready probes (not cordoned: /ready says 503 there), rotated."""
-        ready = [n.spec for n in self.nodes.values() if n.running and not n.cordoned]
+        ready = [n.spec for n in self.nodes.values() if n.running and not (n.cordoned or n.stopping)]
         self._rr += 1
         if not ready:
             return []
@@ -315,7 +313,7 @@ class Sandbox:
 
     def slow(self, name: str, delay: float) -> str:
         self.node(name).proxy.delay = delay
-        return f"{name}: every connection to {self.node(name).spec.address} now waits {delay * 1000:g} ms"
+        return f"{name}: requests to {self.node(name).spec.address} now arrive {delay * 1000:g} ms late"
 
     def fast(self, name: str) -> str:
         self.node(name).proxy.delay = 0.0
