@@ -48,10 +48,17 @@ class Probe:
             last_round=lambda: self.prober.last_round,
             neighbourhood=self.neighbours.current,
             incoming=self.incoming,
+            extra=self._alive_extra,
         )
         self.app = build_app(settings, self.state, self.metrics, tracer)
         self._runner: web.AppRunner | None = None
         self._rounds: asyncio.Task[None] | None = None
+
+    def _alive_extra(self) -> dict[str, object]:
+        if self.tracing is None:
+            return {}
+        exporter = self.tracing.exporter
+        return {"otlp": {"spans_exported": exporter.exported, "spans_dropped": exporter.dropped}}
 
     def _forget_series(self, check_types: set[str]) -> None:
         dropped = self.metrics.forget(check_types)

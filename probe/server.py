@@ -51,6 +51,8 @@ class ServerState:
     neighbourhood: Callable[[], Neighbourhood]
     incoming: IncomingChecks = field(default_factory=IncomingChecks)
     shutting_down: bool = False
+    #: More facts for /alive (e.g. OTLP export counts).
+    extra: Callable[[], dict[str, object]] = dict
 
 
 def _headers(request: web.Request) -> dict[str, list[str]]:
@@ -95,6 +97,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "skipped_checks": reasons,
         "discovery": {"stale": hood.stale, **hood.details},
         "incoming_checks": state.incoming.count(),
+        **state.extra(),
     }
     if last is not None:
         document["last_round"] = {

@@ -281,7 +281,8 @@ async def wait_until(predicate: Callable[[], object], timeout: float) -> None:
 
 @pytest.mark.parametrize("protocol", list(TRANSPORTS))
 async def test_dead_collector_never_gets_in_the_way(
-    protocol: str, rx: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, start_target: StartTarget
+    protocol: str, rx: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, start_target: StartTarget,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     env = otel_env(monkeypatch, rx, protocol)
     target = await start_target()
@@ -302,6 +303,9 @@ async def test_dead_collector_never_gets_in_the_way(
             assert done >= 0.6 * elapsed / 0.1, (fault.__name__, done)
             assert probe.prober.last_round is not None and probe.prober.last_round.healthy
             rx.restore()
+        assert probe.tracing is not None and probe.tracing.exporter.dropped > 0, "drops are counted"
+        complaints = [r for r in caplog.records if r.getMessage().startswith("spans not exported")]
+        assert len(complaints) == 1, "logged at a sane rate, not per batch"
         rx.clear()
         resumed_after = time.time_ns()
         await rx.async_wait_for(

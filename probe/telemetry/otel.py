@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +21,8 @@ from opentelemetry.sdk.metrics.export import (
 )
 from opentelemetry.sdk.metrics.view import Aggregation, ExponentialBucketHistogramAggregation
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from probe import __version__, names
 from probe.settings import Settings
@@ -48,10 +49,62 @@ def build_resource(settings: Settings) -> Resource:
     return Resource.create(attributes).merge(OTELResourceDetector().detect())
 
 
+LOG_EVERY_SECONDS = 60.0
+
+
+class RateLimitFilter(logging.Filter):
+    """Lets the same message through once per LOG_EVERY_SECONDS: a dead collector makes the
+    OTLP exporters complain on every batch, and the log must not turn into that."""
+
+    def __init__(self, every: float = LOG_EVERY_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self._every, self._clock = every, clock
+        self._last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key, now = str(record.msg), self._clock()
+        if now - self._last.get(key, -self._every) < self._every:
+            return False
+        self._last[key] = now
+        return True
+
+
+class CountingSpanExporter(SpanExporter):
+    """Counts the spans that reached the collector and those that did not."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+        self.exported = 0
+        self.dropped = 0
+        self._last_log = -LOG_EVERY_SECONDS
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export(spans)
+        except Exception:  # an exporter bug must cost spans, not the worker thread
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self.exported += len(spans)
+        else:
+            self.dropped += len(spans)
+            if time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
+                self._last_log = time.monotonic()
+                counts = {"dropped_total": self.dropped, "exported_total": self.exported}
+                log.warning("spans not exported (collector unreachable?)", extra=counts)
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+
 @dataclass
 class Tracing:
     provider: TracerProvider
     processor: BatchSpanProcessor
+    exporter: CountingSpanExporter
 
     def shutdown(self, timeout_seconds: float) -> None:
         """Flush what is queued, giving up after `timeout_seconds`."""
@@ -88,10 +141,20 @@ def build_tracing(settings: Settings, resource: Resource) -> Tracing | None:
 
         exporter = HttpSpanExporter()
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default: parent-based always-on).
+    counting = CountingSpanExporter(exporter)
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    processor = BatchSpanProcessor(exporter, max_queue_size=MAX_QUEUE_SIZE)
+    processor = BatchSpanProcessor(counting, max_queue_size=MAX_QUEUE_SIZE)
     provider.add_span_processor(processor)
-    return Tracing(provider, processor)
+    quiet_exporter_logs()
+    return Tracing(provider, processor, counting)
+
+
+def quiet_exporter_logs() -> None:
+    """The SDK's exporters and batch processors log per failed batch; keep one a minute."""
+    for name in ("opentelemetry.exporter.otlp", "opentelemetry.sdk"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RateLimitFilter) for f in logger.filters):
+            logger.addFilter(RateLimitFilter())
 
 
 def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
@@ -114,6 +177,7 @@ def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
         )
 
         exporter = HttpMetricExporter(preferred_temporality=temporality, preferred_aggregation=aggregation)
+    quiet_exporter_logs()
     # The interval comes from OTEL_METRIC_EXPORT_INTERVAL (SDK default 60 s).
     return PeriodicExportingMetricReader(exporter, export_timeout_millis=EXPORT_TIMEOUT_MILLIS)
 
