@@ -214,6 +214,10 @@ class Reflector(Generic[T]):
             except (aiohttp.ClientError, TimeoutError, ValueError, ConfigError, OSError) as e:
                 self._failed(e)
                 await asyncio.sleep(self._backoff.next())
+            except Exception as e:  # a bug or an object shaped unlike any seen: keep discovery alive
+                log.exception("unexpected discovery failure", extra={"kind": self.kind})
+                self._failed(e)
+                await asyncio.sleep(self._backoff.next())
 
     async def _list(self) -> None:
         items: dict[str, T] = {}

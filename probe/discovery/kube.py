@@ -201,7 +201,7 @@ class Kubeconfig:
     async def load(self) -> None:
         # Imported here: ~40 MB and ~0.3 s, paid only by probes running outside a cluster.
         from kubernetes_asyncio.client import Configuration
-        from kubernetes_asyncio.config import ConfigException, load_kube_config
+        from kubernetes_asyncio.config import load_kube_config
 
         stamp = self._stamps()
         if not any(stamp):
@@ -211,10 +211,8 @@ class Kubeconfig:
             loader = await load_kube_config(
                 config_file=self.path, client_configuration=config, persist_config=False
             )
-        except (ConfigException, OSError, ValueError, KeyError, TypeError) as e:
-            raise ConfigError(f"KUBECONFIG={self.path}: {e}") from None
-        except Exception as e:  # yaml errors and exec plugin failures have their own classes
-            raise ConfigError(f"KUBECONFIG={self.path}: {type(e).__name__}: {e}") from None
+        except Exception as e:  # ConfigException, yaml, OSError, exec plugin failures ...
+            raise ConfigError(f"KUBECONFIG={self.path}: {e or type(e).__name__}") from None
         self._loader, self._config, self._stamp, self._stale = loader, config, stamp, False
         self.server = str(config.host).rstrip("/")
         self._ssl = self._build_ssl(config)
