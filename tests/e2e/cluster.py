@@ -130,6 +130,9 @@ class Cluster:
             standin = ThreadedStandin(api_ip, 443)
             stack.callback(standin.close)
             nodes: list[Node] = []
+            # Runs after every namespace is deleted (exit callbacks run last-in first-out).
+            stack.callback(netns.wait_gone, [f"{netns.LINK_PREFIX}{netns.session_id():x}v{i}"
+                                             for i in range(len(node_names))])
             for i, name in enumerate(node_names):
                 ip = bridge.host(11 + i)
                 standin.call(lambda s, name=name, ip=ip: s.add_node(name, internal_ip=ip))
@@ -138,8 +141,6 @@ class Cluster:
                 ns = Namespace.create(name, i, bridge, ip, nameserver=dns_ip)
                 stack.callback(ns.delete)
                 nodes.append(Node(name, f"kubenurse-{name}", ip, ns))
-            stack.callback(netns.wait_gone, [f"{netns.LINK_PREFIX}{netns.session_id():x}v{i}"
-                                             for i in range(len(nodes))])
             sa_dir = workdir / "serviceaccount"
             sa_dir.mkdir()
             standin.call(lambda s: s.write_serviceaccount(sa_dir, NAMESPACE))
@@ -159,6 +160,8 @@ class Cluster:
             stack.callback(nginx.stop)
 
             endpoint = f"http://{otlp_ip}:4317" if otlp_protocol == "grpc" else f"http://{otlp_ip}:4318"
+            probes: list[Process] = []
+            stack.callback(_stop_all, probes)
             for node in nodes:
                 env = {
                     "POD_NAME": node.pod,
@@ -185,7 +188,7 @@ class Cluster:
                 }
                 node.process = Process(f"probe {node.name}", node.ns.exec_argv(sys.executable, "-m", "probe"),
                                        workdir / f"probe-{node.name}.log", env)
-                stack.callback(node.process.stop)
+                probes.append(node.process)
 
             with _marked_environment():  # so a killed session's Prometheus is swept too
                 prometheus = stack.enter_context(run_prometheus([n.instance for n in nodes], "1s"))
@@ -268,10 +271,12 @@ class Cluster:
             try:
                 yield
             finally:
-                # New connections go direct again; those already redirected finish through the
-                # proxy first: deleting a nat chain drops the NAT state of connections in flight,
-                # and they would hang until the probe's timeout.
-                target.ns.nft(f"flush chain ip {DELAY_TABLE} prerouting\n")
+                # New connections go direct again (an `accept` ahead of the redirect), and those
+                # already redirected finish through the proxy before the table goes: on this
+                # kernel, deleting a NAT rule strands the connections it translated (their
+                # answers stop arriving, and the check hangs until its timeout).
+                target.ns.nft(f"insert rule ip {DELAY_TABLE} prerouting ip saddr {source.ip} "
+                              f"tcp dport {PROBE_PORT} accept\n")
                 time.sleep(seconds + 0.5)
                 target.ns.delete_table("ip", DELAY_TABLE)
         finally:
@@ -302,6 +307,14 @@ def _marked_environment() -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _stop_all(processes: list[Process]) -> None:
+    """Stop side by side: each probe flushes its telemetry on the way out."""
+    for process in processes:
+        process.signal_stop()
+    for process in processes:
+        process.stop()
 
 
 def _rmtree(path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 
 
 async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float) -> None:
@@ -32,12 +33,14 @@ async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay
 
 async def main(listen_port: int, host: str, port: int, delay: float) -> None:
     async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        print(time.time(), "accepted", client_w.get_extra_info("peername"), flush=True)
         try:
             up_r, up_w = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
         except (OSError, TimeoutError):
             client_w.close()
             return
         await asyncio.gather(pump(client_r, up_w, 0.0), pump(up_r, client_w, delay))
+        print(time.time(), "done", client_w.get_extra_info("peername"), flush=True)
 
     server = await asyncio.start_server(handle, "0.0.0.0", listen_port, reuse_address=True)
     print("ready", flush=True)

@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ WORK_ROOT = Path("/tmp")
 _NS_RE = re.compile(rf"^{NS_PREFIX}(\d+)-")
 _LINK_RE = re.compile(rf"^{LINK_PREFIX}([0-9a-f]+)(?:br|v\d+)$")
 _WORK_RE = re.compile(rf"^{NS_PREFIX}-(\d+)$")
+_WORK_IN_CMDLINE = re.compile(rf"/tmp/{NS_PREFIX}-(\d+)/".encode())
 
 
 class CommandError(RuntimeError):
@@ -61,13 +63,37 @@ def session_id() -> int:
 
 
 def _alive(pid: int) -> bool:
+    """A running process (a zombie waiting for its parent to reap it counts as dead)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in ("Z", "X")
+
+
+def _processes() -> Iterator[tuple[int, int, bytes, list[bytes]]]:
+    """(pid, parent pid, command line, environment) of every process we can read."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (proc / "cmdline").read_bytes()
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        yield int(proc.name), ppid, cmdline, environ
+
+
+def _owner(cmdline: bytes, environ: list[bytes]) -> int | None:
+    """The session that started this process: its environment marker, or (for programs
+    such as nginx that overwrite their environment) the session's work directory in its
+    command line."""
+    marker = next((e for e in environ if e.startswith(SESSION_ENV.encode() + b"=")), None)
+    if marker is not None and marker.split(b"=", 1)[1].isdigit():
+        return int(marker.split(b"=", 1)[1])
+    m = _WORK_IN_CMDLINE.search(cmdline)
+    return int(m[1]) if m else None
 
 
 # --------------------------------------------------------------------------- capability
@@ -121,22 +147,19 @@ def sweep_leftovers() -> list[str]:
     def dead(pid: int) -> bool:
         return pid != me and not _alive(pid)
 
-    # Processes first, so nothing holds a namespace or a port any more.
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        marker = next((e for e in environ if e.startswith(SESSION_ENV.encode() + b"=")), None)
-        if marker is None:
-            continue
-        owner = marker.split(b"=", 1)[1]
-        if owner.isdigit() and dead(int(owner)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(proc.name), signal.SIGKILL)
-                removed.append(f"process {proc.name}")
+    # Processes first, so nothing holds a namespace or a port any more; their children too
+    # (nginx workers carry neither marker nor path).
+    processes = list(_processes())
+    doomed: set[int] = set()
+    for pid, _ppid, cmdline, environ in processes:
+        owner = _owner(cmdline, environ)
+        if owner is not None and dead(owner):
+            doomed.add(pid)
+    doomed |= {pid for pid, ppid, _c, _e in processes if ppid in doomed}
+    for pid in sorted(doomed):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            removed.append(f"process {pid}")
     ip = which("ip") or "ip"
     for line in run(ip, "netns", "list", check=False).splitlines():
         name = line.split()[0] if line.strip() else ""

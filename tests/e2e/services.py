@@ -48,11 +48,15 @@ class Process:
     def running(self) -> bool:
         return self.proc.poll() is None
 
+    def signal_stop(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(self._stop_signal)
+
     def stop(self, timeout: float = 5.0) -> None:
         if self.proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.send_signal(self._stop_signal)
+        self.signal_stop()
         try:
             self.proc.wait(timeout)
         except subprocess.TimeoutExpired:

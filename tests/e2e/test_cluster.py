@@ -147,7 +147,12 @@ def test_latency_on_one_path_shows_in_that_path_only(cluster: Cluster) -> None:
     assert slow[(source.name, path)] == counts[(source.name, path)], "every delayed check lands above 0.25 s"
     assert delay <= sums[(source.name, path)] / counts[(source.name, path)] < delay + 0.2
     for key, count in counts.items():
-        if key != (source.name, path):
+        if key == (source.name, path):
+            continue
+        # The API-server stand-in shares this test process (and its GIL) with the span
+        # decoding, so only a gross slowdown of its checks would be the probe's doing.
+        assert sums.get(key, 0) / count < delay / 2, f"{key} got slow too"
+        if not key[1].startswith("api_server_"):
             assert slow.get(key, 0) == 0, f"{key} got slow too"
             assert sums.get(key, 0) / count < 0.15, f"{key} got slow too"
     assert (other_checker, path) in counts, "the other checker of the target kept checking it"
@@ -166,7 +171,8 @@ def test_latency_on_one_path_shows_in_that_path_only(cluster: Cluster) -> None:
         parent = parents[wait.parent_span_id]
         if parent.resource.get("k8s.pod.name") == source.pod and parent.name == f"check {path}":
             continue
-        assert wait.duration_ns < 0.2e9, f"{parent.resource.get('k8s.pod.name')} {parent.name} got slow too"
+        limit = delay / 2 if parent.name.startswith("check api_server_") else 0.2
+        assert wait.duration_ns < limit * 1e9, f"{parent.resource.get('k8s.pod.name')} {parent.name} got slow too"
 
 
 def test_cluster_dns_down_fails_api_server_dns_at_dns_done_only(cluster: Cluster) -> None:
