@@ -772,3 +772,26 @@ async def test_runs_as_a_process(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_burst_of_changes_with_a_bookmark_due_is_all_delivered() -> None:
+    # A bookmark falling due while changes are queued must not stall the stream.
+    server = ApiServerStandin(bookmark_interval=0.05)
+    await server.start()
+    try:
+        ctx = ssl.create_default_context(cadata=server.ca_pem.decode())
+        headers = {"Authorization": f"Bearer {server.token}"}
+        url = f"{server.url}/api/v1/nodes?watch=true&allowWatchBookmarks=true&resourceVersion={server.resource_version}"
+        seen: set[str] = set()
+        async with aiohttp.ClientSession() as session, session.get(url, headers=headers, ssl=ctx) as resp:
+            await asyncio.sleep(0.1)  # a bookmark is due
+            for i in range(200):
+                server.add_node(f"burst-{i}")
+            async with asyncio.timeout(10):
+                while len(seen) < 200:
+                    event = json.loads(await resp.content.readline())
+                    if event["type"] == "ADDED":
+                        seen.add(event["object"]["metadata"]["name"])
+        assert len(seen) == 200
+    finally:
+        await server.stop()

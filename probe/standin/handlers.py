@@ -286,7 +286,12 @@ class Api:
         while (now := loop.time()) < deadline:
             wait = min(deadline, next_bookmark) - now if bookmarks else deadline - now
             try:
-                change = await asyncio.wait_for(watcher.queue.get(), max(wait, 0))
+                # Queued changes first: wait_for(get(), 0) would time out without taking one
+                # on Python 3.11, and a due bookmark would then spin forever.
+                if not watcher.queue.empty():
+                    change = watcher.queue.get_nowait()
+                else:
+                    change = await asyncio.wait_for(watcher.queue.get(), max(wait, 0))
             except TimeoutError:
                 # Only bookmark with nothing queued: the bookmark's version must not pass
                 # an event this watcher has not been sent yet.
