@@ -65,9 +65,13 @@ class Probe:
         log.info("neighbours left", extra={"checks": sorted(check_types), "series_dropped": dropped})
 
     async def start(self) -> None:
-        await self.checker.start()
-        await self.neighbours.start()
-        self._runner = await start_servers(self.settings, self.app)
+        try:
+            await self.checker.start()
+            await self.neighbours.start()
+            self._runner = await start_servers(self.settings, self.app)
+        except BaseException:
+            await self.stop()  # e.g. the port is taken: release what was opened, then say so
+            raise
         self._rounds = asyncio.create_task(self.prober.run(), name="rounds")
         log.info(
             "probe started",

@@ -88,6 +88,10 @@ class ExemplarCollector:
         self._inner = inner
         self._store = store
 
+    def describe(self) -> list[Metric]:
+        # Registering must not trigger a collection (the SDK warns before it is wired up).
+        return []
+
     def collect(self) -> Iterator[Metric]:
         for family in self._inner.collect():
             if family.type == "histogram":

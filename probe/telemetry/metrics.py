@@ -37,7 +37,8 @@ class Metrics:
         # The exporter writes into a registry of its own; /metrics serves it through the
         # exemplar collector (exemplars show in OpenMetrics scrapes only).
         self._exemplars = ExemplarStore()
-        exported = CollectorRegistry(auto_describe=True)
+        # No auto_describe: it would collect before the reader is on a MeterProvider.
+        exported = CollectorRegistry(auto_describe=False)
         self._prometheus = ExemplarPrometheusReader(
             self._exemplars, disable_target_info=True, scope_info_enabled=False, registry=exported
         )
