@@ -23,8 +23,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -318,8 +320,6 @@ def _stop_all(processes: list[Process]) -> None:
 
 
 def _rmtree(path: Path) -> None:
-    import shutil
-
     shutil.rmtree(path, ignore_errors=True)
 
 

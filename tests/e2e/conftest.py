@@ -1,4 +1,5 @@
-"""The namespace cluster, built once per session and torn down whatever happens.
+"""The namespace cluster, built once per module and torn down whatever happens (and before
+the rest of the suite runs, which it would otherwise load with four probes and a Prometheus).
 
 Skips (with the reason) where it cannot run: not root, no `ip netns`/veth/bridge/nftables,
 or one of the programs it drives is missing.
@@ -26,7 +27,7 @@ def _missing_program() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     reason = netns.unsupported_reason() or _missing_program()
     if reason:

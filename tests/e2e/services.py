@@ -205,18 +205,25 @@ class ThreadedStandin:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="standin", daemon=True)
         self._thread.start()
-        self.server = self.call(lambda _: ApiServerStandin(host, port, extra_names=list(extra_names)))
-        self.run(lambda s: s.start())
+
+        async def create() -> ApiServerStandin:
+            server = ApiServerStandin(host, port, extra_names=list(extra_names))
+            await server.start()
+            return server
+
+        self.server = self._submit(create())
+
+    def _submit(self, coroutine: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
     def run(self, coroutine: Callable[[ApiServerStandin], Coroutine[Any, Any, T]], timeout: float = 10.0) -> T:
-        server: Any = getattr(self, "server", None)
-        return asyncio.run_coroutine_threadsafe(coroutine(server), self._loop).result(timeout)
+        return self._submit(coroutine(self.server), timeout)
 
     def call(self, fn: Callable[[ApiServerStandin], T], timeout: float = 10.0) -> T:
-        async def on_loop(server: ApiServerStandin) -> T:
-            return fn(server)
+        async def on_loop() -> T:
+            return fn(self.server)
 
-        return self.run(on_loop, timeout)
+        return self._submit(on_loop(), timeout)
 
     def close(self) -> None:
         if self._loop.is_closed():
