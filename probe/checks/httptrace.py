@@ -76,12 +76,44 @@ def _mark(event: str) -> None:
         timeline.mark(event)
 
 
+class TimedSocket(socket.socket):
+    """A socket that notes when the first byte of the answer arrives.
+
+    asyncio's transports read through `recv`/`recv_into` of the very socket the connector
+    made, so this is the moment the bytes left the kernel, before any parsing: the figure
+    Go's httptrace calls GotFirstResponseByte. Only bytes after the request was written
+    count (TLS handshake records come before it).
+    """
+
+    timeline: Timeline | None = None
+
+    def recv(self, *args: Any) -> bytes:
+        data = super().recv(*args)
+        self._saw_bytes()
+        return data
+
+    def recv_into(self, *args: Any) -> int:
+        n = super().recv_into(*args)
+        self._saw_bytes()
+        return n
+
+    def _saw_bytes(self) -> None:
+        timeline = self.timeline
+        if (
+            timeline is not None
+            and names.WROTE_REQUEST in timeline.marks
+            and names.GOT_FIRST_RESP_BYTE not in timeline.marks
+        ):
+            timeline.mark(names.GOT_FIRST_RESP_BYTE)
+
+
 def socket_factory(addr_info: AddrInfoType) -> socket.socket:
     """Called by the connector right before it connects: the TCP connect starts now."""
     family, type_, proto, _, address = addr_info
-    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock = TimedSocket(family=family, type=type_, proto=proto)
     timeline = _current.get()
     if timeline is not None:
+        sock.timeline = timeline
         timeline.mark(names.CONNECT_START)
         timeline.peer = (str(address[0]), int(address[1]))
     return sock
@@ -127,8 +159,8 @@ async def _on_headers_sent(_s: aiohttp.ClientSession, _c: SimpleNamespace, _p: A
 
 
 async def _on_request_end(_s: aiohttp.ClientSession, _c: SimpleNamespace, _p: Any) -> None:
-    # aiohttp has no first-byte signal; this fires once the status line and headers are
-    # parsed, which for a small answer arrives in the same packet as the first byte.
+    # Fallback for a reused connection (its socket belongs to an earlier timeline): aiohttp
+    # has no first-byte signal; this fires once the status line and headers are parsed.
     _mark(names.GOT_FIRST_RESP_BYTE)
 
 
