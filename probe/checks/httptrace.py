@@ -35,7 +35,6 @@ class Timeline:
     wall_start_ns: int = field(default_factory=time.time_ns)
     marks: dict[str, int] = field(default_factory=dict)
     tls: bool = False
-    new_connection: bool = False
     #: The address of the last connect attempt (the one that succeeded, or failed last).
     peer: tuple[str, int] | None = None
 
@@ -145,7 +144,6 @@ async def _on_connection_created(_s: aiohttp.ClientSession, _c: SimpleNamespace,
     if timeline is None:
         return
     now = time.perf_counter_ns()
-    timeline.new_connection = True
     timeline.mark(names.TLS_HANDSHAKE_DONE if timeline.tls else names.CONNECT_DONE, now)
     timeline.mark(names.GOT_CONN, now)
 
