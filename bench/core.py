@@ -70,40 +70,42 @@ def served(url: str) -> list[float]:
     return [float(x) for x in json.loads(fetch(f"{url}/served"))]
 
 
-async def accuracy(n: int = 200) -> list[float]:
-    """Reported request duration minus the server's true delay, per check, in seconds."""
-    reported: list[float] = []
+def bare_socket_get(port: int) -> float:
+    """The floor: one GET on a fresh connection with a blocking socket and no HTTP library,
+    timed the way the probe times it (start -> first byte of the answer)."""
+    request = b"GET /alwayshappy HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(request)
+        sock.recv(4096)
+        elapsed = time.perf_counter() - started
+        while sock.recv(4096):
+            pass
+    return elapsed
+
+
+async def accuracy(n: int = 200) -> tuple[list[float], list[float]]:
+    """Reported duration minus the server's true delay, per request: (probe, bare-socket
+    floor), the two taking turns on one server so both see the same conditions."""
+    probe: list[float] = []
+    floor: list[float] = []
     with delay_server(DELAY) as url:
+        port = int(url.rsplit(":", 1)[1])
         checker = HttpChecker(Settings())
         await checker.start()
         try:
             for _ in range(n):
                 result = await checker.check(Target("bench", f"{url}/alwayshappy"))
                 assert result.duration is not None, result.summary
-                reported.append(result.duration)
+                probe.append(result.duration)
+                floor.append(bare_socket_get(port))  # blocking on purpose: nothing else runs
         finally:
             await checker.close()
         true = served(url)
-    return [r - t for r, t in zip(reported, true, strict=True)]
-
-
-def bare_socket_accuracy(n: int = 200) -> list[float]:
-    """The floor: the same GET on a fresh connection with a blocking socket and no HTTP
-    library, timed the same way (start -> response headers) minus the true delay."""
-    reported: list[float] = []
-    with delay_server(DELAY) as url:
-        port = int(url.rsplit(":", 1)[1])
-        request = b"GET /alwayshappy HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-        for _ in range(n):
-            started = time.perf_counter()
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(request)
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += sock.recv(4096)
-                reported.append(time.perf_counter() - started)
-        true = served(url)
-    return [r - t for r, t in zip(reported, true, strict=True)]
+    return (
+        [r - t for r, t in zip(probe, true[0::2], strict=True)],
+        [r - t for r, t in zip(floor, true[1::2], strict=True)],
+    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -198,10 +200,9 @@ async def endpoint_speed(port: int, seconds: float = 3.0, concurrency: int = 32)
 
 async def run_async() -> list[Row]:
     rows: list[Row] = []
-    errors = await accuracy()
+    errors, floor = await accuracy()
     rows.append(("reported - true latency p50 (ms)", f"{percentile(errors, 0.5) * 1000:.3f}"))
     rows.append(("reported - true latency p99 (ms)", f"{percentile(errors, 0.99) * 1000:.3f}"))
-    floor = await asyncio.to_thread(bare_socket_accuracy)
     rows.append(("  floor: bare socket, same GET, p50 (ms)", f"{percentile(floor, 0.5) * 1000:.3f}"))
     rows.append(("  floor: bare socket, same GET, p99 (ms)", f"{percentile(floor, 0.99) * 1000:.3f}"))
     rows.append(("  probe overhead over the floor, p50 (ms)",
