@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -32,7 +31,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.core import DELAY, Row, cpu_seconds, delay_server, fetch, free_port, percentile, process_cost, served
+from bench.core import (
+    DELAY,
+    Row,
+    cpu_seconds,
+    delay_server,
+    fetch,
+    free_port,
+    percentile,
+    process_cost,
+    running,
+    served,
+)
 from probe.checks.http import HttpChecker
 from probe.checks.result import Target
 from probe.settings import Settings
@@ -64,30 +74,10 @@ def blackbox_exporter() -> Iterator[tuple[str, int]]:
         config = Path(tmp) / "blackbox.yml"
         config.write_text(CONFIG)
         port = free_port()
-        proc = subprocess.Popen(
-            [BLACKBOX, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
         url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    fetch(f"{url}/metrics")
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("blackbox exporter did not start") from None
-                    time.sleep(0.05)
+        argv = [BLACKBOX, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+        with running(argv, f"{url}/metrics") as proc:
             yield url, proc.pid
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def blackbox_probe(exporter: str, target: str) -> tuple[float, float]:

@@ -45,25 +45,38 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def delay_server(delay: float) -> Iterator[str]:
-    """A target answering after `delay`, in a process of its own (bench/delay_server.py)."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.delay_server", str(port), str(delay)])
-    url = f"http://127.0.0.1:{port}"
+def running(
+    argv: list[str], ready_url: str, *, env: dict[str, str] | None = None, stop_signal: int = signal.SIGTERM
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run `argv` until the block ends; yield once `ready_url` answers."""
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 20
         while True:
             try:
-                fetch(f"{url}/reset")
+                fetch(ready_url)
                 break
             except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("delay server did not start") from None
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not start") from None
                 time.sleep(0.05)
-        yield url
+        yield proc
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        proc.send_signal(stop_signal)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def delay_server(delay: float) -> Iterator[str]:
+    """A target answering after `delay`, in a process of its own (bench/delay_server.py)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    port = url.rsplit(":", 1)[1]
+    with running([sys.executable, "-m", "bench.delay_server", port, str(delay)], f"{url}/reset"):
+        yield url
 
 
 def served(url: str) -> list[float]:
@@ -122,7 +135,11 @@ def scrape_value(text: str, name: str) -> float:
     return total
 
 
-def start_probe(port: int, targets: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+@contextmanager
+def probe_process(
+    port: int, targets: str, extra_env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A real probe process checking `targets` (KUBENURSE_EXTRA_CHECKS) every 100 ms."""
     env = {
         **os.environ,
         "KUBENURSE_LISTEN_HOST": "127.0.0.1",
@@ -132,25 +149,8 @@ def start_probe(port: int, targets: str, extra_env: dict[str, str] | None = None
         "KUBENURSE_SHUTDOWN_DURATION": "0s",
         **(extra_env or {}),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "probe"], env=env, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            fetch(f"http://127.0.0.1:{port}/alwayshappy")
-            return proc
-        except OSError:
-            if time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError("probe did not start") from None
-            time.sleep(0.1)
-
-
-def stop_probe(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with running([sys.executable, "-m", "probe"], f"http://127.0.0.1:{port}/alwayshappy", env=env) as proc:
+        yield proc
 
 
 def process_cost(target_url: str, checks_per_round: int = 10, seconds: float = 8.0,
@@ -158,8 +158,7 @@ def process_cost(target_url: str, checks_per_round: int = 10, seconds: float = 8
     """(CPU seconds per 1,000 checks, steady RSS in MB, checks performed) of a probe process."""
     port = free_port()
     targets = "|".join(f"t{i}:{target_url}/alwayshappy" for i in range(checks_per_round))
-    proc = start_probe(port, targets, extra_env)
-    try:
+    with probe_process(port, targets, extra_env) as proc:
         time.sleep(2.0)  # warm up: imports done, first rounds run
         text = fetch(f"http://127.0.0.1:{port}/metrics")
         checks0, cpu0 = scrape_value(text, "kubenurse_httpclient_requests_total"), cpu_seconds(proc.pid)
@@ -167,8 +166,6 @@ def process_cost(target_url: str, checks_per_round: int = 10, seconds: float = 8
         text = fetch(f"http://127.0.0.1:{port}/metrics")
         checks1, cpu1 = scrape_value(text, "kubenurse_httpclient_requests_total"), cpu_seconds(proc.pid)
         rss = scrape_value(text, "process_resident_memory_bytes") / 1e6
-    finally:
-        stop_probe(proc)
     checks = checks1 - checks0
     return (cpu1 - cpu0) / checks * 1000, rss, checks
 
@@ -212,12 +209,10 @@ async def run_async() -> list[Row]:
         rows.append(("CPU seconds per 1,000 checks", f"{cpu:.3f}  ({checks:.0f} checks)"))
         rows.append(("steady RSS (MB), OTLP off", f"{rss:.1f}"))
         port = free_port()
-        proc = await asyncio.to_thread(start_probe, port, f"t:{url}/alwayshappy")
-        try:
+        # Started and stopped from this (async) function: a blocking wait of about a second.
+        with probe_process(port, f"t:{url}/alwayshappy"):
             await asyncio.sleep(1.0)
             metrics_ms, rate = await endpoint_speed(port)
-        finally:
-            stop_probe(proc)
     rows.append(("/metrics time p50 (ms)", f"{metrics_ms:.2f}"))
     rows.append(("/alwayshappy requests per second", f"{rate:.0f}"))
     return rows
