@@ -9,6 +9,7 @@ import signal
 
 from aiohttp import web
 
+from probe.checks import kernel
 from probe.checks.http import HttpChecker
 from probe.checks.rounds import Prober
 from probe.discovery import make_source
@@ -73,12 +74,15 @@ class Probe:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
         self._rounds = asyncio.create_task(self.prober.run(), name="rounds")
+        timing = kernel.capabilities()
         log.info(
             "probe started",
             extra={
                 "http_port": self.settings.http_port,
                 "pod": self.settings.pod_name,
                 "node": self.settings.node_name,
+                "timing_source": timing.source,
+                "timing": timing.describe(),
             },
         )
 

@@ -213,7 +213,9 @@ async def test_round_runs_checks_concurrently(start_target: StartTarget) -> None
     assert 0.4 <= round_.duration < 1.2, "a round takes as long as its slowest check, not the sum"
 
 
-async def test_rounds_never_overlap_on_a_hanging_target(start_target: StartTarget) -> None:
+async def test_a_hanging_check_never_overlaps_itself_and_others_keep_their_cadence(
+    start_target: StartTarget,
+) -> None:
     server = await start_target()
     settings = load_settings(
         {
@@ -224,31 +226,47 @@ async def test_rounds_never_overlap_on_a_hanging_target(start_target: StartTarge
     )
     checker = HttpChecker(settings)
     await checker.start()
-    in_flight, most = 0, 0
+    in_flight: dict[str, int] = {"hang": 0, "fine": 0}
+    most: dict[str, int] = {"hang": 0, "fine": 0}
 
     async def counted(target: Target) -> CheckResult:
-        nonlocal in_flight, most
-        in_flight += 1
-        most = max(most, in_flight)
+        in_flight[target.check_type] += 1
+        most[target.check_type] = max(most[target.check_type], in_flight[target.check_type])
         try:
             return await checker.check(target)
         finally:
-            in_flight -= 1
+            in_flight[target.check_type] -= 1
 
     prober = Prober(settings, StaticNeighbours.unavailable("test"), counted)
     task = asyncio.create_task(prober.run())
-    await asyncio.sleep(1.5)
+    await asyncio.sleep(2.0)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
     await checker.close()
     hangs = [r for r in server.requests if r["path"] == "/hang"]
-    # 1.5 s / 0.4 s timeout: about 4 rounds, never 15 piled up; one hang in flight at a time.
-    assert 2 <= prober.rounds <= 5
-    assert len(hangs) == prober.rounds or len(hangs) == prober.rounds + 1
-    assert most <= 2  # the hang plus the quick check of the same round, never a previous round's
+    fine = [r for r in server.requests if r["path"] == "/alwayshappy"]
+    # 2 s at 100 ms: the quick check ran about 20 times, whatever the hanging one did (in
+    # kubenurse's rounds it would have waited for the hang: 5 times). The hanging one ran
+    # about 2 s / 0.5 s (timeout, then the next tick) times, never two at once.
+    assert len(fine) >= 15, f"the quick check lost its cadence: {len(fine)} runs in 2 s"
+    assert 2 <= len(hangs) <= 6
+    assert most == {"hang": 1, "fine": 1}
+    assert prober.skipped_ticks >= 8  # the hanging check's missed ticks were dropped, not queued
     assert prober.last_round is not None
     assert prober.last_round.results["hang"].error_event == names.ROUND_TRIP_ERROR
     assert prober.last_round.results["fine"].ok
+
+
+def test_start_offsets_are_deterministic_and_spread_over_part_of_the_interval() -> None:
+    from probe.checks.rounds import SPREAD, start_offset
+
+    types = [f"path_node-{i}" for i in range(200)]
+    offsets = [start_offset(t, 5.0) for t in types]
+    assert offsets == [start_offset(t, 5.0) for t in types]  # the same phase every interval
+    assert all(0 <= o < SPREAD * 5.0 for o in offsets)
+    # Spread, not bunched: every tenth of the spread window gets some checks.
+    buckets = {int(o / (SPREAD * 5.0) * 10) for o in offsets}
+    assert buckets == set(range(10))
 
 
 def test_skipped_checks_say_why() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,7 @@ from opentelemetry import propagate, trace
 
 from probe import __version__, names
 from probe.checks import httptrace, spans
+from probe.checks.resolver import TimedResolver
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
 
@@ -72,6 +74,7 @@ class HttpChecker:
             # DNS, connect and TLS afresh, which is the point of a network probe.
             force_close=not s.reuse_connections,
             use_dns_cache=False,
+            resolver=TimedResolver(),
             limit=0,
             socket_factory=httptrace.socket_factory,
         )
@@ -111,6 +114,12 @@ class HttpChecker:
                     target.check_type, f"{names.ROUND_TRIP_ERROR}: {describe(e)}", target,
                     error_event=names.ROUND_TRIP_ERROR, events=timeline.offsets(),
                 )
+            context = span.get_span_context()
+            result = dataclasses.replace(
+                result,
+                timing_source=timeline.source,
+                trace_id=format(context.trace_id, "032x") if context.is_valid and context.trace_flags.sampled else None,
+            )
             spans.finish_client_span(self._tracer, span, result, timeline)
             self._record(result)
         return result
@@ -127,11 +136,10 @@ class HttpChecker:
                 async with self._session.get(
                     target.url, headers=headers, allow_redirects=redirects, ssl=context
                 ) as resp:
-                    timeline.mark(names.GOT_FIRST_RESP_BYTE)
                     # The request's duration ends when the answer reached us (its first byte),
-                    # not when our parser was done with it: Go's RoundTrip, which kubenurse
-                    # times, returns microseconds after that; our parsing takes longer.
-                    answered = timeline.marks[names.GOT_FIRST_RESP_BYTE]
+                    # not when our parser was done with it, and counts network time only.
+                    timeline.mark(names.GOT_FIRST_RESP_BYTE)
+                    duration = timeline.duration()
                     await resp.content.read(MAX_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as e:
             event = httptrace.failed_event(e, timeline)
@@ -139,7 +147,6 @@ class HttpChecker:
                 target.check_type, f"{event}: {describe(e)}", target,
                 error_event=event, events=timeline.offsets(),
             )
-        duration = (answered - timeline.start_ns) / 1e9
         events = timeline.offsets()
         if resp.status == 200:
             return CheckResult(target.check_type, names.OK, target, 200, None, duration, events)

@@ -36,6 +36,10 @@ class CheckResult:
     events: Mapping[str, float] = field(default_factory=dict)
     #: Why a skipped check was skipped.
     skip_reason: str | None = None
+    #: Where the timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+    timing_source: str | None = None
+    #: Trace id (32 hex digits) of the check's span when it was sampled.
+    trace_id: str | None = None
 
     @property
     def ok(self) -> bool:
