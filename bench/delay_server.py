@@ -19,6 +19,7 @@ One thread, a selector and a heap of due answers: nothing here waits on anything
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import json
@@ -196,10 +197,8 @@ class DelayServer:
             conn.sock.setblocking(False)
 
     def _close(self, conn: Conn) -> None:
-        try:
+        with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(conn.sock)
-        except (KeyError, ValueError):
-            pass
         conn.sock.close()
 
 

@@ -675,7 +675,7 @@ async def test_cordon_makes_ready_503_and_uncordon_200(
 async def test_a_departed_nodes_series_leave_metrics(
     api: ApiServerStandin, world: tuple[Neighbours, Settings]
 ) -> None:
-    servers, settings = world
+    _servers, settings = world
     add_neighbour(api, "a", "node-a", "127.0.0.2")
     add_neighbour(api, "b", "node-b", "127.0.0.3")
     async with running_probe(settings) as probe:
