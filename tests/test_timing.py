@@ -32,7 +32,7 @@ LOOP_BUSY = 0.300  # how long the test blocks the probe's loop while the answer 
 
 
 class _Slow(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         time.sleep(SERVER_DELAY)
         body = b"ok"
         self.send_response(200)
@@ -167,8 +167,7 @@ async def test_spans_and_metrics_carry_the_same_durations(slow_https: str, ca_fi
     # The phases laid end to end are the request duration the histogram got.
     assert abs(sum(expected.values()) + e.get(names.DNS_DONE, 0.0) - result.duration) < 2e-6
     text = metrics.exposition("text/plain")[0].decode()
-    line = next(
-        ln for ln in text.splitlines() if ln.startswith('kubenurse_httpclient_request_duration_seconds_sum{type="slow"}')
-    )
+    series = 'kubenurse_httpclient_request_duration_seconds_sum{type="slow"}'
+    line = next(ln for ln in text.splitlines() if ln.startswith(series))
     assert abs(float(line.rsplit(" ", 1)[1]) - result.duration) < 1e-9
     metrics.shutdown(1.0)
