@@ -32,14 +32,13 @@ LOOP_BUSY = 0.300  # how long the test blocks the probe's loop while the answer 
 
 
 class _Slow(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive unless the client says close
+
     def do_GET(self) -> None:
         time.sleep(SERVER_DELAY)
-        body = b"ok"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(body)
+        # Head and body in one write, as real servers do: two small writes would meet Nagle
+        # and the client's delayed ACK on a kept-alive connection (a real 40 ms, not ours).
+        self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
     def log_message(self, *_args: object) -> None:
         pass
@@ -171,3 +170,25 @@ async def test_spans_and_metrics_carry_the_same_durations(slow_https: str, ca_fi
     line = next(ln for ln in text.splitlines() if ln.startswith(series))
     assert abs(float(line.rsplit(" ", 1)[1]) - result.duration) < 1e-9
     metrics.shutdown(1.0)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+async def test_a_reused_connection_times_the_request_that_uses_it(
+    scheme: str, slow_http: str, slow_https: str, ca_file: Path
+) -> None:
+    """KUBENURSE_REUSE_CONNECTIONS: the socket outlives its first request; the second check's
+    figures are its own (no connect, no handshake, its own wait), not the first one's."""
+    checker = HttpChecker(Settings(extra_ca_file=str(ca_file), reuse_connections=True))
+    await checker.start()
+    url = slow_http if scheme == "http" else slow_https
+    try:
+        first = await checker.check(Target("slow", url))
+        second = await _check_while_loop_is_busy(checker, url)
+    finally:
+        await checker.close()
+    assert first.ok and second.ok, (first.summary, second.summary)
+    assert names.CONNECT_START in first.events and names.CONNECT_START not in second.events
+    assert second.duration is not None
+    assert second.events[names.WROTE_REQUEST] < 0.001
+    if second.timing_source == kernel.KERNEL:
+        assert SERVER_DELAY <= second.duration < SERVER_DELAY + 0.030, second.events

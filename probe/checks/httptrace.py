@@ -250,8 +250,8 @@ class TimedSocket(socket.socket):
     def recv(self, bufsize: int, flags: int = 0) -> bytes:
         if not self._timing():
             return super().recv(bufsize, flags)
-        buffer = bytearray(bufsize)
-        n = self.recv_into(buffer, bufsize, flags)
+        buffer = bytearray(min(bufsize, 65536))  # asyncio asks for 256 KiB; the rest can wait
+        n = self.recv_into(buffer, len(buffer), flags)
         return bytes(buffer[:n])
 
     def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
@@ -260,33 +260,51 @@ class TimedSocket(socket.socket):
         view = memoryview(buffer)
         if nbytes:
             view = view[:nbytes]
-        if self._kernel_rx:
-            n, ancdata, _, _ = self.recvmsg_into([view], kernel.ANCILLARY_SIZE, flags)
-            at = kernel.rx_timestamp_ns(ancdata) if n else None
-        else:
-            n, at = super().recv_into(view, 0, flags), None
-        if n:
-            self._received(time.perf_counter_ns() if at is None else at)
+        if not self._kernel_rx:
+            n = super().recv_into(view, 0, flags)
+            if n:
+                now = time.perf_counter_ns()
+                self._received(now, now)
+            return n
+        # A read that finds several segments queued (the loop was busy) is stamped with the
+        # last one's arrival. One byte first gets the first segment's own stamp: the answer's
+        # first byte, not its last (a body held back by Nagle arrives 40 ms after the head).
+        n, ancdata, _, _ = self.recvmsg_into([view[:1]], kernel.ANCILLARY_SIZE, flags)
+        if not n:
+            return 0
+        first = kernel.rx_timestamp_ns(ancdata)
+        last = first
+        if len(view) > 1:
+            try:
+                more, ancdata, _, _ = self.recvmsg_into([view[1:]], kernel.ANCILLARY_SIZE, flags)
+            except (BlockingIOError, InterruptedError):
+                more = 0
+            if more:
+                n += more
+                last = kernel.rx_timestamp_ns(ancdata) or first
+        now = time.perf_counter_ns()
+        self._received(first or now, last or now)
         return n
 
     def _timing(self) -> bool:
         """Still something to time: the handshake or the answer's first byte."""
         return self.timeline is not None and not self._answered
 
-    def _received(self, at: int) -> None:
+    def _received(self, first: int, last: int) -> None:
+        """Data arrived: `first` and `last` are the arrival times of its first and last segment."""
         timeline = self.timeline
         assert timeline is not None
-        self.last_received_ns = at
+        self.first_received_ns = first
         if self._tls:
             if self._handshaking:
                 if self._flight_sent_ns is not None:
-                    self._flights.append([self._flight_sent_ns, at])
+                    self._flights.append([self._flight_sent_ns, last])
                     self._flight_sent_ns = None
                 elif self._flights:
-                    self._flights[-1][1] = at
+                    self._flights[-1][1] = last
             return  # the first byte of a TLS answer is known once it decrypts (TimedSSLObject)
         if self._request_sent_ns is not None:
-            self._first_byte(timeline, at)
+            self._first_byte(timeline, first)
 
     def _first_byte(self, timeline: Timeline, at: int) -> None:
         if self._request_sent_ns is None or self._answered:
@@ -309,12 +327,16 @@ class TimedSocket(socket.socket):
         timeline.put(names.TLS_HANDSHAKE_DONE, self._tls_started_ns + network, network)
 
     def tls_app_write(self) -> None:
+        # The request is encrypted before it is sent: a reused connection changes hands here.
+        timeline = _current.get()
+        if timeline is not None and timeline is not self.timeline:
+            self._rebind(timeline)
         self._app_write = True
 
     def tls_app_read(self) -> None:
         timeline = self.timeline
         if timeline is not None and not self._answered:
-            self._first_byte(timeline, getattr(self, "last_received_ns", time.perf_counter_ns()))
+            self._first_byte(timeline, getattr(self, "first_received_ns", time.perf_counter_ns()))
 
 
 def socket_factory(addr_info: AddrInfoType) -> socket.socket:
