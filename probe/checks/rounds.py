@@ -15,10 +15,11 @@ and `last_round` then holds the latest result of every planned check.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from probe import names
@@ -54,6 +55,28 @@ class Round:
         return all(r.ok for r in self.results.values() if not r.skipped)
 
 
+def by_type(results: Iterable[CheckResult]) -> dict[str, CheckResult]:
+    """One result per check type, as /alive shows them. Where two pods share a node (a
+    rolling update), both are checked and the node's path is as bad as the worse of them:
+    a failing pod is never hidden behind a healthy one; the text names the pod."""
+    grouped: dict[str, list[CheckResult]] = {}
+    for result in results:
+        grouped.setdefault(result.check_type, []).append(result)
+    out: dict[str, CheckResult] = {}
+    for check_type, group in grouped.items():
+        if len(group) == 1:
+            out[check_type] = group[0]
+            continue
+        group.sort(key=lambda r: r.key)
+        failing = [r for r in group if not r.ok and not r.skipped]
+        chosen = failing[0] if failing else group[0]
+        pod = chosen.target.neighbour.pod_name if chosen.target and chosen.target.neighbour else None
+        if failing and pod:
+            chosen = dataclasses.replace(chosen, summary=f"{chosen.summary} (pod {pod}, 1 of {len(group)} on the node)")
+        out[check_type] = chosen
+    return out
+
+
 class FailureLog:
     """One log line per failing check when it starts failing or fails differently, then one
     reminder every REPEAT_LOG_SECONDS, and one line when it recovers."""
@@ -63,7 +86,7 @@ class FailureLog:
         self._failing: dict[str, tuple[str, float, int]] = {}  # type -> (event, last logged, count)
 
     def update(self, result: CheckResult) -> None:
-        check_type = result.check_type
+        check_type = result.key
         previous = self._failing.get(check_type)
         if result.ok or result.skipped:
             if previous is not None:
@@ -82,9 +105,9 @@ class FailureLog:
         else:
             self._failing[check_type] = (event, previous[1], previous[2] + 1)
 
-    def forget(self, check_types: set[str]) -> None:
-        for check_type in check_types:
-            self._failing.pop(check_type, None)
+    def forget(self, keys: set[str]) -> None:
+        for key in keys:
+            self._failing.pop(key, None)
 
 
 class Prober:
@@ -104,6 +127,7 @@ class Prober:
         self._on_departed = on_departed
         self._failures = FailureLog()
         self._path_types: set[str] = set()
+        #: Latest result and running task per check key (Target.key).
         self._latest: dict[str, CheckResult] = {}
         self._in_flight: dict[str, asyncio.Task[CheckResult]] = {}
         self._plan: Plan | None = None
@@ -126,26 +150,26 @@ class Prober:
     def _replan(self) -> None:
         self._neighbourhood = self._neighbours.current()
         self._plan = plan_round(self._settings, self._neighbourhood)
-        planned = {t.check_type for t in self._plan.targets} | {r.check_type for r in self._plan.skipped}
-        for check_type in [t for t in self._latest if t not in planned]:
-            del self._latest[check_type]
+        planned_keys = {t.key for t in self._plan.targets} | {r.key for r in self._plan.skipped}
+        gone = [key for key in (*self._latest, *self._in_flight) if key not in planned_keys]
+        for key in gone:
+            self._latest.pop(key, None)
+            # A result arriving after its series were dropped would bring them back.
+            task = self._in_flight.pop(key, None)
+            if task is not None:
+                task.cancel()
+        self._failures.forget(set(gone))
         for result in self._plan.skipped:
-            self._latest[result.check_type] = result
-        path_types = {t for t in planned if t.startswith(names.PATH_PREFIX)}
+            self._latest[result.key] = result
+        path_types = {t.check_type for t in self._plan.targets if t.check_type.startswith(names.PATH_PREFIX)}
         departed = self._path_types - path_types
         self._path_types = path_types
         if departed:
-            for check_type in departed:
-                # A result arriving after its series were dropped would bring them back.
-                task = self._in_flight.pop(check_type, None)
-                if task is not None:
-                    task.cancel()
-            self._failures.forget(departed)
             self._on_departed(departed)
 
     def _start(self, target: Target, delay: float) -> asyncio.Task[CheckResult]:
-        task = asyncio.create_task(self._perform(target, delay), name=f"check {target.check_type}")
-        self._in_flight[target.check_type] = task
+        task = asyncio.create_task(self._perform(target, delay), name=f"check {target.key}")
+        self._in_flight[target.key] = task
         return task
 
     async def _perform(self, target: Target, delay: float) -> CheckResult:
@@ -153,17 +177,18 @@ class Prober:
             if delay > 0:
                 await asyncio.sleep(delay)
             result = await self._check(target)
-            self._latest[target.check_type] = result
+            self._latest[target.key] = result
             self._failures.update(result)
             return result
         finally:
-            if self._in_flight.get(target.check_type) is asyncio.current_task():
-                del self._in_flight[target.check_type]
+            if self._in_flight.get(target.key) is asyncio.current_task():
+                del self._in_flight[target.key]
 
     def _complete(self, started: float) -> Round:
         assert self._neighbourhood is not None
         self.rounds += 1
-        self.last_round = Round(dict(self._latest), self._neighbourhood, time.time(), time.monotonic() - started)
+        self.last_round = Round(by_type(self._latest.values()), self._neighbourhood, time.time(),
+                                time.monotonic() - started)
         return self.last_round
 
     def _tick(self) -> None:
@@ -174,10 +199,10 @@ class Prober:
         interval = self._settings.check_interval
         tasks = []
         for target in self._plan.targets:
-            if target.check_type in self._in_flight:
+            if target.key in self._in_flight:
                 self.skipped_ticks += 1
                 continue
-            tasks.append(self._start(target, start_offset(target.check_type, interval)))
+            tasks.append(self._start(target, start_offset(target.key, interval)))
         watcher = asyncio.create_task(self._watch(tasks, started), name="round")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)

@@ -88,13 +88,8 @@ def finish_client_span(
     if not result.ok:
         span.set_status(Status(StatusCode.ERROR, result.summary))
         span.set_attribute(
-            "error.type", str(result.status_code) if result.status_code is not None else _error_type(result)
+            "error.type", str(result.status_code) if result.status_code is not None else result.error_type or "error"
         )
         span.set_attribute(names.ATTR_ERROR_EVENT, result.error_event or names.ROUND_TRIP_ERROR)
     span.end()
 
-
-def _error_type(result: CheckResult) -> str:
-    # The summary is "<event>: <ExceptionName>: text"; the exception name is low-cardinality.
-    parts = result.summary.split(": ", 2)
-    return parts[1] if len(parts) > 1 else "error"
