@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.parse
 import urllib.request
@@ -58,12 +59,12 @@ def target(tls_files: tuple[str, str] | None) -> Iterator[str]:
         deadline = time.monotonic() + 20
         while True:
             try:
-                with contextlib.closing(__import__("socket").create_connection(("127.0.0.1", port), 1)):
+                with socket.create_connection(("127.0.0.1", port), 1):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("delay server did not start") from None
-                time.sleep(0.05)
+                time.sleep(0.01)
         yield url
     finally:
         proc.terminate()
@@ -77,8 +78,6 @@ def control(url: str, path: str, ca: str | None) -> str:
 
 
 def truth(url: str, ca: str | None) -> dict[str, dict[str, float | None]]:
-    import json
-
     return dict(json.loads(control(url, "/served?by=id", ca)))
 
 
@@ -106,7 +105,7 @@ async def probe_side(url: str, k: int, ca: str | None, tag: str) -> dict[str, di
                     "tls": e.get(names.TLS_HANDSHAKE_DONE, 0.0) - e.get(names.TLS_HANDSHAKE_START, 0.0),
                     "first_byte": e[names.GOT_FIRST_RESP_BYTE] - e[names.WROTE_REQUEST],
                 }
-            await asyncio.sleep(0.05)  # rounds are apart, as in the probe
+            await asyncio.sleep(0.01)  # rounds are apart, as in the probe
     finally:
         await checker.close()
         metrics.shutdown(1.0)
@@ -157,7 +156,7 @@ def blackbox_side(exporter: str, url: str, k: int, tag: str) -> dict[str, dict[s
             for rid, figures in pool.map(one, [f"b{tag}{k}-{wave}-{i}" for i in range(k)]):
                 if figures is not None:
                     out[rid] = figures
-            time.sleep(0.05)
+            time.sleep(0.01)
     return out
 
 
@@ -253,7 +252,7 @@ def probe_process_error(url: str, seconds: float, load: bool) -> tuple[float, fl
         s1 = scrape_value(text, "kubenurse_httpclient_request_duration_seconds_sum")
         n1 = scrape_value(text, "kubenurse_httpclient_request_duration_seconds_count")
         cpu1 = cpu_seconds(proc.pid)
-        holds = [float(x) for x in __import__("json").loads(control(url, "/served", None))]
+        holds = [float(x) for x in json.loads(control(url, "/served", None))]
     reported = (s1 - s0) / max(1.0, n1 - n0)
     # The metrics window and the server's window differ by a scrape; means are robust to it.
     return (reported - _mean(holds)) * 1000, (cpu1 - cpu0) / max(1.0, n1 - n0) * 1000, rate
@@ -285,7 +284,5 @@ def run() -> list[Row]:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     for label, value in run():
         print(f"{label}: {value}")
-    threading.enumerate()
