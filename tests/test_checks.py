@@ -102,7 +102,8 @@ async def test_untrusted_certificate_fails_at_tls(start_target: StartTarget, ser
     assert result.error_event == names.TLS_HANDSHAKE_DONE
     # In words for people: whose certificate, and why it was not accepted.
     assert result.summary == (
-        f"tls_handshake_done: certificate of 127.0.0.1:{server.port} not accepted: unable to get local issuer certificate"
+        f"tls_handshake_done: certificate of 127.0.0.1:{server.port} not accepted: "
+        "unable to get local issuer certificate"
     )
     assert result.error_type == "ClientConnectorCertificateError"
     assert result.status_code is None and result.duration is None
