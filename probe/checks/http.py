@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 from opentelemetry import propagate, trace
 
 from probe import __version__, names
-from probe.checks import httptrace, spans
+from probe.checks import certs, httptrace, spans
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
 
@@ -111,9 +113,23 @@ class HttpChecker:
                     target.check_type, f"{names.ROUND_TRIP_ERROR}: {describe(e)}", target,
                     error_event=names.ROUND_TRIP_ERROR, events=timeline.offsets(),
                 )
+            result = await self._with_cert_expiry(result, target, timeline)
             spans.finish_client_span(self._tracer, span, result, timeline)
             self._record(result)
         return result
+
+    async def _with_cert_expiry(self, result: CheckResult, target: Target, timeline: httptrace.Timeline) -> CheckResult:
+        """Note when the peer's certificates expire. A handshake that failed leaves none to
+        read: then ask the peer again, without verifying, only for its certificates."""
+        if timeline.ssl_object is None:
+            return result
+        chain = certs.peer_chain(timeline.ssl_object)
+        if not chain and result.error_event == names.TLS_HANDSHAKE_DONE and timeline.peer is not None:
+            host = urlsplit(target.url).hostname
+            sni = None if host is None or certs.is_ip(host) else host
+            chain = await certs.fetch_chain(*timeline.peer, sni, self._settings.check_connect_timeout)
+        expiry = certs.earliest_not_after(chain)
+        return result if expiry is None else dataclasses.replace(result, cert_not_after=expiry)
 
     async def _request(self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline) -> CheckResult:
         assert self._session is not None, "HttpChecker.start() first"

@@ -37,6 +37,8 @@ class Timeline:
     tls: bool = False
     #: The address of the last connect attempt (the one that succeeded, or failed last).
     peer: tuple[str, int] | None = None
+    #: The first TLS connection of this request (its peer's certificates: certs.py).
+    ssl_object: ssl.SSLObject | None = None
 
     def mark(self, event: str, at_ns: int | None = None) -> None:
         if event not in self.marks:
@@ -128,7 +130,10 @@ class TimedSSLContext(ssl.SSLContext):
             timeline.tls = True
             timeline.mark(names.CONNECT_DONE, now)
             timeline.mark(names.TLS_HANDSHAKE_START, now)
-        return super().wrap_bio(*args, **kwargs)
+        ssl_object = super().wrap_bio(*args, **kwargs)
+        if timeline is not None and timeline.ssl_object is None:
+            timeline.ssl_object = ssl_object
+        return ssl_object
 
 
 async def _on_dns_start(_s: aiohttp.ClientSession, _c: SimpleNamespace, _p: Any) -> None:

@@ -11,13 +11,15 @@ from probe.neighbours import Neighbour
 
 @dataclass(frozen=True)
 class Target:
-    """One GET to perform. `send_token` only for the API-server checks."""
+    """One check to perform: a GET for `kind` http, else a DNS query or a TCP connect
+    (the URL says what). `send_token` only for the API-server checks."""
 
     check_type: str
     url: str
     send_token: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
     neighbour: Neighbour | None = None
+    kind: str = names.KIND_HTTP
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,10 @@ class CheckResult:
     events: Mapping[str, float] = field(default_factory=dict)
     #: Why a skipped check was skipped.
     skip_reason: str | None = None
+    #: Earliest notAfter (Unix seconds) of the certificates the TLS peer presented.
+    cert_not_after: float | None = None
+    #: Low-cardinality class of the failure (span `error.type`), e.g. "NXDOMAIN", "timeout".
+    error_type: str | None = None
 
     @property
     def ok(self) -> bool:

@@ -58,7 +58,13 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
             targets.append(item)
         else:
             skipped.append(item)
-    targets.extend(Target(check.name, check.url) for check in settings.extra_checks)
+    if not s.check_dns_cluster:
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "disabled by KUBENURSE_CHECK_DNS_CLUSTER"))
+    elif not s.in_cluster and s.kubernetes_service_dns is None:
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+    else:
+        targets.append(Target(names.DNS_CLUSTER, f"dns://{s.api_server_dns_name}", kind=names.KIND_DNS))
+    targets.extend(Target(check.name, check.url, kind=check.kind) for check in settings.extra_checks)
     if settings.check_neighbourhood and not neighbourhood.skipped:
         scheme, port = ("https", settings.https_port) if settings.use_tls else ("http", settings.http_port)
         origin = {names.NEIGHBOUR_ORIGIN_HEADER: settings.pod_name}
