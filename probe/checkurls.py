@@ -75,9 +75,9 @@ def parse_dns_url(url: str) -> DnsQuery:
         dns.rdatatype.from_text(rdtype)
     except dns.rdatatype.UnknownRdatatype:
         raise ValueError(f"unknown query type {rdtype!r}") from None
-    path = parts.path.strip("/")
-    if not path:  # dns://NAME: the pod's resolver
+    if not parts.path:  # dns://NAME: the pod's resolver
         return DnsQuery(_check_name(parts.netloc), rdtype)
+    path = parts.path.strip("/")
     if "/" in path:
         raise ValueError(f"{path!r} is not a DNS name")
     server = parts.hostname

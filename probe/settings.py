@@ -206,7 +206,7 @@ def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"{item!r} is not name:url")
         if name in _BUILTIN_CHECKS or name.startswith(names.PATH_PREFIX) or name.startswith("neighbourhood"):
-            raise ValueError(f"{name!r} is the name of a built-in check")
+            raise ValueError(f"{item!r}: {name!r} is the name of a built-in check")
         try:
             kind, url = parse_check_url(url)
         except ValueError as e:
