@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dns.entropy
 import dns.exception
 import dns.flags
 import dns.message
@@ -333,7 +334,7 @@ async def _resolve_one(
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return last or _timed_out(running, qname, server)
-            message.id = dns.message.make_query(qname, rdtype).id  # fresh id per try
+            message.id = dns.entropy.random_16()  # a fresh id per try, as resolvers do
             try:
                 answer = await exchange(message, server, min(config.timeout, remaining))
             except QueryFailed as e:

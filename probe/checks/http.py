@@ -113,8 +113,9 @@ class HttpChecker:
                     target.check_type, f"{names.ROUND_TRIP_ERROR}: {describe(e)}", target,
                     error_event=names.ROUND_TRIP_ERROR, events=timeline.offsets(),
                 )
-            result = await self._with_cert_expiry(result, target, timeline)
             spans.finish_client_span(self._tracer, span, result, timeline)
+            # After the span ended: a second fetch of a failed peer's certificate is no part of the check.
+            result = await self._with_cert_expiry(result, target, timeline)
             self._record(result)
         return result
 
