@@ -19,8 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probe import names
 from probe.app import Probe
+from probe.checkurls import DnsQuery, TcpEndpoint, parse_dns_url, parse_tcp_url
 from probe.neighbours import StaticNeighbours
-from probe.settings import ExtraCheck, SettingsError, load_settings, parse_extra_checks
+from probe.settings import ExtraCheck, Settings, SettingsError, load_settings, parse_extra_checks
 from tests.conftest import StartTarget, free_port
 from tests.dns_servers import DnsServers, run_dns_servers
 
@@ -38,6 +39,26 @@ def test_extra_checks_by_scheme() -> None:
         ExtraCheck("local", "dns://example.com", names.KIND_DNS),
         ExtraCheck("nodelocal", "dns://169.254.20.10:53/example.com", names.KIND_DNS),
     )
+
+
+def test_dns_urls_say_whom_to_ask() -> None:
+    assert parse_dns_url("dns://kubernetes.default") == DnsQuery("kubernetes.default", "A", None)
+    assert parse_dns_url("dns:///example.com.?type=srv") == DnsQuery("example.com", "SRV", None)
+    assert parse_dns_url("dns://10.96.0.10/a.b") == DnsQuery("a.b", "A", ("10.96.0.10", 53))
+    assert parse_dns_url("dns://[fd00::10]:5353/a.b?type=AAAA") == DnsQuery("a.b", "AAAA", ("fd00::10", 5353))
+    assert parse_tcp_url("tcp://[fd00::1]:5432") == TcpEndpoint("fd00::1", 5432)
+
+
+def test_dns_cluster_skips_an_ip_address() -> None:
+    from probe.checks.targets import plan_round
+
+    plan = plan_round(
+        Settings(kubernetes_service_host="10.96.0.1", kubernetes_service_dns="10.96.0.1"),
+        StaticNeighbours.unavailable("test").current(),
+    )
+    assert [r.skip_reason for r in plan.skipped if r.check_type == names.DNS_CLUSTER] == [
+        "KUBERNETES_SERVICE_DNS is an IP: nothing to resolve"
+    ]
 
 
 @pytest.mark.parametrize(
