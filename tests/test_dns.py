@@ -5,9 +5,11 @@ series, /alive text and span a user sees of each."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
@@ -19,6 +21,7 @@ from probe.checks.result import CheckResult, Target
 from probe.checks.targets import plan_round
 from probe.neighbours import StaticNeighbours
 from probe.settings import Settings
+from tests.conftest import free_port
 from tests.dns_servers import DnsServers, run_dns_servers
 from tests.kind_helpers import Spans, new_metrics, series
 
@@ -128,8 +131,6 @@ async def test_no_answer_times_out_at_dns_done(servers: DnsServers) -> None:
 
 
 async def test_refused_port_fails_at_dns_done(servers: DnsServers) -> None:
-    from tests.conftest import free_port
-
     port = free_port()
     result, _, _ = await run(f"dns://127.0.0.1:{port}/ok.test")
     assert result.summary == f"dns_done: 127.0.0.1:{port} refused (nothing listens on that port)"
@@ -166,6 +167,28 @@ async def test_pods_resolver_reports_the_name_as_given(servers: DnsServers, tmp_
     conf = resolv_conf(tmp_path, servers, "search svc.cluster.test", "options ndots:5")
     result, _, _ = await run("dns://missing.cluster.test", resolv_conf=conf)
     assert result.summary == "dns_done: NXDOMAIN: missing.cluster.test does not exist"
+
+
+async def test_failed_resolution_counts_every_name_tried(
+    servers: DnsServers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Enough dots: the name as given first (NXDOMAIN, and what /alive reports), then the search
+    # list (NXDOMAIN too). Each real exchange is made to weigh 50 ms more, so the figure must
+    # hold both of them.
+    real = dns.exchange
+    asked: list[str] = []
+
+    async def heavier(query: Any, server: tuple[str, int], timeout: float) -> dns.Exchange:
+        asked.append(str(query.question[0].name))
+        answer = await real(query, server, timeout)
+        return dataclasses.replace(answer, network_ns=answer.network_ns + 50_000_000)
+
+    monkeypatch.setattr(dns, "exchange", heavier)
+    conf = resolv_conf(tmp_path, servers, "search svc.cluster.test")
+    result, _, _ = await run("dns://missing.cluster.test", resolv_conf=conf)
+    assert asked == ["missing.cluster.test.", "missing.cluster.test.svc.cluster.test."]
+    assert result.summary == "dns_done: NXDOMAIN: missing.cluster.test does not exist"
+    assert 0.1 <= result.events[names.DNS_DONE] < 0.2
 
 
 async def test_pods_resolver_tries_the_next_nameserver(servers: DnsServers, tmp_path: Path) -> None:

@@ -313,12 +313,15 @@ async def resolve(query: DnsQuery, timeout: float, resolv_conf: str = RESOLV_CON
         if outcome.ok or (outcome.error_type == TIMEOUT and time.monotonic() >= deadline):
             return outcome
         failures.append(outcome)
-    # Like glibc, say what the name as given got; a search-list NXDOMAIN says less.
+    # Like glibc, say what the name as given got (a search-list NXDOMAIN says less), with
+    # the network time of the whole resolution, every name tried.
     given = f"{query.name}."
-    for outcome in failures:
-        if outcome.name == given:
-            return outcome
-    return failures[-1]
+    chosen = next((o for o in failures if o.name == given), failures[-1])
+    chosen.network_ns = result.network_ns
+    answered = [o.answered_ns for o in failures if o.answered_ns is not None]
+    if chosen.answered_ns is not None:
+        chosen.answered_ns = max(answered)
+    return chosen
 
 
 async def _resolve_one(
