@@ -11,7 +11,7 @@ import sys
 from aiohttp import web
 
 from probe.checks import kernel
-from probe.checks.http import HttpChecker
+from probe.checks.kinds import build_checkers
 from probe.checks.rounds import Prober
 from probe.discovery import make_source
 from probe.neighbours import NeighbourSource
@@ -44,7 +44,7 @@ class Probe:
             extra_readers=[otlp_reader] if otlp_reader else [],
         )
         tracer = otel.tracer(self.tracing)
-        self.checker = HttpChecker(settings, record=self.metrics.record, tracer=tracer)
+        self.checker = build_checkers(settings, record=self.metrics.record, tracer=tracer)
         self.prober = Prober(settings, self.neighbours, self.checker.check, on_departed=self._forget_series)
         self.state = ServerState(
             last_round=lambda: self.prober.last_round,

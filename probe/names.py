@@ -10,7 +10,13 @@ API_SERVER_DIRECT = "api_server_direct"
 API_SERVER_DNS = "api_server_dns"
 ME_INGRESS = "me_ingress"
 ME_SERVICE = "me_service"
+DNS_CLUSTER = "dns_cluster"
 PATH_PREFIX = "path_"
+
+# Check kinds, chosen by the URL scheme of an extra check.
+KIND_HTTP = "http"
+KIND_DNS = "dns"
+KIND_TCP = "tcp"
 
 
 def path_type(node_name: str) -> str:
@@ -40,6 +46,8 @@ EVENTS = (
     GOT_FIRST_RESP_BYTE,
 )
 ROUND_TRIP_ERROR = "round_trip_error"
+#: `code` of a check without an HTTP status (dns, tcp) that succeeded.
+CODE_OK = "ok"
 
 
 def status_code_event(code: int) -> str:
@@ -58,6 +66,8 @@ TRACE_REQUEST_DURATION = "kubenurse_httpclient_trace_request_duration"
 REQUESTS = "kubenurse_httpclient_requests"
 ERRORS = "kubenurse_errors"
 INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
+#: Gauge, Unix seconds; the exporter appends `_seconds` (unit "s").
+TLS_CERT_EXPIRY = "kubenurse_tls_certificate_expiry_timestamp"
 UNIT_SECONDS = "s"
 
 # Metric attribute keys.
@@ -77,4 +87,8 @@ ATTR_ERROR_EVENT = "kubenurse.error.event"
 ATTR_TIMING_SOURCE = "kubenurse.timing.source"
 #: The request duration the metrics recorded (network time, seconds).
 ATTR_NETWORK_DURATION = "kubenurse.request.duration"
+ATTR_DNS_QUESTION_NAME = "dns.question.name"
+ATTR_DNS_QUESTION_TYPE = "dns.question.type"
+ATTR_DNS_ANSWER_COUNT = "dns.answer.count"
+ATTR_DNS_RESPONSE_CODE = "dns.response_code"
 TRACER_NAME = "kubenurse"

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from probe import names
+from probe import checkurls, names
 from probe.labels import SelectorError, parse_selector
 
 T = TypeVar("T")
@@ -41,6 +41,8 @@ class SettingsError(ValueError):
 class ExtraCheck:
     name: str
     url: str
+    #: names.KIND_HTTP, KIND_DNS or KIND_TCP, from the URL's scheme.
+    kind: str = names.KIND_HTTP
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Settings:
     check_me_ingress: bool = True
     check_me_service: bool = True
     check_neighbourhood: bool = True
+    check_dns_cluster: bool = True
     check_interval: float = 5.0
     check_timeout: float = 6.0
     check_connect_timeout: float = 5.0
@@ -176,7 +179,21 @@ def parse_url(text: str) -> str:
     return text.strip().rstrip("/")
 
 
-_BUILTIN_CHECKS = frozenset({names.API_SERVER_DIRECT, names.API_SERVER_DNS, names.ME_INGRESS, names.ME_SERVICE})
+_BUILTIN_CHECKS = frozenset(
+    {names.API_SERVER_DIRECT, names.API_SERVER_DNS, names.ME_INGRESS, names.ME_SERVICE, names.DNS_CLUSTER}
+)
+
+
+def parse_check_url(text: str) -> tuple[str, str]:
+    """(kind, url) of one extra check's URL, by scheme; ValueError saying what is wrong."""
+    kind = checkurls.kind_of(text)
+    if kind == names.KIND_DNS:
+        checkurls.parse_dns_url(text)
+        return kind, text.strip()
+    if kind == names.KIND_TCP:
+        checkurls.parse_tcp_url(text)
+        return kind, text.strip()
+    return kind, parse_url(text)
 
 
 def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
@@ -189,8 +206,12 @@ def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"{item!r} is not name:url")
         if name in _BUILTIN_CHECKS or name.startswith(names.PATH_PREFIX) or name.startswith("neighbourhood"):
-            raise ValueError(f"{name!r} is the name of a built-in check")
-        checks.append(ExtraCheck(name, parse_url(url)))
+            raise ValueError(f"{item!r}: {name!r} is the name of a built-in check")
+        try:
+            kind, url = parse_check_url(url)
+        except ValueError as e:
+            raise ValueError(f"{item!r}: {e}") from None
+        checks.append(ExtraCheck(name, url, kind))
     if len({c.name for c in checks}) != len(checks):
         raise ValueError("check names must be unique")
     return tuple(checks)
@@ -276,6 +297,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_CHECK_ME_INGRESS": ("check_me_ingress", parse_bool),
     "KUBENURSE_CHECK_ME_SERVICE": ("check_me_service", parse_bool),
     "KUBENURSE_CHECK_NEIGHBOURHOOD": ("check_neighbourhood", parse_bool),
+    "KUBENURSE_CHECK_DNS_CLUSTER": ("check_dns_cluster", parse_bool),
     "KUBENURSE_CHECK_INTERVAL": ("check_interval", parse_positive_duration),
     "KUBENURSE_CHECK_TIMEOUT": ("check_timeout", parse_positive_duration),
     "KUBENURSE_CHECK_CONNECT_TIMEOUT": ("check_connect_timeout", parse_positive_duration),

@@ -14,7 +14,7 @@ import aiohttp
 from opentelemetry import propagate, trace
 
 from probe import __version__, names
-from probe.checks import failures, httptrace, spans
+from probe.checks import certs, failures, httptrace, spans
 from probe.checks.resolver import TimedResolver
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
@@ -114,6 +114,8 @@ class HttpChecker:
                 trace_id=format(context.trace_id, "032x") if context.is_valid and context.trace_flags.sampled else None,
             )
             spans.finish_client_span(self._tracer, span, result, timeline)
+            # After the span ended: a second fetch of a failed peer's certificate is no part of the check.
+            result = await self._with_cert_expiry(result, target, timeline)
             self._record(result)
         return result
 
@@ -133,6 +135,19 @@ class HttpChecker:
             target.check_type, failure.summary, target,
             error_event=failure.event, events=timeline.offsets(), error_type=failure.error_type,
         )
+
+    async def _with_cert_expiry(self, result: CheckResult, target: Target, timeline: httptrace.Timeline) -> CheckResult:
+        """Note when the peer's certificates expire. A handshake that failed leaves none to
+        read: then ask the peer again, without verifying, only for its certificates."""
+        if timeline.ssl_object is None:
+            return result
+        chain = certs.peer_chain(timeline.ssl_object)
+        if not chain and result.error_event == names.TLS_HANDSHAKE_DONE and timeline.peer is not None:
+            host = urlsplit(target.url).hostname
+            sni = None if host is None or certs.is_ip(host) else host
+            chain = await certs.fetch_chain(*timeline.peer, sni, self._settings.check_connect_timeout)
+        expiry = certs.earliest_not_after(chain)
+        return result if expiry is None else dataclasses.replace(result, cert_not_after=expiry)
 
     async def _request(self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline) -> CheckResult:
         assert self._session is not None, "HttpChecker.start() first"

@@ -75,6 +75,8 @@ class Timeline:
     sock: TimedSocket | None = None
     #: Where the connect and first-byte figures came from: kernel.KERNEL or kernel.LOOP.
     source: str = kernel.LOOP
+    #: The first TLS connection of this request (its peer's certificates: certs.py).
+    ssl_object: ssl.SSLObject | None = None
 
     def mark(self, event: str, at_ns: int | None = None) -> None:
         """A fallback mark: the first one wins, a measured one (`put`) overrides it."""
@@ -387,6 +389,8 @@ class TimedSSLContext(ssl.SSLContext):
             timeline.tls = True
             timeline.mark(names.CONNECT_DONE, now)
             timeline.mark(names.TLS_HANDSHAKE_START, now)
+            if timeline.ssl_object is None:
+                timeline.ssl_object = obj
             sock = timeline.sock
             if isinstance(obj, TimedSSLObject) and sock is not None:
                 obj._timed_socket = sock

@@ -11,13 +11,15 @@ from probe.neighbours import Neighbour
 
 @dataclass(frozen=True)
 class Target:
-    """One GET to perform. `send_token` only for the API-server checks."""
+    """One check to perform: a GET for `kind` http, else a DNS query or a TCP connect
+    (the URL says what). `send_token` only for the API-server checks."""
 
     check_type: str
     url: str
     send_token: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
     neighbour: Neighbour | None = None
+    kind: str = names.KIND_HTTP
 
     @property
     def key(self) -> str:
@@ -46,7 +48,9 @@ class CheckResult:
     timing_source: str | None = None
     #: Trace id (32 hex digits) of the check's span when it was sampled.
     trace_id: str | None = None
-    #: The class of error that failed the check (low cardinality: span `error.type`).
+    #: Earliest notAfter (Unix seconds) of the certificates the TLS peer presented.
+    cert_not_after: float | None = None
+    #: Low-cardinality class of the failure (span `error.type`), e.g. "NXDOMAIN", "timeout".
     error_type: str | None = None
 
     @property

@@ -265,6 +265,9 @@ class Sandbox:
                 "KUBERNETES_SERVICE_HOST": "127.0.0.1",
                 "KUBERNETES_SERVICE_PORT": str(self.api_server.port),
                 "KUBERNETES_SERVICE_DNS": "localhost",
+                # localhost is in /etc/hosts, which a DNS check does not read: dns_cluster
+                # would ask this machine's nameserver and fail.
+                "KUBENURSE_CHECK_DNS_CLUSTER": "false",
                 "KUBENURSE_SERVICE_URL": f"http://127.0.0.1:{self.service.port}",
                 "KUBENURSE_INGRESS_URL": f"http://127.0.0.1:{self.ingress.port}",
                 "KUBENURSE_LOG_FORMAT": "logfmt",

@@ -70,6 +70,11 @@ class Metrics:
         self.errors = meter.create_counter(
             names.ERRORS, description="Kubenurse error counter partitioned by error type"
         )
+        self.cert_expiry = meter.create_gauge(
+            names.TLS_CERT_EXPIRY,
+            unit=names.UNIT_SECONDS,
+            description="Earliest notAfter (Unix time) of the certificates the peer of an HTTPS check presented",
+        )
 
         def observe_incoming(_options: CallbackOptions) -> Iterable[Observation]:
             yield Observation(incoming())
@@ -88,12 +93,15 @@ class Metrics:
         check_type = {names.LABEL_TYPE: result.check_type}
         for event, offset in result.events.items():
             self.trace_duration.record(offset, {**check_type, names.LABEL_EVENT: event})
-        if result.status_code is None:
-            self.requests.add(1, {**check_type, names.LABEL_CODE: names.ROUND_TRIP_ERROR})
-        else:
-            self.requests.add(1, {**check_type, names.LABEL_CODE: str(result.status_code)})
-            if result.duration is not None:
-                self.request_duration.record(result.duration, check_type)
+        if result.status_code is not None:
+            code = str(result.status_code)
+        else:  # no HTTP status: a failed GET, or a kind that has none (dns, tcp)
+            code = names.CODE_OK if result.ok else names.ROUND_TRIP_ERROR
+        self.requests.add(1, {**check_type, names.LABEL_CODE: code})
+        if result.duration is not None:
+            self.request_duration.record(result.duration, check_type)
+        if result.cert_not_after is not None:
+            self.cert_expiry.set(result.cert_not_after, check_type)
         if result.error_event:
             self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
 
