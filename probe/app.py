@@ -17,7 +17,7 @@ from probe.server import ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
-from probe.telemetry.metrics import Metrics
+from probe.telemetry.metrics import Metrics, series_limit
 
 log = logging.getLogger("probe")
 
@@ -34,12 +34,14 @@ class Probe:
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
-        otlp_reader = otel.build_otlp_metric_reader(settings)
+        limit = series_limit(settings.neighbour_limit, len(settings.extra_checks))
+        otlp_reader = otel.build_otlp_metric_reader(settings, limit)
         self.metrics = Metrics(
             buckets=settings.histogram_buckets,
             incoming=self.incoming.count,
             resource=resource,
             extra_readers=[otlp_reader] if otlp_reader else [],
+            cardinality_limit=limit,
         )
         tracer = otel.tracer(self.tracing)
         self.checker = HttpChecker(settings, record=self.metrics.record, tracer=tracer)

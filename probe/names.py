@@ -58,12 +58,16 @@ TRACE_REQUEST_DURATION = "kubenurse_httpclient_trace_request_duration"
 REQUESTS = "kubenurse_httpclient_requests"
 ERRORS = "kubenurse_errors"
 INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
+#: Served from the /metrics registry only (version and Python; OTLP has service.version).
+BUILD_INFO = "kubenurse_build_info"
 UNIT_SECONDS = "s"
 
 # Metric attribute keys.
 LABEL_TYPE = "type"
 LABEL_EVENT = "event"
 LABEL_CODE = "code"
+LABEL_VERSION = "version"
+LABEL_PYTHON_VERSION = "python_version"
 
 # HTTP headers.
 NEIGHBOUR_ORIGIN_HEADER = "KUBENURSE-NEIGHBOUR-ORIGIN"

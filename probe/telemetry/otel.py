@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import Histogram
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     MetricReader,
@@ -157,13 +164,36 @@ def quiet_exporter_logs() -> None:
             logger.addFilter(RateLimitFilter())
 
 
-def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
-    """Periodic OTLP export: delta temporality and exponential histograms (fine resolution,
-    no bucket tuning); /metrics keeps its cumulative explicit buckets."""
+_DELTA_SETS: dict[str, tuple[type, ...]] = {
+    # OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, as the specification defines it.
+    "cumulative": (),
+    "delta": (Counter, ObservableCounter, Histogram),
+    "lowmemory": (Counter, Histogram),
+}
+
+
+def otlp_temporality(preference: str) -> dict[type, AggregationTemporality]:
+    delta = _DELTA_SETS[preference]
+    return {
+        kind: AggregationTemporality.DELTA if kind in delta else AggregationTemporality.CUMULATIVE
+        for kind in (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)
+    }
+
+
+def otlp_histogram_aggregation(name: str) -> dict[type, Aggregation]:
+    if name == "explicit_bucket_histogram":
+        return {}  # the instruments' advisory buckets, as on /metrics
+    return {Histogram: ExponentialBucketHistogramAggregation()}
+
+
+def build_otlp_metric_reader(settings: Settings, cardinality_limit: int | None = None) -> MetricReader | None:
+    """Periodic OTLP export, by default with delta temporality and exponential histograms
+    (fine resolution, no bucket tuning); the OTEL_EXPORTER_OTLP_METRICS_* variables choose
+    otherwise. /metrics keeps its cumulative explicit buckets either way."""
     if not settings.otlp_metrics_enabled:
         return None
-    temporality: dict[type, AggregationTemporality] = {Histogram: AggregationTemporality.DELTA}
-    aggregation: dict[type, Aggregation] = {Histogram: ExponentialBucketHistogramAggregation()}
+    temporality = otlp_temporality(settings.otlp_metrics_temporality)
+    aggregation = otlp_histogram_aggregation(settings.otlp_histogram_aggregation)
     exporter: Any
     if settings.otlp_metrics_protocol == GRPC:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -178,8 +208,16 @@ def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
 
         exporter = HttpMetricExporter(preferred_temporality=temporality, preferred_aggregation=aggregation)
     quiet_exporter_logs()
+    limits = cardinality_limits(cardinality_limit) if cardinality_limit else None
     # The interval comes from OTEL_METRIC_EXPORT_INTERVAL (SDK default 60 s).
-    return PeriodicExportingMetricReader(exporter, export_timeout_millis=EXPORT_TIMEOUT_MILLIS)
+    return PeriodicExportingMetricReader(
+        exporter, export_timeout_millis=EXPORT_TIMEOUT_MILLIS, cardinality_limits=limits
+    )
+
+
+def cardinality_limits(limit: int) -> dict[type, int]:
+    """The same per-metric series limit for every instrument kind the probe uses."""
+    return dict.fromkeys((Counter, UpDownCounter, Histogram, ObservableGauge), limit)
 
 
 def tracer(tracing: Tracing | None) -> trace.Tracer:
