@@ -9,6 +9,7 @@ import signal
 
 from aiohttp import web
 
+from probe import __version__
 from probe.checks.http import HttpChecker
 from probe.checks.rounds import Prober
 from probe.discovery import make_source
@@ -78,6 +79,7 @@ class Probe:
         log.info(
             "probe started",
             extra={
+                "version": __version__,
                 "http_port": self.settings.http_port,
                 "pod": self.settings.pod_name,
                 "node": self.settings.node_name,
@@ -106,7 +108,8 @@ class Probe:
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop."""
+    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop.
+    A second signal during that time stops at once."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: no window without them
@@ -114,8 +117,19 @@ async def serve(settings: Settings) -> None:
     probe = Probe(settings)
     await probe.start()
     await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.shutdown_duration})
+    stop.clear()
+    grace = settings.shutdown_duration
+    log.info(
+        "shutting down",
+        extra={
+            "grace_seconds": grace,
+            "detail": f"/ready answers 503 for {grace:g}s (KUBENURSE_SHUTDOWN_DURATION), then the servers stop;"
+            " a second Ctrl-C or SIGTERM stops now",
+        },
+    )
     probe.begin_shutdown()
-    await asyncio.sleep(settings.shutdown_duration)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), grace)
+        log.info("second signal: stopping now")
     await probe.stop()
     log.info("stopped")

@@ -366,6 +366,38 @@ _TRACES_EXPORTERS = ("otlp", "none")
 _METRICS_EXPORTERS = ("otlp", "prometheus", "none")
 
 
+def variable_help() -> list[tuple[str, str]]:
+    """(variable, default as a user writes it) for every variable the probe reads, for --help."""
+    defaults = Settings()
+    durations = (parse_duration, parse_positive_duration)
+    shown: dict[str, str] = {
+        "POD_NAME": "the hostname",
+        "NODE_NAME": "spec.nodeName of this pod",
+        "POD_NAMESPACE": "KUBENURSE_NAMESPACE",
+        "KUBENURSE_NAMESPACE": "this pod's namespace",
+        "KUBENURSE_LISTEN_HOST": "all interfaces",
+        "KUBERNETES_SERVICE_DNS": DEFAULT_SERVICE_DNS,
+        "KUBENURSE_NEIGHBOUR_LIMIT": f"{defaults.neighbour_limit} (0: all)",
+    }
+    rows: list[tuple[str, str]] = []
+    for variable, (name, parse) in _VARIABLES.items():
+        value = getattr(defaults, name)
+        if variable in shown:
+            text = shown[variable]
+        elif value is None or value in ((), ""):
+            text = "unset"
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        elif parse in durations:
+            text = f"{value:g}s"
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value).lower() if variable == "KUBENURSE_LOG_LEVEL" else str(value)
+        rows.append((variable, text))
+    return rows
+
+
 def _otel_choice(env: Mapping[str, str], variable: str, choices: tuple[str, ...], default: str) -> str:
     raw = env.get(variable, "")
     value = raw.strip().lower() or default

@@ -539,6 +539,35 @@ async def test_signal_starts_the_grace_period_then_exits_0(sig: signal.Signals, 
     assert "probe started" in messages and "shutting down" in messages and messages[-1] == "stopped"
 
 
+async def test_second_signal_stops_at_once_and_the_log_says_it_would() -> None:
+    port = free_port()
+    env = process_env(KUBENURSE_HTTP_PORT=str(port), KUBENURSE_SHUTDOWN_DURATION="30s")
+    base = f"http://{HOST}:{port}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        proc = await start_process(env, session, base)
+        try:
+            proc.send_signal(signal.SIGINT)
+
+            async def not_ready() -> bool:
+                return await status_of(session, base + "/ready") == 503
+
+            await until(not_ready, timeout=2, what="/ready 503 after the first Ctrl-C")
+            await session.close()
+            proc.send_signal(signal.SIGINT)
+            second = time.monotonic()
+            code = await asyncio.wait_for(proc.wait(), 10)
+            elapsed = time.monotonic() - second
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+    assert code == 0 and elapsed < 5, f"exited {elapsed:.1f}s after the second signal (grace 30s)"
+    records = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines()]  # type: ignore[union-attr]
+    [shutting] = [r for r in records if r["msg"] == "shutting down"]
+    assert shutting["grace_seconds"] == 30 and "30s" in shutting["detail"] and "second Ctrl-C" in shutting["detail"]
+    assert [r["msg"] for r in records][-2:] == ["second signal: stopping now", "stopped"]
+
+
 async def test_a_failing_check_is_logged_once_and_nothing_logs_a_traceback() -> None:
     port, refused = free_port(), free_port()
     env = process_env(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import NamedTuple
 import pytest
 import trustme
 
+import probe
 from probe import names
 from probe.checks.result import CheckResult
 from probe.settings import (
@@ -564,7 +567,7 @@ def clean_env(**settings: str) -> dict[str, str]:
     ours = ("KUBENURSE_", "OTEL_", "KUBERNETES_", "POD_", "NODE_", "KUBECONFIG")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     # If a bad value were accepted, the probe would start: keep it off the real ports.
-    env.update(KUBENURSE_LISTEN_HOST="127.0.0.1", KUBENURSE_HTTP_PORT=str(free_port()), **settings)
+    env.update({"KUBENURSE_LISTEN_HOST": "127.0.0.1", "KUBENURSE_HTTP_PORT": str(free_port()), **settings})
     return env
 
 
@@ -645,3 +648,45 @@ def test_selectors_are_accepted_as_the_api_server_stand_in_accepts_them(text: st
     except SettingsError:
         we_accept = False
     assert we_accept == api_accepts
+
+
+def test_version() -> None:
+    done = run_probe(["--version"], clean_env())
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.strip() == f"kubenurse {probe.__version__} (Python {platform.python_version()})"
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    done = run_probe(["--help"], clean_env())
+    assert done.returncode == 0 and done.stderr == ""
+    rows = {
+        line.split()[0]: line.split(None, 1)[1] for line in done.stdout.splitlines() if line.startswith("  ")
+        if line.split()[0].isupper()
+    }
+    assert set(rows) == KNOWN_VARIABLES
+    assert rows["KUBENURSE_CHECK_INTERVAL"] == "5s" and rows["KUBENURSE_HTTP_PORT"] == "8080"
+    assert "sandbox" in done.stdout and "OTEL_EXPORTER_OTLP_ENDPOINT" in done.stdout
+
+
+def test_port_in_use_exits_1_naming_the_setting_and_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_probe([], clean_env(KUBENURSE_HTTP_PORT=str(port)))
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last == (
+        f"kubenurse: cannot listen on 127.0.0.1:{port} (KUBENURSE_HTTP_PORT={port}, "
+        "KUBENURSE_LISTEN_HOST=127.0.0.1): address already in use"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_listen_host_not_on_this_machine_exits_1_naming_it() -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: bind fails locally, nothing is sent.
+    done = run_probe([], clean_env(KUBENURSE_LISTEN_HOST="192.0.2.1"))
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("kubenurse: cannot listen on 192.0.2.1:") and "KUBENURSE_LISTEN_HOST=192.0.2.1" in last
+    assert "cannot assign requested address" in last and "Traceback" not in done.stderr
