@@ -61,7 +61,14 @@ class Probe:
         if self.tracing is None:
             return {}
         exporter = self.tracing.exporter
-        return {"otlp": {"spans_exported": exporter.exported, "spans_dropped": exporter.dropped}}
+        return {
+            "otlp": {
+                "spans_exported": exporter.exported,
+                "spans_dropped": exporter.dropped,
+                "spans_export_failed": exporter.failed,
+                "spans_dropped_queue_full": exporter.queue_full,
+            }
+        }
 
     def _forget_series(self, check_types: set[str]) -> None:
         dropped = self.metrics.forget(check_types)

@@ -385,3 +385,34 @@ async def test_otlp_metric_preferences_are_honoured(
         await probe.stop()
     assert {(p.kind, p.temporality) for p in rx.points(names.REQUEST_DURATION)} == {histogram}
     assert {p.temporality for p in rx.points(names.REQUESTS)} == {counter}
+
+
+def test_spans_dropped_from_a_full_queue_are_counted() -> None:
+    """A collector that hangs fills the queue; what the queue then drops is counted, so
+    /alive's spans_dropped is every span that did not reach the collector."""
+    import threading
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from probe.telemetry.otel import CountingSpanExporter, CountingSpanProcessor
+
+    release = threading.Event()
+
+    class Hanging(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    counting = CountingSpanExporter(Hanging())
+    provider = TracerProvider()
+    provider.add_span_processor(CountingSpanProcessor(counting, max_queue_size=512))
+    tracer = provider.get_tracer("test")
+    for _ in range(1200):
+        with tracer.start_as_current_span("check"):
+            pass
+    assert counting.queue_full >= 1200 - 512 and counting.dropped == counting.queue_full
+    release.set()
+    provider.shutdown()
+    assert counting.exported + counting.dropped == 1200

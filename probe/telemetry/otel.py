@@ -77,27 +77,48 @@ class RateLimitFilter(logging.Filter):
 
 
 class CountingSpanExporter(SpanExporter):
-    """Counts the spans that reached the collector and those that did not."""
+    """Counts the spans that reached the collector, those whose export failed, and (with
+    CountingSpanProcessor) those dropped because the queue in front of it was full."""
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
         self.exported = 0
-        self.dropped = 0
+        self.failed = 0
+        self.queue_full = 0
+        #: Spans handed to the batch processor and not yet through export().
+        self.pending = 0
+        self._lock = threading.Lock()
         self._last_log = -LOG_EVERY_SECONDS
+
+    @property
+    def dropped(self) -> int:
+        """Spans that never reached the collector: failed exports plus a full queue."""
+        return self.failed + self.queue_full
+
+    def admit(self, limit: int) -> bool:
+        """Take one more span in, unless `limit` spans are already waiting (then count it)."""
+        with self._lock:
+            if self.pending >= limit:
+                self.queue_full += 1
+                return False
+            self.pending += 1
+            return True
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
             result = self.inner.export(spans)
         except Exception:  # an exporter bug must cost spans, not the worker thread
             result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.dropped += len(spans)
-            if time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
-                self._last_log = time.monotonic()
-                counts = {"dropped_total": self.dropped, "exported_total": self.exported}
-                log.warning("spans not exported (collector unreachable?)", extra=counts)
+        with self._lock:
+            self.pending = max(0, self.pending - len(spans))
+            if result is SpanExportResult.SUCCESS:
+                self.exported += len(spans)
+            else:
+                self.failed += len(spans)
+        if result is not SpanExportResult.SUCCESS and time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
+            self._last_log = time.monotonic()
+            counts = {"dropped_total": self.dropped, "exported_total": self.exported}
+            log.warning("spans not exported (collector unreachable?)", extra=counts)
         return result
 
     def shutdown(self) -> None:
@@ -107,10 +128,26 @@ class CountingSpanExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
+class CountingSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, with its queue bound kept in front of it so that the spans
+    a full queue drops are counted (the SDK only logs them). Every admitted span leaves
+    through export(), so `pending` never lets the SDK's own queue overflow."""
+
+    def __init__(self, exporter: CountingSpanExporter, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
+        super().__init__(exporter, max_queue_size=max_queue_size)
+        self._counting = exporter
+        self._limit = max_queue_size
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return
+        if self._counting.admit(self._limit):
+            super().on_end(span)
+
+
 @dataclass
 class Tracing:
     provider: TracerProvider
-    processor: BatchSpanProcessor
     exporter: CountingSpanExporter
 
     def shutdown(self, timeout_seconds: float) -> None:
@@ -150,10 +187,9 @@ def build_tracing(settings: Settings, resource: Resource) -> Tracing | None:
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default: parent-based always-on).
     counting = CountingSpanExporter(exporter)
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    processor = BatchSpanProcessor(counting, max_queue_size=MAX_QUEUE_SIZE)
-    provider.add_span_processor(processor)
+    provider.add_span_processor(CountingSpanProcessor(counting))
     quiet_exporter_logs()
-    return Tracing(provider, processor, counting)
+    return Tracing(provider, counting)
 
 
 def quiet_exporter_logs() -> None:
