@@ -13,6 +13,9 @@ import pytest
 import trustme
 from aiohttp import web
 
+# In CI (CI=true) a test that would skip fails instead (tests/ci_skips.py).
+pytest_plugins = ["tests.ci_skips", "pytester"]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
