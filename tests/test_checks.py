@@ -261,7 +261,7 @@ def test_skipped_checks_say_why() -> None:
     reasons = {r.check_type: r.skip_reason for r in plan.skipped}
     assert reasons == {
         names.API_SERVER_DIRECT: "KUBERNETES_SERVICE_HOST not set (not in a cluster)",
-        names.API_SERVER_DNS: "not in a cluster (KUBERNETES_SERVICE_HOST not set)",
+        names.API_SERVER_DNS: "KUBERNETES_SERVICE_HOST not set (not in a cluster)",
         names.ME_INGRESS: "KUBENURSE_INGRESS_URL not set",
         names.ME_SERVICE: "disabled by KUBENURSE_CHECK_ME_SERVICE",
     }

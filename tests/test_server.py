@@ -196,11 +196,13 @@ async def test_alive_outside_a_cluster_says_what_was_skipped(run_probe: RunProbe
     for check in (names.API_SERVER_DIRECT, names.API_SERVER_DNS, names.ME_INGRESS, names.ME_SERVICE):
         assert result[check] == "skipped"
         assert reasons[check]
-    assert "KUBERNETES_SERVICE_HOST" in reasons[names.API_SERVER_DIRECT]
-    assert "KUBENURSE_INGRESS_URL" in reasons[names.ME_INGRESS]
-    assert "KUBENURSE_SERVICE_URL" in reasons[names.ME_SERVICE]
+    # Every reason reads the same way: the variable that is missing, then what that means.
+    assert reasons[names.API_SERVER_DIRECT] == "KUBERNETES_SERVICE_HOST not set (not in a cluster)"
+    assert reasons[names.API_SERVER_DNS] == "KUBERNETES_SERVICE_HOST not set (not in a cluster)"
+    assert reasons[names.ME_INGRESS] == "KUBENURSE_INGRESS_URL not set"
+    assert reasons[names.ME_SERVICE] == "KUBENURSE_SERVICE_URL not set"
     assert result["neighbourhood_state"] == "skipped"
-    assert reasons["neighbourhood"]
+    assert reasons["neighbourhood"] == "KUBERNETES_SERVICE_HOST not set (not in a cluster) and KUBECONFIG not set"
     assert result["neighbourhood"] == []
 
 
