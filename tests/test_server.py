@@ -206,6 +206,35 @@ async def test_alive_outside_a_cluster_says_what_was_skipped(run_probe: RunProbe
     assert result["neighbourhood"] == []
 
 
+async def test_ipv6_listen_neighbour_and_extra_check(run_probe: RunProbe, start_target: StartTarget) -> None:
+    """kubenurse supports IPv6 (its PR #218): a probe listening on `::`, a neighbour whose pod
+    IP is IPv6 (checked at http://[ip]:port/alwayshappy) and an IPv6 extra check."""
+    target = await start_target(host="::1")
+    port = free_port("::1")
+    # The neighbour is this very probe, reached at its IPv6 loopback address.
+    hood = Neighbourhood(neighbours=(Neighbour("kubenurse-b", "::1", "fd00::2", "node-b"),))
+    p = await run_probe(
+        {
+            "KUBENURSE_LISTEN_HOST": "::",
+            "KUBENURSE_HTTP_PORT": str(port),
+            "KUBENURSE_EXTRA_CHECKS": f"v6:{target.url}/healthz/",
+        },
+        neighbours=StaticNeighbours(hood),
+        wait_round=False,
+    )
+    await p.wait_round()
+    async with p.session.get(f"http://[::1]:{port}/alive") as response:
+        assert response.status == 200, await response.text()
+        doc = await response.json()
+    result = doc["last_check_result"]
+    assert result["path_node-b"] == "ok" and result["v6"] == "ok", result
+    assert doc["remote_addr"].startswith("[::1]:"), doc["remote_addr"]
+    assert result["neighbourhood"][0]["PodIP"] == "::1"
+    assert target.requests[0]["path"] == "/healthz/", "the extra check's URL is used as given"
+    async with p.session.get(f"http://[::1]:{port}/metrics") as response:
+        assert 'kubenurse_httpclient_requests_total{code="200",type="path_node-b"}' in await response.text()
+
+
 # --- /alwayshappy and incoming checks --------------------------------------------------------------
 
 
@@ -618,3 +647,18 @@ async def test_a_failing_check_is_logged_once_and_nothing_logs_a_traceback() -> 
     assert failed[0]["event"] == names.CONNECT_DONE
     assert failed[0]["error"] and failed[0]["error"] not in ("ok", "skipped")
     assert failed[0]["level"] == "warning"
+
+
+def test_listen_error_names_an_ipv6_address_with_brackets() -> None:
+    import errno
+
+    from probe.server import listen_error
+
+    error = listen_error("::1", 8443, "KUBENURSE_HTTPS_PORT", OSError(errno.EADDRINUSE, "whatever asyncio says"))
+    assert str(error) == (
+        "cannot listen on [::1]:8443 (KUBENURSE_HTTPS_PORT=8443, KUBENURSE_LISTEN_HOST=::1): address already in use"
+    )
+    unset = listen_error(None, 80, "KUBENURSE_HTTP_PORT", OSError(errno.EACCES, "x"))
+    assert str(unset) == (
+        "cannot listen on *:80 (KUBENURSE_HTTP_PORT=80, KUBENURSE_LISTEN_HOST unset): permission denied"
+    )
