@@ -20,7 +20,7 @@ import pytest
 import trustme
 from prometheus_client.parser import text_string_to_metric_families
 
-from probe import names
+from probe import __version__, names
 from probe.app import Probe
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import load_settings
@@ -597,6 +597,8 @@ async def test_second_signal_stops_at_once_and_the_log_says_it_would() -> None:
                 await proc.wait()
     assert code == 0 and elapsed < 5, f"exited {elapsed:.1f}s after the second signal (grace 30s)"
     records = [json.loads(line) for line in (await proc.stderr.read()).decode().splitlines()]  # type: ignore[union-attr]
+    [started] = [r for r in records if r["msg"] == "probe started"]
+    assert started["version"] == __version__, "the start-up log says which version runs"
     [shutting] = [r for r in records if r["msg"] == "shutting down"]
     assert shutting["grace_seconds"] == 30 and "30s" in shutting["detail"] and "second Ctrl-C" in shutting["detail"]
     assert [r["msg"] for r in records][-2:] == ["second signal: stopping now", "stopped"]
