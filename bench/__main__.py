@@ -7,7 +7,12 @@ import sys
 
 # Each module has run() -> list[(label, value)]; missing optional ones are reported, not fatal.
 MODULES = (
-    "bench.core", "bench.bench_discovery", "bench.bench_tracing", "bench.bench_cardinality", "bench.bench_blackbox"
+    "bench.core",
+    "bench.bench_accuracy",
+    "bench.bench_discovery",
+    "bench.bench_tracing",
+    "bench.bench_cardinality",
+    "bench.bench_blackbox",
 )
 
 

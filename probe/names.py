@@ -77,4 +77,8 @@ ATTR_CHECK_TYPE = "kubenurse.check.type"
 ATTR_NEIGHBOUR_NODE = "kubenurse.neighbour.node"
 ATTR_NEIGHBOUR_POD = "kubenurse.neighbour.pod"
 ATTR_ERROR_EVENT = "kubenurse.error.event"
+#: Where the phase timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+ATTR_TIMING_SOURCE = "kubenurse.timing.source"
+#: The request duration the metrics recorded (network time, seconds).
+ATTR_NETWORK_DURATION = "kubenurse.request.duration"
 TRACER_NAME = "kubenurse"

@@ -19,6 +19,12 @@ class Target:
     headers: Mapping[str, str] = field(default_factory=dict)
     neighbour: Neighbour | None = None
 
+    @property
+    def key(self) -> str:
+        """What identifies this check: its type, and the pod for a neighbour (two probe pods
+        can share a node, and so a `path_<node>` type, during a rolling update)."""
+        return self.check_type if self.neighbour is None else f"{self.check_type}/{self.neighbour.pod_name}"
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -36,6 +42,16 @@ class CheckResult:
     events: Mapping[str, float] = field(default_factory=dict)
     #: Why a skipped check was skipped.
     skip_reason: str | None = None
+    #: Where the timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+    timing_source: str | None = None
+    #: Trace id (32 hex digits) of the check's span when it was sampled.
+    trace_id: str | None = None
+    #: The class of error that failed the check (low cardinality: span `error.type`).
+    error_type: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.target.key if self.target is not None else self.check_type
 
     @property
     def ok(self) -> bool:
