@@ -171,6 +171,7 @@ async def test_alive_is_500_when_a_check_fails(run_probe: RunProbe, start_target
     # What a user reads: where it failed (the event) and whom it could not reach.
     assert result["refused"].startswith(f"{names.CONNECT_DONE}: "), result["refused"]
     assert f"{HOST}:{refused}" in result["refused"], result["refused"]
+    assert "object at 0x" not in result["refused"]
 
 
 async def test_alive_hides_credentials(run_probe: RunProbe) -> None:
