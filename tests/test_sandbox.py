@@ -464,6 +464,8 @@ def test_with_prometheus_scraping_every_probe_and_sigterm() -> None:
         def query(promql: str) -> list[dict[str, Any]]:
             qs = urllib.parse.urlencode({"query": promql})
             status, body = get(f"{sandbox.prometheus}/api/v1/query?{qs}")
+            if status == 503:  # Prometheus itself still starting ("Service Unavailable")
+                raise ConnectionError(body)
             assert status == 200, body
             return list(json.loads(body)["data"]["result"])
 

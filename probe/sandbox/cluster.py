@@ -191,9 +191,10 @@ class Sandbox:
         self.ingress = DelayProxy("127.0.0.1", self._port(3), lambda: [("127.0.0.1", service.port)])
         await self._listen("the ingress stand-in", self._port(3), self.ingress.start)
 
-        await asyncio.gather(*(self.start_node(name) for name in self.nodes))
+        # Prometheus first: it takes a few seconds to serve, the probes about one.
         if self.options.prometheus and shutil.which("prometheus"):
             self._start_prometheus()
+        await asyncio.gather(*(self.start_node(name) for name in self.nodes))
         self._monitor = asyncio.create_task(self._watch_children(), name="sandbox-children")
 
     async def _listen(self, what: str, port: int, start: Callable[[], Awaitable[None]]) -> None:
