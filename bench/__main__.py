@@ -11,6 +11,7 @@ MODULES = (
     "bench.bench_accuracy",
     "bench.bench_discovery",
     "bench.bench_tracing",
+    "bench.bench_cardinality",
     "bench.bench_blackbox",
     "bench.bench_kinds",
 )

@@ -10,6 +10,7 @@ import sys
 
 from aiohttp import web
 
+from probe import __version__
 from probe.checks import kernel
 from probe.checks.kinds import build_checkers
 from probe.checks.rounds import Prober
@@ -19,7 +20,7 @@ from probe.server import ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
-from probe.telemetry.metrics import Metrics
+from probe.telemetry.metrics import Metrics, series_limit
 
 log = logging.getLogger("probe")
 
@@ -36,12 +37,14 @@ class Probe:
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
-        otlp_reader = otel.build_otlp_metric_reader(settings)
+        limit = series_limit(settings.neighbour_limit, len(settings.extra_checks))
+        otlp_reader = otel.build_otlp_metric_reader(settings, limit)
         self.metrics = Metrics(
             buckets=settings.histogram_buckets,
             incoming=self.incoming.count,
             resource=resource,
             extra_readers=[otlp_reader] if otlp_reader else [],
+            cardinality_limit=limit,
         )
         tracer = otel.tracer(self.tracing)
         self.checker = build_checkers(settings, record=self.metrics.record, tracer=tracer)
@@ -60,7 +63,14 @@ class Probe:
         if self.tracing is None:
             return {}
         exporter = self.tracing.exporter
-        return {"otlp": {"spans_exported": exporter.exported, "spans_dropped": exporter.dropped}}
+        return {
+            "otlp": {
+                "spans_exported": exporter.exported,
+                "spans_dropped": exporter.dropped,
+                "spans_export_failed": exporter.failed,
+                "spans_dropped_queue_full": exporter.queue_full,
+            }
+        }
 
     def _forget_series(self, check_types: set[str]) -> None:
         dropped = self.metrics.forget(check_types)
@@ -79,6 +89,7 @@ class Probe:
         log.info(
             "probe started",
             extra={
+                "version": __version__,
                 "http_port": self.settings.http_port,
                 "pod": self.settings.pod_name,
                 "node": self.settings.node_name,
@@ -115,7 +126,8 @@ SWITCH_INTERVAL = 0.001
 
 
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop."""
+    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop.
+    A second signal during that time stops at once."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -124,8 +136,19 @@ async def serve(settings: Settings) -> None:
     probe = Probe(settings)
     await probe.start()
     await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.shutdown_duration})
+    stop.clear()
+    grace = settings.shutdown_duration
+    log.info(
+        "shutting down",
+        extra={
+            "grace_seconds": grace,
+            "detail": f"/ready answers 503 for {grace:g}s (KUBENURSE_SHUTDOWN_DURATION), then the servers stop;"
+            " a second Ctrl-C or SIGTERM stops now",
+        },
+    )
     probe.begin_shutdown()
-    await asyncio.sleep(settings.shutdown_duration)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), grace)
+        log.info("second signal: stopping now")
     await probe.stop()
     log.info("stopped")

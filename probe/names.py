@@ -68,12 +68,16 @@ ERRORS = "kubenurse_errors"
 INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
 #: Gauge, Unix seconds; the exporter appends `_seconds` (unit "s").
 TLS_CERT_EXPIRY = "kubenurse_tls_certificate_expiry_timestamp"
+#: Served from the /metrics registry only (version and Python; OTLP has service.version).
+BUILD_INFO = "kubenurse_build_info"
 UNIT_SECONDS = "s"
 
 # Metric attribute keys.
 LABEL_TYPE = "type"
 LABEL_EVENT = "event"
 LABEL_CODE = "code"
+LABEL_VERSION = "version"
+LABEL_PYTHON_VERSION = "python_version"
 
 # HTTP headers.
 NEIGHBOUR_ORIGIN_HEADER = "KUBENURSE-NEIGHBOUR-ORIGIN"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import time
@@ -186,8 +187,23 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+class ListenError(Exception):
+    """A server cannot listen; the message names the address and the settings behind it."""
+
+
+def listen_error(host: str | None, port: int, port_variable: str, error: OSError) -> ListenError:
+    address = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+    # asyncio's own text repeats the address; the errno's text alone says why.
+    if isinstance(error, socket.gaierror) or not error.errno:
+        reason = str(error.strerror or error).lower()  # e.g. a host name that does not resolve
+    else:
+        reason = os.strerror(error.errno).lower()
+    host_setting = f"KUBENURSE_LISTEN_HOST={host}" if host else "KUBENURSE_LISTEN_HOST unset"
+    return ListenError(f"cannot listen on {address} ({port_variable}={port}, {host_setting}): {reason}")
+
+
 async def start_servers(settings: Settings, app: web.Application) -> web.AppRunner:
-    """Listen on the HTTP port, and the HTTPS port with KUBENURSE_USE_TLS."""
+    """Listen on the HTTP port, and the HTTPS port with KUBENURSE_USE_TLS; ListenError if not."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     sites: list[web.BaseSite] = [web.TCPSite(runner, settings.listen_host, settings.http_port, reuse_address=True)]
@@ -198,6 +214,11 @@ async def start_servers(settings: Settings, app: web.Application) -> web.AppRunn
                 ssl_context=server_ssl_context(settings), reuse_address=True,
             )
         )
-    for site in sites:
-        await site.start()
+    ports = (("KUBENURSE_HTTP_PORT", settings.http_port), ("KUBENURSE_HTTPS_PORT", settings.https_port))
+    for site, (variable, port) in zip(sites, ports, strict=False):
+        try:
+            await site.start()
+        except OSError as e:  # taken, privileged, or the host is not an address of this machine
+            await runner.cleanup()
+            raise listen_error(settings.listen_host, port, variable, e) from None
     return runner

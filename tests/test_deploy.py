@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from probe.labels import parse_selector
 from probe.settings import KNOWN_VARIABLES, Settings, load_settings
+from probe.standin.selectors import parse_label_selector
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -501,7 +501,7 @@ def test_selectors_pick_exactly_the_probe_pods(objects: tuple[Obj, ...], setting
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert selects(ds["spec"]["selector"]["matchLabels"], labels)
     service = the(objects, "Service")
-    neighbour_filter = parse_selector(settings.neighbour_filter)
+    neighbour_filter = parse_label_selector(settings.neighbour_filter)
     for workload, template in pod_templates(objects):
         is_probe = workload is ds
         template_labels = template["metadata"].get("labels", {})

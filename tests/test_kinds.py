@@ -33,7 +33,7 @@ def test_extra_checks_by_scheme() -> None:
         "nodelocal:dns://169.254.20.10:53/example.com"
     )
     assert checks == (
-        ExtraCheck("web", "https://example.com", names.KIND_HTTP),
+        ExtraCheck("web", "https://example.com/", names.KIND_HTTP),  # as given (issue 10 #4)
         ExtraCheck("db", "tcp://db.internal:5432", names.KIND_TCP),
         ExtraCheck("cdns", "dns://10.96.0.10/kubernetes.default.svc.cluster.local?type=AAAA", names.KIND_DNS),
         ExtraCheck("local", "dns://example.com", names.KIND_DNS),

@@ -32,7 +32,7 @@ def _api_server_targets(settings: Settings) -> tuple[list[Target], list[CheckRes
     if not settings.check_api_server_dns:
         skipped.append(CheckResult.skip(names.API_SERVER_DNS, "disabled by KUBENURSE_CHECK_API_SERVER_DNS"))
     elif not settings.in_cluster and settings.kubernetes_service_dns is None:
-        skipped.append(CheckResult.skip(names.API_SERVER_DNS, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+        skipped.append(CheckResult.skip(names.API_SERVER_DNS, "KUBERNETES_SERVICE_HOST not set (not in a cluster)"))
     else:
         url = f"https://{settings.api_server_dns_name}:{port}/version"
         targets.append(Target(names.API_SERVER_DNS, url, send_token=True))

@@ -187,8 +187,6 @@ class Reflector(Generic[T]):
         self.last_sync: float | None = None
         self.disconnected_since: float | None = None  # monotonic, for the outage length
         self.disconnected_at: float | None = None  # wall clock, for /alive
-        self.lists = 0
-        self.watches = 0
         self.relists_after_gone = 0
         self._gone_in_a_row = 0
 
@@ -237,7 +235,6 @@ class Reflector(Generic[T]):
             params = {**self._selectors, "limit": str(self._timing.page_size), "continue": str(token)}
         if not version:
             raise ApiError(0, "BadList", f"{self.kind} list without metadata.resourceVersion")
-        self.lists += 1
         if items != self.items:
             self.items = items
             self.data_revision += 1
@@ -270,7 +267,6 @@ class Reflector(Generic[T]):
         async with self._client.stream(
             self._path, params, total=seconds + self._timing.watch_grace, idle=self._timing.idle_timeout
         ) as stream:
-            self.watches += 1
             self._mark_connected()
             async for line in stream:
                 self._apply(json.loads(line))
