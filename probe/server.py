@@ -16,6 +16,7 @@ from opentelemetry.trace import SpanKind
 
 from probe import names
 from probe.checks.rounds import Round
+from probe.mesh.routes import add_routes as add_mesh_routes
 from probe.neighbours import Neighbourhood
 from probe.settings import Settings
 from probe.telemetry.incoming import IncomingChecks
@@ -177,6 +178,10 @@ def build_app(
     app.router.add_get("/alwayshappy", always_happy)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_handler)
+    add_mesh_routes(
+        app, settings, last_round=state.last_round, neighbourhood=state.neighbourhood,
+        ready=lambda: not state.shutting_down and state.neighbourhood().node_schedulable,
+    )
     return app
 
 

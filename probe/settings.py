@@ -87,6 +87,8 @@ class Settings:
     otlp_metrics_enabled: bool = False
     otlp_traces_protocol: str = "http/protobuf"
     otlp_metrics_protocol: str = "http/protobuf"
+    #: The mesh page links a failing or slow path to its trace: this URL with `{trace_id}` filled in.
+    trace_url_template: str | None = None
 
     @property
     def own_namespace(self) -> str | None:
@@ -243,6 +245,13 @@ def pem_file(text: str) -> str:
     return path
 
 
+def parse_trace_url_template(text: str) -> str:
+    if "{trace_id}" not in text:
+        raise ValueError("must contain {trace_id}")
+    parse_url(text.replace("{trace_id}", "0" * 32))
+    return text.strip()
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -299,6 +308,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBECONFIG": ("kubeconfig", _nonempty),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
     "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
+    "KUBENURSE_TRACE_URL_TEMPLATE": ("trace_url_template", parse_trace_url_template),
 }
 
 #: Every environment variable the probe reads itself (OTEL_* aside: the SDK reads those).

@@ -36,6 +36,7 @@ class CheckResult:
     events: Mapping[str, float] = field(default_factory=dict)
     #: Why a skipped check was skipped.
     skip_reason: str | None = None
+    trace_id: str | None = None
 
     @property
     def ok(self) -> bool:
