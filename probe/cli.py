@@ -15,7 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     if args and args[0] in ("-h", "--help"):
         print("usage: kubenurse            run the probe (configured by environment variables)")
         print("       kubenurse sandbox    try it: N probes as a pretend cluster on loopback (sandbox --help)")
+        print("       kubenurse mesh [URL] where the cluster's network is broken; exit 1 if anywhere (mesh --help)")
         return 0
+    if args and args[0] == "mesh":
+        from probe.mesh.terminal import main as mesh
+
+        return mesh(args[1:])
     if args and args[0] == "sandbox":
         from probe.sandbox import main as sandbox
 
