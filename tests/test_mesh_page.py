@@ -1,0 +1,104 @@
+"""The /mesh page in a real headless browser (Debian chromium driven by Playwright), on a
+sandbox of real probes: every node rendered, a stopped node's verdict within 10 s, and a
+screenshot written as a test artefact (no assertion on pixel colours)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_sandbox import REPO, Sandbox, eventually, get, start_sandbox
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTEFACTS = Path(os.environ.get("KUBENURSE_TEST_ARTEFACTS", REPO / "test-artefacts"))
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is missing (CI=true: .ci/run installs it)")
+    pytest.skip(f"{what} is missing")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        _missing("chromium (apt install chromium)")
+    profile = tempfile.mkdtemp(prefix="kubenurse-chromium-")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1200, "height": 900},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    running = start_sandbox("--nodes", "5", "--no-prometheus")
+    for base in running.nodes.values():
+        eventually(lambda base=base: (get(base + "/alwayshappy")[0] == 200, base), 15, "probes listening")
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def test_page_is_self_contained_and_small(sandbox: Sandbox) -> None:
+    status, body = get(sandbox.nodes["node-1"] + "/mesh")
+    assert status == 200
+    assert len(body.encode()) < 200 * 1024
+    for external in ("http://", "https://", "//cdn", "<link", "src="):
+        assert external not in body, external
+
+
+def test_page_renders_every_node_and_names_a_stopped_node(sandbox: Sandbox, browser) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    base = sandbox.nodes["node-1"]
+    page.goto(base + "/mesh")
+    page.wait_for_selector(".verdict[data-kind='ok']", timeout=15_000)
+    for node in sandbox.nodes:
+        assert page.locator(f"#nodes tr[data-node='{node}']").count() == 1, node
+        assert page.locator(f"table.matrix th:text-is('{node}')").count() >= 1, node
+    # Each of the 5 probes checks 3 neighbours (the sandbox's limit): 15 paths, all ok.
+    page.wait_for_function("document.querySelectorAll('table.matrix td.ok').length === 15", timeout=10_000)
+
+    sandbox.command("stop", "node-4")
+    stopped = time.monotonic()
+    page.wait_for_selector(".verdict[data-kind='node_unreachable'][data-subject='node-4']", timeout=10_000)
+    elapsed = time.monotonic() - stopped
+    text = page.locator("#verdicts").inner_text()
+    assert "node-4 is unreachable" in text
+    assert page.locator("table.matrix td.fail[data-to='node-4']").count() == 3
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "mesh-node-stopped.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"verdict on the page {elapsed:.1f} s after `stop` returned; screenshot {shot}")
+
+    # Filtering: only the nodes with problems, then by name.
+    page.check("#problems")
+    assert page.locator("#nodes tbody tr").count() == 4  # node-4 and the 3 probes that check it
+    page.fill("#filter", "node-4")
+    assert page.locator("#nodes tbody tr").count() == 1
+    # Nothing but the probe was asked for anything.
+    assert requests and all(u.startswith(base) for u in requests), requests
+    sandbox.command("start", "node-4")
