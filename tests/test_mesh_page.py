@@ -102,3 +102,56 @@ def test_page_renders_every_node_and_names_a_stopped_node(sandbox: Sandbox, brow
     # Nothing but the probe was asked for anything.
     assert requests and all(u.startswith(base) for u in requests), requests
     sandbox.command("start", "node-4")
+
+
+def test_failing_path_links_to_its_trace(browser) -> None:  # type: ignore[no-untyped-def]
+    """With KUBENURSE_TRACE_URL_TEMPLATE the document carries trace URLs; the page makes the
+    failing cell a link to it. Served from a hand-written document (no tracing needed)."""
+    import http.server
+    import json
+    import threading
+
+    from probe.mesh.collect import mesh_document
+    from probe.mesh.routes import PAGE
+    from probe.mesh.verdicts import CheckView, Evidence, NodeView, PathView, judge
+
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    evidence = Evidence(
+        [NodeView("a"), NodeView("b"), NodeView("c")],
+        [
+            PathView("a", "b", False, None, "connect_done", trace),
+            PathView("a", "c", True, 0.001, None, "1" * 32),
+            PathView("b", "a", True, 0.001), PathView("b", "c", True, 0.001),
+            PathView("c", "a", True, 0.001), PathView("c", "b", True, 0.001),
+        ],
+        [CheckView("a", "api_server_direct", True, 0.002)],
+    )
+    document = mesh_document(
+        evidence, judge(evidence), source="a", generated_at=0,
+        trace_url_template="http://127.0.0.1:1/explore?trace={trace_id}",
+    )
+    body = json.dumps(document).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            content, kind = (PAGE, "text/html") if self.path == "/mesh" else (body, "application/json")
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{server.server_port}/mesh")
+        page.wait_for_selector(".verdict[data-kind='path_broken']", timeout=10_000)
+        link = page.locator("td.fail[data-from='a'][data-to='b'] a")
+        assert link.get_attribute("href") == f"http://127.0.0.1:1/explore?trace={trace}"
+        # A working path is not framed as a link, though it has a trace too.
+        assert page.locator("td.ok a").count() == 0
+    finally:
+        server.shutdown()

@@ -153,3 +153,8 @@ def test_cordoned_node_is_mentioned_in_the_ok_verdict() -> None:
     found = judge(evidence)
     assert kinds(found) == [("ok", "cluster", "sure")]
     assert any("n9" in e for e in found[0].evidence)
+
+
+def test_one_of_two_checkers_failing_is_a_broken_path_not_a_dead_node() -> None:
+    found = judge(mesh(["n1", "n2", "n3"], fail={("n1", "n2")}))
+    assert kinds(found) == [("path_broken", "n1->n2", "sure")]

@@ -12,9 +12,11 @@ The rules, in the order they explain failures away:
 3. A partition: the probes fall into two or more groups of at least two that reach each
    other inside a group and not across. Which side is at fault cannot be told: unsure.
 4. A node unreachable: its incoming paths fail from at least half of the probes that check
-   it, while those probes reach other nodes. Only witnesses that reach others count: a
+   it (and from more than one, unless it also did not answer the mesh request), while those
+   probes reach other nodes. Only witnesses that reach others count: a
    probe that reaches nobody may be isolated itself, and then the verdict says unsure.
-5. A node isolated: its outgoing paths fail (at least half) while others reach it.
+5. A node isolated: its outgoing paths fail (at least half, and at least two) while others
+   reach it.
 6. One path broken: a failing path whose source reaches others and whose destination is
    reached by others.
 7. A node slow: the paths towards it answer far slower than the cluster's other paths.
@@ -296,6 +298,8 @@ def _unreachable(
         return None
     if 2 * len(failing) < len(incoming):
         return None
+    if len(failing) == 1 and len(incoming) >= 2 and not not_answering:
+        return None  # one failing path while another probe gets through: that path is broken
     witnesses = [p for p in failing if graph.reaches_other(p.source, target)]
     evidence = [
         f"{_share(len(failing), len(incoming))} probes that check it fail ({_events(failing)})",
@@ -326,7 +330,8 @@ def _unreachable(
 def _isolated(source: str, graph: _Graph, unreachable: set[str]) -> Verdict | None:
     outgoing = [p for p in graph.outgoing.get(source, []) if p.target not in unreachable]
     failing = [p for p in outgoing if not p.ok]
-    if not failing or 2 * len(failing) < len(outgoing):
+    # One failing path is a broken path (rule 6), not an isolated node: isolation takes two.
+    if len(failing) < 2 or 2 * len(failing) < len(outgoing):
         return None
     # The destinations it cannot reach are reached by others, and others reach it.
     reached_targets = [p for p in failing if graph.reached_by_other(p.target, source)]
