@@ -49,6 +49,7 @@ class Probe:
             neighbourhood=self.neighbours.current,
             incoming=self.incoming,
             extra=self._alive_extra,
+            eligible=getattr(self.neighbours, "eligible", tuple),
         )
         self.app = build_app(settings, self.state, self.metrics, tracer)
         self._runner: web.AppRunner | None = None

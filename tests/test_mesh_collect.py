@@ -18,6 +18,7 @@ from probe.checks.rounds import Round
 from probe.mesh.collect import (
     REPORT_PATH,
     MeshView,
+    Peer,
     evidence_from,
     gather_reports,
     mesh_document,
@@ -25,6 +26,8 @@ from probe.mesh.collect import (
 )
 from probe.mesh.verdicts import judge
 from probe.neighbours import Neighbour, Neighbourhood
+from tests.test_discovery import add_neighbour, api, in_cluster, sa_dir, source, started  # noqa: F401 - fixtures
+from tests.test_discovery import eventually as discovery_eventually
 
 
 def free_port() -> int:
@@ -174,3 +177,36 @@ async def test_viewers_share_one_walk() -> None:
         await view.close()
     assert calls == 1
     assert all(json.dumps(d) == json.dumps(documents[0]) for d in documents)
+
+
+async def test_seeds_reach_probes_nobody_lists(pods) -> None:  # type: ignore[no-untyped-def]
+    # Probe 1 checks only 2; 3 is checked by nobody (e.g. the probes before it are down),
+    # but discovery knows it is eligible: it is asked too.
+    async def two(_r: web.Request) -> web.Response:
+        return web.json_response(report(2, []))
+
+    async def three(_r: web.Request) -> web.Response:
+        return web.json_response(report(3, []))
+
+    await pods(2, two)
+    await pods(3, three)
+    seeds = [Peer("n2", "pod-2", ip(2)), Peer("n3", "pod-3", ip(3))]
+    async with aiohttp.ClientSession() as session:
+        without = await gather_reports(report(1, [2]), session, port=pods.port)
+        with_seeds = await gather_reports(report(1, [2]), session, port=pods.port, seeds=seeds)
+    assert sorted(without.reports) == ["n1", "n2"]
+    assert sorted(with_seeds.reports) == ["n1", "n2", "n3"]
+
+
+async def test_discovery_lists_every_eligible_pod_beyond_the_limit(api, sa_dir) -> None:  # type: ignore[no-untyped-def] # noqa: F811
+    for i in range(6):
+        add_neighbour(api, f"p{i}", f"node-{i}", f"10.0.0.{i + 2}")
+    add_neighbour(api, "cordoned", "node-c", "10.0.0.99")
+    api.cordon("node-c")
+    async with started(source(in_cluster(api, sa_dir, neighbour_limit=2))) as src:
+        await discovery_eventually(lambda: len(src.current().neighbours) == 2, "two neighbours")
+        everyone = src.eligible()
+        assert sorted(n.pod_name for n in everyone) == [f"p{i}" for i in range(6)]
+        assert src.eligible() is everyone, "cached while nothing changed"
+        api.uncordon("node-c")
+        await discovery_eventually(lambda: len(src.eligible()) == 7, "uncordoned pod eligible")

@@ -158,3 +158,11 @@ def test_cordoned_node_is_mentioned_in_the_ok_verdict() -> None:
 def test_one_of_two_checkers_failing_is_a_broken_path_not_a_dead_node() -> None:
     found = judge(mesh(["n1", "n2", "n3"], fail={("n1", "n2")}))
     assert kinds(found) == [("path_broken", "n1->n2", "sure")]
+
+
+def test_a_probe_that_does_not_answer_the_mesh_but_its_paths_work() -> None:
+    evidence = mesh(["n1", "n2", "n3"])
+    nodes = [NodeView(n.node, reached=n.node != "n3") for n in evidence.nodes]
+    found = judge(Evidence(nodes, evidence.paths, evidence.checks))
+    assert kinds(found) == [("ok", "cluster", "sure")]
+    assert any("did not answer the mesh request: n3" in e for e in found[0].evidence)

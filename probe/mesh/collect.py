@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,15 +96,17 @@ async def gather_reports(
     timeout: float = ASK_TIMEOUT_SECONDS,
     concurrency: int = ASK_CONCURRENCY,
     cap: int = ASK_CAP,
+    seeds: Iterable[Peer] = (),
 ) -> Gathered:
-    """Ask every probe reachable through the neighbour lists for its report."""
+    """Ask every probe in `seeds` (every eligible pod this probe's discovery knows) and every
+    probe reachable through the neighbour lists for its report."""
     gathered = Gathered()
-    gathered.reports[own["node"]] = own
+    gathered.reports[str(own["node"])] = own
     queue: asyncio.Queue[Peer] = asyncio.Queue()
     seen = {own["node"]}
 
-    def discover(report: Mapping[str, Any]) -> None:
-        for peer in peers_of(report):
+    def discover(peers: Iterable[Peer]) -> None:
+        for peer in peers:
             gathered.peers.setdefault(peer.node, peer)
             if peer.node in seen:
                 continue
@@ -136,7 +138,7 @@ async def gather_reports(
             gathered.unreached[peer.node] = f"answered as {report.get('node')!r}"
             return
         gathered.reports[peer.node] = report
-        discover(report)
+        discover(peers_of(report))
 
     async def worker() -> None:
         while True:
@@ -146,7 +148,7 @@ async def gather_reports(
             finally:
                 queue.task_done()
 
-    discover(own)
+    discover([*seeds, *peers_of(own)])
     workers = [asyncio.create_task(worker()) for _ in range(concurrency)]
     try:
         await queue.join()
@@ -279,15 +281,17 @@ class MeshView:
 
     def __init__(
         self,
-        own: Any,
+        own: Callable[[], Mapping[str, Any]],
         *,
+        seeds: Callable[[], Iterable[Peer]] = tuple,
         source: str,
         port: int,
         trace_url_template: str | None = None,
         max_age: float = 1.0,
         timeout: float = ASK_TIMEOUT_SECONDS,
     ) -> None:
-        self._own = own  # () -> own report
+        self._own = own
+        self._seeds = seeds
         self._source = source
         self._port = port
         self._template = trace_url_template
@@ -316,7 +320,9 @@ class MeshView:
                 connector=aiohttp.TCPConnector(limit=ASK_CONCURRENCY, force_close=True),
                 cookie_jar=aiohttp.DummyCookieJar(),
             )
-        gathered = await gather_reports(self._own(), self._session, port=self._port, timeout=self._timeout)
+        gathered = await gather_reports(
+            self._own(), self._session, port=self._port, timeout=self._timeout, seeds=self._seeds()
+        )
         evidence = evidence_from(gathered)
         document = mesh_document(
             evidence,

@@ -10,8 +10,8 @@ from typing import Any
 from aiohttp import web
 
 from probe.checks.rounds import Round
-from probe.mesh.collect import REPORT_PATH, MeshView, own_report
-from probe.neighbours import Neighbourhood
+from probe.mesh.collect import REPORT_PATH, MeshView, Peer, own_report
+from probe.neighbours import Neighbour, Neighbourhood
 from probe.settings import Settings
 
 #: The page, read once: one self-contained file (no build step, no external resources).
@@ -30,14 +30,19 @@ def add_routes(
     last_round: Callable[[], Round | None],
     neighbourhood: Callable[[], Neighbourhood],
     ready: Callable[[], bool],
+    eligible: Callable[[], tuple[Neighbour, ...]] = tuple,
 ) -> MeshView:
     def report() -> dict[str, Any]:
         return own_report(
             last_round(), node=own_node(settings, neighbourhood()), pod=settings.pod_name, ready=ready()
         )
 
+    def seeds() -> list[Peer]:
+        return [Peer(n.node_name, n.pod_name, n.pod_ip) for n in eligible()]
+
     view = MeshView(
         report,
+        seeds=seeds,
         source=settings.pod_name,
         port=settings.http_port,
         trace_url_template=settings.trace_url_template,

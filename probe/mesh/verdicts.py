@@ -545,6 +545,9 @@ def _all_well(evidence: Evidence, paths: Sequence[PathView]) -> Verdict:
     timed = [p.latency for p in paths if p.latency is not None]
     if timed:
         facts.append(f"median path latency {_ms(statistics.median(timed))}, slowest {_ms(max(timed))}")
+    silent = sorted(n.node for n in evidence.nodes if not n.reached)
+    if silent:
+        facts.append(f"paths to them work, but these did not answer the mesh request: {_names(silent)}")
     not_ready = sorted(n.node for n in evidence.nodes if not n.ready)
     if not_ready:
         facts.append(f"not ready (cordoned or shutting down, so not checked): {_names(not_ready)}")
