@@ -12,6 +12,9 @@ from aiohttp import web
 from probe.checks.http import HttpChecker
 from probe.checks.rounds import Prober
 from probe.discovery import make_source
+from probe.discovery.kube import locate
+from probe.mesh.events import NodeEventReporter
+from probe.mesh.routes import MESH_VIEW, own_node
 from probe.neighbours import NeighbourSource
 from probe.server import ServerState, build_app, start_servers
 from probe.settings import Settings
@@ -54,6 +57,8 @@ class Probe:
         self.app = build_app(settings, self.state, self.metrics, tracer)
         self._runner: web.AppRunner | None = None
         self._rounds: asyncio.Task[None] | None = None
+        self.node_events = node_event_reporter(settings, self.app, self.neighbours)
+        self._node_events: asyncio.Task[None] | None = None
 
     def _alive_extra(self) -> dict[str, object]:
         if self.tracing is None:
@@ -74,6 +79,8 @@ class Probe:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
         self._rounds = asyncio.create_task(self.prober.run(), name="rounds")
+        if self.node_events is not None:
+            self._node_events = asyncio.create_task(self.node_events.run(), name="node-events")
         log.info(
             "probe started",
             extra={
@@ -89,10 +96,13 @@ class Probe:
 
     async def stop(self) -> None:
         self.begin_shutdown()
-        if self._rounds is not None:
-            self._rounds.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rounds
+        for task in (self._rounds, self._node_events):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.node_events is not None:
+            await self.node_events.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.neighbours.stop()
@@ -102,6 +112,29 @@ class Probe:
         if self.tracing is not None:
             flushes.append(asyncio.to_thread(self.tracing.shutdown, TELEMETRY_FLUSH_SECONDS))
         await asyncio.gather(*flushes)
+
+
+def node_event_reporter(
+    settings: Settings, app: web.Application, neighbours: NeighbourSource
+) -> NodeEventReporter | None:
+    """With KUBENURSE_NODE_EVENTS: the reporter, or None (and why) when it cannot post."""
+    if not settings.node_events:
+        return None
+    credentials = locate(settings)
+    namespace = settings.pod_namespace or settings.namespace
+    if isinstance(credentials, str) or not namespace:
+        reason = credentials if isinstance(credentials, str) else "POD_NAMESPACE and KUBENURSE_NAMESPACE unset"
+        log.warning("node events off", extra={"reason": reason})
+        return None
+    eligible = getattr(neighbours, "eligible", tuple)
+    return NodeEventReporter(
+        credentials,
+        app[MESH_VIEW],
+        namespace=namespace,
+        pod=settings.pod_name,
+        own_node=lambda: own_node(settings, neighbours.current()),
+        eligible_nodes=lambda: [n.node_name for n in eligible()],
+    )
 
 
 async def serve(settings: Settings) -> None:

@@ -89,6 +89,8 @@ class Settings:
     otlp_metrics_protocol: str = "http/protobuf"
     #: The mesh page links a failing or slow path to its trace: this URL with `{trace_id}` filled in.
     trace_url_template: str | None = None
+    #: Post Kubernetes Events on the culprit node of a mesh verdict (needs the node-events RBAC).
+    node_events: bool = False
 
     @property
     def own_namespace(self) -> str | None:
@@ -309,6 +311,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
     "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
     "KUBENURSE_TRACE_URL_TEMPLATE": ("trace_url_template", parse_trace_url_template),
+    "KUBENURSE_NODE_EVENTS": ("node_events", parse_bool),
 }
 
 #: Every environment variable the probe reads itself (OTEL_* aside: the SDK reads those).

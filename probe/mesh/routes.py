@@ -14,6 +14,8 @@ from probe.mesh.collect import REPORT_PATH, MeshView, Peer, own_report
 from probe.neighbours import Neighbour, Neighbourhood
 from probe.settings import Settings
 
+#: Where build_app leaves the view, for the node-event reporter.
+MESH_VIEW = web.AppKey("mesh_view", MeshView)
 #: The page, read once: one self-contained file (no build step, no external resources).
 PAGE = resources.files("probe.mesh").joinpath("page.html").read_bytes()
 
@@ -75,6 +77,7 @@ def add_routes(
     app.router.add_get("/mesh.json", mesh_json)
     app.router.add_get("/mesh", page)
     app.on_cleanup.append(close)
+    app[MESH_VIEW] = view
     return view
 
 
