@@ -139,3 +139,27 @@ async def test_a_dead_api_server_is_logged_not_raised(tmp_path: Path) -> None:
         assert list(reporter.posted.values()) == [0]
     finally:
         await reporter.close()
+
+
+def test_probe_wiring_needs_the_setting_and_credentials(tmp_path: Path) -> None:
+    from probe.app import node_event_reporter
+    from probe.mesh.routes import add_routes
+    from probe.neighbours import StaticNeighbours
+    from probe.settings import Settings
+
+    def app_for(settings: Settings) -> web.Application:
+        app = web.Application()
+        add_routes(app, settings, last_round=lambda: None, neighbourhood=hood.current, ready=lambda: True)
+        return app
+
+    hood = StaticNeighbours.unavailable("test")
+    off = Settings(pod_namespace="kubenurse")
+    assert node_event_reporter(off, app_for(off), hood) is None
+    nowhere = Settings(node_events=True, pod_namespace="kubenurse")
+    assert node_event_reporter(nowhere, app_for(nowhere), hood) is None, "not in a cluster: off, with a warning"
+    (tmp_path / "token").write_text(TOKEN)
+    in_cluster = Settings(
+        node_events=True, pod_namespace="kubenurse", kubernetes_service_host="127.0.0.1",
+        serviceaccount_dir=str(tmp_path),
+    )
+    assert isinstance(node_event_reporter(in_cluster, app_for(in_cluster), hood), NodeEventReporter)
