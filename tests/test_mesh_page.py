@@ -4,15 +4,22 @@ screenshot written as a test artefact (no assertion on pixel colours)."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from probe.mesh.collect import mesh_document
+from probe.mesh.routes import PAGE
+from probe.mesh.verdicts import CheckView, Evidence, NodeView, PathView, judge
 from tests.test_sandbox import REPO, Sandbox, eventually, get, start_sandbox
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -104,32 +111,9 @@ def test_page_renders_every_node_and_names_a_stopped_node(sandbox: Sandbox, brow
     sandbox.command("start", "node-4")
 
 
-def test_failing_path_links_to_its_trace(browser) -> None:  # type: ignore[no-untyped-def]
-    """With KUBENURSE_TRACE_URL_TEMPLATE the document carries trace URLs; the page makes the
-    failing cell a link to it. Served from a hand-written document (no tracing needed)."""
-    import http.server
-    import json
-    import threading
-
-    from probe.mesh.collect import mesh_document
-    from probe.mesh.routes import PAGE
-    from probe.mesh.verdicts import CheckView, Evidence, NodeView, PathView, judge
-
-    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
-    evidence = Evidence(
-        [NodeView("a"), NodeView("b"), NodeView("c")],
-        [
-            PathView("a", "b", False, None, "connect_done", trace),
-            PathView("a", "c", True, 0.001, None, "1" * 32),
-            PathView("b", "a", True, 0.001), PathView("b", "c", True, 0.001),
-            PathView("c", "a", True, 0.001), PathView("c", "b", True, 0.001),
-        ],
-        [CheckView("a", "api_server_direct", True, 0.002)],
-    )
-    document = mesh_document(
-        evidence, judge(evidence), source="a", generated_at=0,
-        trace_url_template="http://127.0.0.1:1/explore?trace={trace_id}",
-    )
+@contextlib.contextmanager
+def serving(document: dict[str, object]) -> Iterator[str]:
+    """The page and a hand-written /mesh.json on a loopback server (no probes needed)."""
     body = json.dumps(document).encode()
 
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -146,12 +130,62 @@ def test_failing_path_links_to_its_trace(browser) -> None:  # type: ignore[no-un
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{server.server_port}/mesh")
-        page.wait_for_selector(".verdict[data-kind='path_broken']", timeout=10_000)
-        link = page.locator("td.fail[data-from='a'][data-to='b'] a")
-        assert link.get_attribute("href") == f"http://127.0.0.1:1/explore?trace={trace}"
-        # A working path is not framed as a link, though it has a trace too.
-        assert page.locator("td.ok a").count() == 0
+        yield f"http://127.0.0.1:{server.server_port}/mesh"
     finally:
         server.shutdown()
+
+
+TEMPLATE = "http://127.0.0.1:1/explore?trace={trace_id}"
+
+
+def test_failing_path_links_to_its_trace(browser) -> None:  # type: ignore[no-untyped-def]
+    """With KUBENURSE_TRACE_URL_TEMPLATE the document carries trace URLs; the page makes the
+    failing cell a link to it. Served from a hand-written document (no tracing needed)."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    evidence = Evidence(
+        [NodeView("a"), NodeView("b"), NodeView("c")],
+        [
+            PathView("a", "b", False, None, "connect_done", trace),
+            PathView("a", "c", True, 0.001, None, "1" * 32),
+            PathView("b", "a", True, 0.001), PathView("b", "c", True, 0.001),
+            PathView("c", "a", True, 0.001), PathView("c", "b", True, 0.001),
+        ],
+        [CheckView("a", "api_server_direct", True, 0.002)],
+    )
+    document = mesh_document(evidence, judge(evidence), source="a", generated_at=0, trace_url_template=TEMPLATE)
+    with serving(document) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".verdict[data-kind='path_broken']", timeout=10_000)
+        link = page.locator("td.fail[data-from='a'][data-to='b'] a")
+        assert link.get_attribute("href") == TEMPLATE.format(trace_id=trace)
+        # A working path is not framed as a link, though it has a trace too.
+        assert page.locator("td.ok a").count() == 0
+
+
+def test_a_large_cluster_is_drawn_and_filtering_brings_the_cells_back(browser) -> None:  # type: ignore[no-untyped-def]
+    n, limit, down = 120, 10, 7
+    name = [f"node-{i:03d}" for i in range(n)]
+    paths = [
+        PathView(name[i], name[j], j != down, 0.001, None if j != down else "connect_done", f"{i:016x}{k:016x}")
+        for i in range(n) if i != down for k in range(1, limit + 1) for j in [(i + k) % n]
+    ]
+    evidence = Evidence([NodeView(x, reached=i != down) for i, x in enumerate(name)], paths, [])
+    document = mesh_document(evidence, judge(evidence), source="a", generated_at=0, trace_url_template=TEMPLATE)
+    with serving(document) as url:
+        page = browser.new_page()
+        # The trace backend of the template: answered here, nothing leaves the machine.
+        browser.route("http://127.0.0.1:1/**", lambda route: route.fulfill(body="a trace"))
+        page.goto(url)
+        page.wait_for_selector(".verdict[data-kind='node_unreachable'][data-subject='node-007']", timeout=10_000)
+        assert page.locator("#matrix-canvas").count() == 1 and page.locator("table.matrix").count() == 0
+        assert page.locator("#nodes tbody tr").count() == n
+        # Row node-000 (index 0), column node-007: a failing path; a click opens its trace.
+        box = page.locator("#matrix-canvas").bounding_box()
+        cell = box["width"] / n
+        with page.expect_popup() as popup:
+            page.mouse.click(box["x"] + (down + 0.5) * cell, box["y"] + 0.5 * cell)
+        assert popup.value.url == TEMPLATE.format(trace_id=f"{0:016x}{down:016x}")
+        page.fill("#filter", "node-00")
+        assert page.locator("#nodes tbody tr").count() == 10
+        assert page.locator("table.matrix td.fail[data-to='node-007']").count() == 7  # node-000..006 check it
