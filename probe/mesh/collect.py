@@ -12,6 +12,7 @@ too (`reached: false`).
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -164,8 +165,6 @@ def _host(ip: str) -> str:
 
 
 def _decode(body: bytes) -> dict[str, Any]:
-    import json
-
     value = json.loads(body)
     if not isinstance(value, dict):
         raise ValueError("not a JSON object")
@@ -204,9 +203,8 @@ def evidence_from(gathered: Gathered) -> Evidence:
                 continue
             check_type: str = r["type"]
             ok = r.get("ok") is True
-            latency, event, trace_id = _number(r.get("latency_seconds")), _text(r.get("error_event")), _text(
-                r.get("trace_id")
-            )
+            latency, event = _number(r.get("latency_seconds")), _text(r.get("error_event"))
+            trace_id = _text(r.get("trace_id"))
             if check_type.startswith(names.PATH_PREFIX):
                 target = _text(r.get("to")) or check_type.removeprefix(names.PATH_PREFIX)
                 paths.append(PathView(node, target, ok, latency, event, trace_id))
