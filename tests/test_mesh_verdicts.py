@@ -166,3 +166,29 @@ def test_a_probe_that_does_not_answer_the_mesh_but_its_paths_work() -> None:
     found = judge(Evidence(nodes, evidence.paths, evidence.checks))
     assert kinds(found) == [("ok", "cluster", "sure")]
     assert any("did not answer the mesh request: n3" in e for e in found[0].evidence)
+
+
+def test_every_failure_gets_a_verdict_even_on_thin_evidence() -> None:
+    # Two probes that cannot reach each other: which one is at fault is unknowable.
+    found = judge(mesh(["n1", "n2"], fail={("n1", "n2"), ("n2", "n1")}))
+    assert found and all(k[2] == "unsure" for k in kinds(found))
+    assert "ok" not in {k[0] for k in kinds(found)}
+
+
+def test_ok_exactly_when_nothing_fails_on_random_tables() -> None:
+    import random
+
+    rng = random.Random(14)
+    for _ in range(500):
+        nodes = [f"n{i}" for i in range(rng.randint(1, 9))]
+        down = {n for n in nodes if rng.random() < 0.15}
+        fail = {(a, b) for a, b in permutations(nodes, 2) if rng.random() < 0.08}
+        check_fail = {t: {n for n in nodes if rng.random() < 0.05} for t in ("api_server_direct", "me_service")}
+        evidence = mesh(nodes, down=down, fail=fail, check_fail=check_fail)
+        found = judge(evidence)
+        failing = any(not p.ok for p in evidence.paths) or any(not c.ok for c in evidence.checks)
+        ok = [v for v in found if v.kind == "ok"]
+        assert found, evidence
+        assert not (failing and ok), (evidence, found)
+        assert not ok or found == ok
+        assert all(v.confidence in ("sure", "likely", "unsure") and v.summary for v in found)

@@ -358,11 +358,11 @@ def _isolated(source: str, graph: _Graph, unreachable: set[str]) -> Verdict | No
     return Verdict(NODE_ISOLATED, source, confidence, summary, tuple(evidence))
 
 
-def _broken_path(p: PathView, graph: _Graph) -> Verdict | None:
+def _broken_path(p: PathView, graph: _Graph) -> Verdict:
+    """A failing path no node verdict explains. Even on thin evidence it gets a verdict
+    (`unsure`): a failing check must never end in `ok`."""
     source_fine = graph.reaches_other(p.source, p.target)
     target_fine = graph.reached_by_other(p.target, p.source)
-    if not (source_fine or target_fine):
-        return None
     evidence = [f"{p.source} -> {p.target} fails at {_event(p.error_event)}"]
     evidence.append(
         f"{p.source} reaches other nodes" if source_fine else f"{p.source} reaches no other node it checks"
@@ -370,8 +370,10 @@ def _broken_path(p: PathView, graph: _Graph) -> Verdict | None:
     evidence.append(
         f"{p.target} is reached by other probes" if target_fine else f"no other probe checks {p.target} successfully"
     )
-    confidence = SURE if source_fine and target_fine else UNSURE
+    confidence = SURE if source_fine and target_fine else LIKELY if source_fine or target_fine else UNSURE
     summary = f"The path from {p.source} to {p.target} is broken; both ends work otherwise."
+    if confidence == LIKELY:
+        summary = f"The path from {p.source} to {p.target} is broken."
     if confidence == UNSURE:
         summary = f"The path from {p.source} to {p.target} fails; the rest of the evidence is too thin to say more."
     return Verdict(PATH_BROKEN, f"{p.source}->{p.target}", confidence, summary, tuple(evidence))
@@ -475,9 +477,7 @@ def judge(evidence: Evidence) -> list[Verdict]:
     for p in paths:
         if p.ok or p.source in explained or p.target in explained:
             continue
-        v = _broken_path(p, graph)
-        if v:
-            verdicts.append(v)
+        verdicts.append(_broken_path(p, graph))
 
     verdicts.extend(v for v in _slow(graph, paths) if v.subject not in explained)
 
