@@ -159,6 +159,18 @@ def test_report_is_compact_and_bad_requests_leave_the_probe_serving(sandbox: San
     assert {n["node"] for n in report["neighbours"]} == {"node-2", "node-3", "node-4"}
     assert "\n" not in body
     assert get(f"{base}/mesh.json?x=" + "a" * 2000)[0] == 200
+    status, gzipped = _gzip_get(f"{base}/mesh.json")
+    assert status == 200 and json.loads(gzipped)["source"] == "kubenurse-node-1"
     status, _ = get(f"{base}/mesh/nothing")
     assert status == 404
     assert get(f"{base}/alwayshappy")[0] == 200
+
+
+def _gzip_get(url: str) -> tuple[int, str]:
+    import gzip
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"Accept-Encoding": "gzip"})
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
+        assert response.headers["Content-Encoding"] == "gzip"
+        return response.status, gzip.decompress(response.read()).decode()
