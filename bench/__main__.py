@@ -14,6 +14,7 @@ MODULES = (
     "bench.bench_cardinality",
     "bench.bench_blackbox",
     "bench.bench_kinds",
+    "bench.bench_mesh",
 )
 
 

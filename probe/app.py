@@ -15,6 +15,9 @@ from probe.checks import kernel
 from probe.checks.kinds import build_checkers
 from probe.checks.rounds import Prober
 from probe.discovery import make_source
+from probe.discovery.kube import locate
+from probe.mesh.events import NodeEventReporter
+from probe.mesh.routes import MESH_VIEW, own_node
 from probe.neighbours import NeighbourSource
 from probe.server import ServerState, build_app, start_servers
 from probe.settings import Settings
@@ -54,10 +57,13 @@ class Probe:
             neighbourhood=self.neighbours.current,
             incoming=self.incoming,
             extra=self._alive_extra,
+            eligible=getattr(self.neighbours, "eligible", tuple),
         )
         self.app = build_app(settings, self.state, self.metrics, tracer)
         self._runner: web.AppRunner | None = None
         self._rounds: asyncio.Task[None] | None = None
+        self.node_events = node_event_reporter(settings, self.app, self.neighbours)
+        self._node_events: asyncio.Task[None] | None = None
 
     def _alive_extra(self) -> dict[str, object]:
         if self.tracing is None:
@@ -85,6 +91,8 @@ class Probe:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
         self._rounds = asyncio.create_task(self.prober.run(), name="rounds")
+        if self.node_events is not None:
+            self._node_events = asyncio.create_task(self.node_events.run(), name="node-events")
         timing = kernel.capabilities()
         log.info(
             "probe started",
@@ -104,10 +112,13 @@ class Probe:
 
     async def stop(self) -> None:
         self.begin_shutdown()
-        if self._rounds is not None:
-            self._rounds.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rounds
+        for task in (self._rounds, self._node_events):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.node_events is not None:
+            await self.node_events.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.neighbours.stop()
@@ -123,6 +134,29 @@ class Probe:
 #: 5 ms). A DNS lookup's end is noted on its own thread once it has the interpreter back, so
 #: this bounds how much a busy probe can add to a DNS figure.
 SWITCH_INTERVAL = 0.001
+
+
+def node_event_reporter(
+    settings: Settings, app: web.Application, neighbours: NeighbourSource
+) -> NodeEventReporter | None:
+    """With KUBENURSE_NODE_EVENTS: the reporter, or None (and why) when it cannot post."""
+    if not settings.node_events:
+        return None
+    credentials = locate(settings)
+    namespace = settings.pod_namespace or settings.namespace
+    if isinstance(credentials, str) or not namespace:
+        reason = credentials if isinstance(credentials, str) else "POD_NAMESPACE and KUBENURSE_NAMESPACE unset"
+        log.warning("node events off", extra={"reason": reason})
+        return None
+    eligible = getattr(neighbours, "eligible", tuple)
+    return NodeEventReporter(
+        credentials,
+        app[MESH_VIEW],
+        namespace=namespace,
+        pod=settings.pod_name,
+        own_node=lambda: own_node(settings, neighbours.current()),
+        eligible_nodes=lambda: [n.node_name for n in eligible()],
+    )
 
 
 async def serve(settings: Settings) -> None:

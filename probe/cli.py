@@ -16,6 +16,12 @@ from probe import __version__, logs
 from probe.settings import SettingsError, load_settings, variable_help
 
 
+def _mesh(args: list[str]) -> int:
+    from probe.mesh.terminal import main as mesh
+
+    return mesh(args)
+
+
 def _sandbox(args: list[str]) -> int:
     from probe.sandbox import main as sandbox
 
@@ -25,6 +31,7 @@ def _sandbox(args: list[str]) -> int:
 #: name -> (one line of help, runner taking the remaining arguments and returning the exit status)
 COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "sandbox": ("try it: N probes as a pretend cluster on loopback (sandbox --help)", _sandbox),
+    "mesh": ("[URL] where the cluster's network is broken; exit 1 if anywhere (mesh --help)", _mesh),
 }
 
 

@@ -17,7 +17,8 @@ from opentelemetry.trace import SpanKind
 
 from probe import names
 from probe.checks.rounds import Round
-from probe.neighbours import Neighbourhood
+from probe.mesh.routes import add_routes as add_mesh_routes
+from probe.neighbours import Neighbour, Neighbourhood
 from probe.settings import Settings
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics
@@ -54,6 +55,8 @@ class ServerState:
     shutting_down: bool = False
     #: More facts for /alive (e.g. OTLP export counts).
     extra: Callable[[], dict[str, object]] = dict
+    #: Every pod that may be checked, before the limit (the mesh view asks them all).
+    eligible: Callable[[], tuple[Neighbour, ...]] = tuple
 
 
 def _headers(request: web.Request) -> dict[str, list[str]]:
@@ -178,6 +181,10 @@ def build_app(
     app.router.add_get("/alwayshappy", always_happy)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_handler)
+    add_mesh_routes(
+        app, settings, last_round=state.last_round, neighbourhood=state.neighbourhood, eligible=state.eligible,
+        ready=lambda: not state.shutting_down and state.neighbourhood().node_schedulable,
+    )
     return app
 
 

@@ -94,6 +94,10 @@ class Settings:
     otlp_metrics_temporality: str = "delta"
     #: OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION (OTLP only).
     otlp_histogram_aggregation: str = "base2_exponential_bucket_histogram"
+    #: The mesh page links a failing or slow path to its trace: this URL with `{trace_id}` filled in.
+    trace_url_template: str | None = None
+    #: Post Kubernetes Events on the culprit node of a mesh verdict (needs the node-events RBAC).
+    node_events: bool = False
 
     @property
     def own_namespace(self) -> str | None:
@@ -318,6 +322,13 @@ def parse_kubeconfig(text: str) -> str:
     return text.strip()
 
 
+def parse_trace_url_template(text: str) -> str:
+    if "{trace_id}" not in text:
+        raise ValueError("must contain {trace_id}")
+    parse_url(text.replace("{trace_id}", "0" * 32))
+    return text.strip()
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -375,6 +386,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBECONFIG": ("kubeconfig", parse_kubeconfig),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
     "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
+    "KUBENURSE_TRACE_URL_TEMPLATE": ("trace_url_template", parse_trace_url_template),
+    "KUBENURSE_NODE_EVENTS": ("node_events", parse_bool),
 }
 
 #: Every environment variable the probe reads itself (OTEL_* aside: the SDK reads those).

@@ -140,6 +140,9 @@ TABLE: list[Row] = [
     Row("KUBECONFIG", "{kubeconfig}", "kubeconfig", "{kubeconfig}", "{empty}"),
     Row("KUBENURSE_LOG_FORMAT", "logfmt", "log_format", "logfmt", "text"),
     Row("KUBENURSE_LOG_LEVEL", "debug", "log_level", "DEBUG", "verbose"),
+    Row("KUBENURSE_TRACE_URL_TEMPLATE", "https://tempo.example/trace/{{trace_id}}", "trace_url_template",
+        "https://tempo.example/trace/{{trace_id}}", "https://tempo.example/trace/"),
+    Row("KUBENURSE_NODE_EVENTS", "true", "node_events", True, "sometimes"),
 ]
 BY_VARIABLE = {row.variable: row for row in TABLE}
 BAD_ROWS = [row for row in TABLE if row.bad is not None]

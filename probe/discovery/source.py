@@ -102,6 +102,8 @@ class KubeNeighbours:
         self._selection_key: tuple[object, ...] | None = None
         self._selection: tuple[Neighbour, ...] = _NO_NEIGHBOURS
         self._snapshot_key: tuple[object, ...] | None = None
+        self._eligible_key: tuple[object, ...] | None = None
+        self._eligible: tuple[Neighbour, ...] = _NO_NEIGHBOURS
         self._snapshot = Neighbourhood(state="starting", stale=True)
 
     # Lifecycle --------------------------------------------------------------------------
@@ -246,6 +248,25 @@ class KubeNeighbours:
             )
             self._selection_key = key
         return self._selection
+
+    def eligible(self) -> tuple[Neighbour, ...]:
+        """Every pod that may be checked, before the limit: the mesh view asks them all.
+        Computed on demand (the rounds never need it), again only when the caches changed."""
+        pods, nodes, s = self.pods, self.nodes, self._settings
+        if self._skipped is not None or pods is None or nodes is None:
+            return _NO_NEIGHBOURS
+        key = (pods.data_revision, None if s.allow_unschedulable else nodes.data_revision, self.own_node)
+        if key != self._eligible_key:
+            self._eligible = select_neighbours(
+                pods.items.values(),
+                nodes.items,
+                own_pod=s.pod_name if self.own_namespace == self.namespace else "",
+                own_node=self.own_node or "",
+                limit=0,
+                allow_unschedulable=s.allow_unschedulable,
+            )
+            self._eligible_key = key
+        return self._eligible
 
     def _build(self, pods: Reflector[PodInfo], nodes: Reflector[NodeInfo], last_sync: float) -> Neighbourhood:
         synced = pods.synced.is_set() and nodes.synced.is_set()
