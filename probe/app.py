@@ -7,13 +7,12 @@ import contextlib
 import logging
 import signal
 
-from aiohttp import web
-
+from probe import resources
 from probe.checks.http import HttpChecker
 from probe.checks.rounds import Prober
 from probe.discovery import make_source
 from probe.neighbours import NeighbourSource
-from probe.server import ServerState, build_app, start_servers
+from probe.server import ServerLimits, Servers, ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
@@ -28,8 +27,11 @@ TELEMETRY_FLUSH_SECONDS = 3.0
 class Probe:
     """One running probe: its checks, its telemetry and its servers."""
 
-    def __init__(self, settings: Settings, neighbours: NeighbourSource | None = None) -> None:
+    def __init__(
+        self, settings: Settings, neighbours: NeighbourSource | None = None, server_limits: ServerLimits | None = None
+    ) -> None:
         self.settings = settings
+        self.server_limits = server_limits
         self.neighbours = neighbours or make_source(settings)
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
@@ -51,7 +53,7 @@ class Probe:
             extra=self._alive_extra,
         )
         self.app = build_app(settings, self.state, self.metrics, tracer)
-        self._runner: web.AppRunner | None = None
+        self.servers: Servers | None = None
         self._rounds: asyncio.Task[None] | None = None
 
     def _alive_extra(self) -> dict[str, object]:
@@ -68,7 +70,7 @@ class Probe:
         try:
             await self.checker.start()
             await self.neighbours.start()
-            self._runner = await start_servers(self.settings, self.app)
+            self.servers = await start_servers(self.settings, self.app, self.server_limits)
         except BaseException:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
@@ -92,8 +94,8 @@ class Probe:
             self._rounds.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._rounds
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self.servers is not None:
+            await self.servers.cleanup()
         await self.neighbours.stop()
         await self.checker.close()
         # Final flush of spans and metrics, side by side, each within the budget.
@@ -107,6 +109,9 @@ async def serve(settings: Settings) -> None:
     """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    before, after = resources.raise_file_limit()
+    if after != before:
+        log.info("open-files limit raised", extra={"from": before, "to": after})
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: no window without them
         loop.add_signal_handler(sig, stop.set)
     probe = Probe(settings)
