@@ -22,6 +22,8 @@ HOSTILE = (
     "\u202egnp.exe \u200b \U000e0041 \x08 end"
 )
 READABLE = "café ✓ naïve"  # printable Unicode stays as it is
+# No space, quote or equals sign: a value a formatter might think safe to leave bare.
+BARE_LOOKING = "node-b\r\x1b[1A\x1b[2Kforged\x7f\u2028"
 
 
 def control_characters(line: str) -> list[str]:
@@ -60,7 +62,9 @@ def test_every_control_character_is_escaped_and_the_value_survives(
 ) -> None:
     log, buffer = captured
     install(buffer, log_format)
-    log.warning("check failed: %s", HOSTILE, extra={"pod": HOSTILE, "plain": "ok", "readable": READABLE})
+    log.warning(
+        "check failed: %s", HOSTILE, extra={"pod": HOSTILE, "node": BARE_LOOKING, "plain": "ok", "readable": READABLE}
+    )
     try:
         raise ValueError(HOSTILE)
     except ValueError:
@@ -73,6 +77,7 @@ def test_every_control_character_is_escaped_and_the_value_survives(
         assert all(c.isprintable() for c in line), line
     first = json.loads(lines[0]) if log_format == "json" else parse_logfmt(lines[0])
     assert first["pod"] == HOSTILE, "escaped, not dropped: the value reads back exactly"
+    assert first["node"] == BARE_LOOKING
     assert first["msg"] == f"check failed: {HOSTILE}"
     assert first["plain"] == "ok"
     assert first["readable"] == READABLE
