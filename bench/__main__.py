@@ -6,7 +6,9 @@ import importlib
 import sys
 
 # Each module has run() -> list[(label, value)]; missing optional ones are reported, not fatal.
-MODULES = ("bench.core", "bench.bench_discovery", "bench.bench_tracing", "bench.bench_blackbox")
+MODULES = (
+    "bench.core", "bench.bench_discovery", "bench.bench_tracing", "bench.bench_hostile", "bench.bench_blackbox",
+)
 
 
 def main() -> int:
