@@ -341,7 +341,12 @@ async def start_servers(settings: Settings, app: web.Application, limits: Server
     )
     await runner.setup()
     assert runner.server is not None
-    guard = ConnectionGuard(runner.server, connection_cap(limits, resources.file_limit()), limits.trim_after)
+    file_limit = resources.file_limit()
+    guard = ConnectionGuard(runner.server, connection_cap(limits, file_limit), limits.trim_after)
+    if guard.cap < limits.max_connections:
+        server_log.info("open-files limit lowers the connection cap", extra={
+            "max_connections": guard.cap, "open_files_limit": file_limit,
+        })
     loop = asyncio.get_running_loop()
     # Not web.TCPSite: it would hand aiohttp's protocol factory to asyncio, not the guard.
     ports: list[tuple[int, ssl.SSLContext | None]] = [(settings.http_port, None)]
