@@ -52,7 +52,7 @@ class Probe:
             incoming=self.incoming,
             extra=self._alive_extra,
         )
-        self.app = build_app(settings, self.state, self.metrics, tracer)
+        self.app = build_app(settings, self.state, self.metrics, tracer, server_limits)
         self.servers: Servers | None = None
         self._rounds: asyncio.Task[None] | None = None
 

@@ -124,9 +124,11 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
 
 
 def build_app(
-    settings: Settings, state: ServerState, metrics: Metrics, tracer: trace.Tracer | None = None
+    settings: Settings, state: ServerState, metrics: Metrics, tracer: trace.Tracer | None = None,
+    limits: ServerLimits | None = None,
 ) -> web.Application:
     tracer = tracer or trace.NoOpTracer()
+    body_timeout = (limits or ServerLimits()).idle_timeout
     budget = TokenBucket(SERVER_SPANS_PER_SECOND, SERVER_SPAN_BURST)
 
     async def root(_request: web.Request) -> web.Response:
@@ -181,9 +183,13 @@ def build_app(
         request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
         # No handler reads a body, so client_max_size alone never applies: read it here
-        # (bounded by client_max_size, 413 above it) before answering.
+        # (bounded by client_max_size, 413 above it, and in time, 408) before answering.
         if request.body_exists:
-            await request.read()
+            try:
+                async with asyncio.timeout(body_timeout):
+                    await request.read()
+            except TimeoutError:
+                raise web.HTTPRequestTimeout(headers={"Connection": "close"}) from None
         return await handler(request)
 
     app = web.Application(client_max_size=64 * 1024, middlewares=[limit_body])
@@ -209,6 +215,9 @@ class ServerLimits:
     (aiohttp's default is 3,630 s)."""
 
     idle_timeout: float = 15.0
+    #: How long a body left unread (413, 408) is drained before the connection closes, so the
+    #: client reads the answer rather than a reset (aiohttp's default is 10 s).
+    linger: float = 2.0
     #: At most this many connections at once (and fewer when the file limit is lower).
     max_connections: int = 4096
     #: Files kept free for the checks, discovery and exports, below the open-files limit.
@@ -337,7 +346,8 @@ async def start_servers(settings: Settings, app: web.Application, limits: Server
     """Listen on the HTTP port, and the HTTPS port with KUBENURSE_USE_TLS."""
     limits = limits or ServerLimits()
     runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=1.0, keepalive_timeout=limits.idle_timeout
+        app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
+        keepalive_timeout=limits.idle_timeout, lingering_time=limits.linger,
     )
     await runner.setup()
     assert runner.server is not None

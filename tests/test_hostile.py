@@ -165,6 +165,21 @@ async def test_a_slow_header_client_is_dropped(start_probe: StartProbe) -> None:
     assert (await p.get("/alwayshappy"))[0] == 200
 
 
+async def test_a_slow_body_is_answered_408_and_closed(start_probe: StartProbe) -> None:
+    p = await start_probe(ServerLimits(idle_timeout=0.5))
+    reader, writer = await asyncio.open_connection(HOST, p.port)
+    try:
+        writer.write(f"GET /alwayshappy HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1000\r\n\r\nabc".encode())
+        started = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(4096), 5)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer[:100]
+        assert time.monotonic() - started < 3
+        assert await closed_by_peer(reader, within=4) is not None
+    finally:
+        writer.close()
+    assert (await p.get("/alwayshappy"))[0] == 200
+
+
 async def test_past_the_cap_the_oldest_connections_are_dropped(start_probe: StartProbe) -> None:
     p = await start_probe(ServerLimits(max_connections=40))
     guard = guard_of(p)
