@@ -12,6 +12,7 @@ MODULES = (
     "bench.bench_discovery",
     "bench.bench_tracing",
     "bench.bench_cardinality",
+    "bench.bench_hostile",
     "bench.bench_blackbox",
     "bench.bench_kinds",
     "bench.bench_mesh",

@@ -10,7 +10,7 @@ import sys
 
 from aiohttp import web
 
-from probe import __version__
+from probe import __version__, resources
 from probe.checks import kernel
 from probe.checks.kinds import build_checkers
 from probe.checks.rounds import Prober
@@ -19,7 +19,7 @@ from probe.discovery.kube import locate
 from probe.mesh.events import NodeEventReporter
 from probe.mesh.routes import MESH_VIEW, own_node
 from probe.neighbours import NeighbourSource
-from probe.server import ServerState, build_app, start_servers
+from probe.server import ServerLimits, Servers, ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
@@ -34,8 +34,11 @@ TELEMETRY_FLUSH_SECONDS = 3.0
 class Probe:
     """One running probe: its checks, its telemetry and its servers."""
 
-    def __init__(self, settings: Settings, neighbours: NeighbourSource | None = None) -> None:
+    def __init__(
+        self, settings: Settings, neighbours: NeighbourSource | None = None, server_limits: ServerLimits | None = None
+    ) -> None:
         self.settings = settings
+        self.server_limits = server_limits
         self.neighbours = neighbours or make_source(settings)
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
@@ -59,8 +62,8 @@ class Probe:
             extra=self._alive_extra,
             eligible=getattr(self.neighbours, "eligible", tuple),
         )
-        self.app = build_app(settings, self.state, self.metrics, tracer)
-        self._runner: web.AppRunner | None = None
+        self.app = build_app(settings, self.state, self.metrics, tracer, server_limits)
+        self.servers: Servers | None = None
         self._rounds: asyncio.Task[None] | None = None
         self.node_events = node_event_reporter(settings, self.app, self.neighbours)
         self._node_events: asyncio.Task[None] | None = None
@@ -86,7 +89,7 @@ class Probe:
         try:
             await self.checker.start()
             await self.neighbours.start()
-            self._runner = await start_servers(self.settings, self.app)
+            self.servers = await start_servers(self.settings, self.app, self.server_limits)
         except BaseException:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
@@ -119,8 +122,8 @@ class Probe:
                     await task
         if self.node_events is not None:
             await self.node_events.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self.servers is not None:
+            await self.servers.cleanup()
         await self.neighbours.stop()
         await self.checker.close()
         # Final flush of spans and metrics, side by side, each within the budget.
@@ -165,6 +168,9 @@ async def serve(settings: Settings) -> None:
     sys.setswitchinterval(SWITCH_INTERVAL)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    before, after = resources.raise_file_limit()
+    if after != before:
+        log.info("open-files limit raised", extra={"from": before, "to": after})
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: no window without them
         loop.add_signal_handler(sig, stop.set)
     probe = Probe(settings)

@@ -736,6 +736,7 @@ def test_dockerfile_runtime_stage_runs_read_only_as_the_daemonset_user() -> None
     env = dict(item.split("=", 1) for item in shlex.split(final["ENV"]))
     assert env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["HOME"] == "/nonexistent", "nothing may expect a writable HOME"
+    assert env["PYTHONMALLOC"] == "malloc", "pymalloc keeps what a burst of connections used"
     assert final["ENTRYPOINT"] == '["kubenurse"]', "exec form, the console script"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "kubenurse" in scripts
