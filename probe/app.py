@@ -11,8 +11,8 @@ from aiohttp import web
 
 from probe.checks.http import HttpChecker
 from probe.checks.rounds import Prober
-from probe.discovery import make_source
-from probe.neighbours import NeighbourSource
+from probe.discovery import Discovery, Fixed, make_discovery
+from probe.neighbours import NeighbourSource, Readiness, StaticReadiness
 from probe.server import ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
@@ -28,9 +28,22 @@ TELEMETRY_FLUSH_SECONDS = 3.0
 class Probe:
     """One running probe: its checks, its telemetry and its servers."""
 
-    def __init__(self, settings: Settings, neighbours: NeighbourSource | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        neighbours: NeighbourSource | None = None,
+        readiness: Readiness | None = None,
+        *,
+        discovery: Discovery | None = None,
+    ) -> None:
         self.settings = settings
-        self.neighbours = neighbours or make_source(settings)
+        if discovery is None:
+            if neighbours is not None:
+                discovery = Fixed(neighbours, readiness or StaticReadiness())
+            else:
+                discovery = make_discovery(settings)
+        self.discovery = discovery
+        self.neighbours = self.discovery.neighbours
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
@@ -47,6 +60,7 @@ class Probe:
         self.state = ServerState(
             last_round=lambda: self.prober.last_round,
             neighbourhood=self.neighbours.current,
+            node_schedulable=self.discovery.readiness.node_schedulable,
             incoming=self.incoming,
             extra=self._alive_extra,
         )
@@ -67,7 +81,7 @@ class Probe:
     async def start(self) -> None:
         try:
             await self.checker.start()
-            await self.neighbours.start()
+            await self.discovery.start()
             self._runner = await start_servers(self.settings, self.app)
         except BaseException:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
@@ -94,7 +108,7 @@ class Probe:
                 await self._rounds
         if self._runner is not None:
             await self._runner.cleanup()
-        await self.neighbours.stop()
+        await self.discovery.stop()
         await self.checker.close()
         # Final flush of spans and metrics, side by side, each within the budget.
         flushes = [asyncio.to_thread(self.metrics.shutdown, TELEMETRY_FLUSH_SECONDS)]

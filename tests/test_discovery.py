@@ -10,7 +10,7 @@ import inspect
 import json
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,10 +20,10 @@ import pytest
 from aiohttp import web
 
 from probe.app import Probe
-from probe.discovery import make_source
+from probe.discovery import Fixed, make_discovery
 from probe.discovery.cache import Reflector, Timing, iter_list
 from probe.discovery.kube import KubeClient, Kubeconfig, ServiceAccount
-from probe.discovery.source import KubeNeighbours, node_info, pod_info
+from probe.discovery.source import KubeDiscovery, node_info, pod_info
 from probe.neighbours import StaticNeighbours
 from probe.settings import ExtraCheck, Settings
 from probe.standin import ApiServerStandin
@@ -42,9 +42,13 @@ FAST = Timing(
     watch_seconds=1.0,
     watch_grace=2.0,
     idle_timeout=1.5,
+    quiet_after=1.0,
     backoff_initial=0.05,
     backoff_max=0.25,
+    healthy_after=0.5,
     initial_sync=5.0,
+    qps=500.0,
+    burst=500,
 )
 
 T = TypeVar("T")
@@ -100,14 +104,14 @@ def in_cluster(api: ApiServerStandin, sa_dir: Path, **overrides: Any) -> Setting
     return Settings(**values)
 
 
-def source(settings: Settings, timing: Timing = FAST) -> KubeNeighbours:
-    made = make_source(settings, timing=timing)
-    assert isinstance(made, KubeNeighbours), made.current()
+def source(settings: Settings, timing: Timing = FAST) -> KubeDiscovery:
+    made = make_discovery(settings, timing=timing)
+    assert isinstance(made, KubeDiscovery), made.neighbours.current()
     return made
 
 
 @contextlib.asynccontextmanager
-async def started(src: KubeNeighbours) -> AsyncIterator[KubeNeighbours]:
+async def started(src: KubeDiscovery) -> AsyncIterator[KubeDiscovery]:
     await src.start()
     try:
         yield src
@@ -115,20 +119,32 @@ async def started(src: KubeNeighbours) -> AsyncIterator[KubeNeighbours]:
         await src.stop()
 
 
-def pod_names(src: KubeNeighbours) -> set[str]:
-    return {n.pod_name for n in src.current().neighbours}
+def pod_names(src: KubeDiscovery) -> set[str]:
+    return {n.pod_name for n in src.neighbours.current().neighbours}
 
 
-def has_pod(src: KubeNeighbours, name: str) -> Callable[[], bool]:
+def has_pod(src: KubeDiscovery, name: str) -> Callable[[], bool]:
     return lambda: name in pod_names(src)
+
+
+def lists_by_selector(api: ApiServerStandin, kind: str) -> Counter[str]:
+    """First pages of lists, by field selector: each node watch lists once (then only watches)."""
+    return Counter(
+        r.query.get("fieldSelector", "") for r in api.requests if r.kind == kind and r.verb == "list"
+        and "continue" not in r.query
+    )
+
+
+def listed_once_each(api: ApiServerStandin) -> bool:
+    return api.count("pods", verb="list") == 1 and set(lists_by_selector(api, "nodes").values()) == {1}
 
 
 def pod_watches_reach(api: ApiServerStandin, count: int) -> Callable[[], bool]:
     return lambda: api.count("pods", verb="watch") >= count
 
 
-def schedulable_is(src: KubeNeighbours, expected: bool) -> Callable[[], bool]:
-    return lambda: src.current().node_schedulable is expected
+def schedulable_is(src: KubeDiscovery, expected: bool) -> Callable[[], bool]:
+    return lambda: src.readiness.node_schedulable() is expected
 
 
 # Pure pieces: the list walker and the decoders ---------------------------------------------
@@ -172,30 +188,31 @@ def test_decoders_keep_only_what_selection_reads(api: ApiServerStandin) -> None:
 
 
 async def test_neither_in_cluster_nor_kubeconfig_is_skipped_with_the_reason(tmp_path: Path) -> None:
-    src = make_source(Settings(serviceaccount_dir=str(tmp_path)))
-    assert isinstance(src, StaticNeighbours)
-    hood = src.current()
+    src = make_discovery(Settings(serviceaccount_dir=str(tmp_path)))
+    assert isinstance(src, Fixed) and isinstance(src.neighbours, StaticNeighbours)
+    assert src.readiness.node_schedulable()  # nothing to ask: in service
+    hood = src.neighbours.current()
     assert hood.skipped
     assert "KUBERNETES_SERVICE_HOST not set" in hood.state and "KUBECONFIG not set" in hood.state
-    no_token = make_source(Settings(kubernetes_service_host="10.0.0.1", serviceaccount_dir=str(tmp_path)))
-    assert no_token.current().skipped
-    assert f"no service-account token in {tmp_path}" in no_token.current().state
-    off = make_source(Settings(check_neighbourhood=False)).current()
+    no_token = make_discovery(Settings(kubernetes_service_host="10.0.0.1", serviceaccount_dir=str(tmp_path)))
+    assert no_token.neighbours.current().skipped
+    assert f"no service-account token in {tmp_path}" in no_token.neighbours.current().state
+    off = make_discovery(Settings(check_neighbourhood=False)).neighbours.current()
     assert off.skipped and "KUBENURSE_CHECK_NEIGHBOURHOOD" in off.state
 
 
 async def test_in_cluster_wins_over_kubeconfig(api: ApiServerStandin, sa_dir: Path, tmp_path: Path) -> None:
     kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig", NS))
-    src = make_source(in_cluster(api, sa_dir, kubeconfig=kubeconfig))
-    assert isinstance(src, KubeNeighbours) and isinstance(src._credentials, ServiceAccount)
-    outside = make_source(Settings(kubeconfig=kubeconfig, serviceaccount_dir=str(sa_dir)))
-    assert isinstance(outside, KubeNeighbours) and isinstance(outside._credentials, Kubeconfig)
+    src = make_discovery(in_cluster(api, sa_dir, kubeconfig=kubeconfig))
+    assert isinstance(src, KubeDiscovery) and isinstance(src.credentials, ServiceAccount)
+    outside = make_discovery(Settings(kubeconfig=kubeconfig, serviceaccount_dir=str(sa_dir)))
+    assert isinstance(outside, KubeDiscovery) and isinstance(outside.credentials, Kubeconfig)
 
 
 async def test_unknown_namespace_is_skipped_with_the_reason(api: ApiServerStandin, sa_dir: Path) -> None:
     (sa_dir / "namespace").unlink()
     async with started(source(in_cluster(api, sa_dir))) as src:
-        hood = src.current()
+        hood = src.neighbours.current()
         assert hood.skipped and "KUBENURSE_NAMESPACE not set" in hood.state
     assert api.count("pods") == 0
 
@@ -204,11 +221,11 @@ async def test_namespace_defaults_to_pod_namespace_then_serviceaccount(api: ApiS
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     api.add_pod("elsewhere", namespace="other", node_name="node-a", pod_ip="10.0.0.3", labels=LABELS)
     async with started(source(in_cluster(api, sa_dir))) as src:
-        assert src.namespace == NS and pod_names(src) == {"a"}
+        assert src.kube_neighbours.namespace == NS and pod_names(src) == {"a"}
     async with started(source(in_cluster(api, sa_dir, pod_namespace="other"))) as src:
-        assert src.namespace == "other" and pod_names(src) == {"elsewhere"}
+        assert src.kube_neighbours.namespace == "other" and pod_names(src) == {"elsewhere"}
     async with started(source(in_cluster(api, sa_dir, namespace="other", pod_namespace=NS))) as src:
-        assert src.namespace == "other" and pod_names(src) == {"elsewhere"}
+        assert src.kube_neighbours.namespace == "other" and pod_names(src) == {"elsewhere"}
 
 
 async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
@@ -217,7 +234,7 @@ async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
     settings = Settings(kubeconfig=str(kubeconfig), neighbour_filter=FILTER, pod_name=ME, node_name=MY_NODE,
                         serviceaccount_dir=str(tmp_path / "none"))
     async with started(source(settings)) as src:
-        hood = src.current()
+        hood = src.neighbours.current()
         assert (hood.details["source"], hood.details["namespace"]) == ("kubeconfig", NS)
         assert pod_names(src) == {"a"} and not hood.stale
         add_neighbour(api, "b", "node-b", "10.0.0.3")
@@ -226,15 +243,15 @@ async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
 
 
 async def test_unreadable_kubeconfig_is_skipped_not_a_crash(tmp_path: Path) -> None:
-    missing = make_source(Settings(kubeconfig=str(tmp_path / "nope")))
-    assert isinstance(missing, KubeNeighbours)
+    missing = make_discovery(Settings(kubeconfig=str(tmp_path / "nope")))
+    assert isinstance(missing, KubeDiscovery)
     await missing.start()
-    assert missing.current().skipped and "file not found" in missing.current().state
+    assert missing.neighbours.current().skipped and "file not found" in missing.neighbours.current().state
     await missing.stop()
     (tmp_path / "bad").write_text("clusters: [")
-    bad = make_source(Settings(kubeconfig=str(tmp_path / "bad")))
+    bad = make_discovery(Settings(kubeconfig=str(tmp_path / "bad")))
     await bad.start()
-    assert bad.current().skipped and "KUBECONFIG=" in bad.current().state
+    assert bad.neighbours.current().skipped and "KUBECONFIG=" in bad.neighbours.current().state
     await bad.stop()
 
 
@@ -248,9 +265,9 @@ async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
     api.add_pod("unlabelled", namespace=NS, node_name="node-a", pod_ip="10.0.0.9")
     async with started(source(in_cluster(api, sa_dir))) as src:
         assert pod_names(src) == {"a", "b"}
-        hood = src.current()
-        assert hood.state == "ok" and not hood.stale and hood.node_schedulable
-        assert src.current() is hood  # nothing changed: the same snapshot, no recomputation
+        hood = src.neighbours.current()
+        assert hood.state == "ok" and not hood.stale and src.readiness.node_schedulable()
+        assert src.neighbours.current() is hood  # nothing changed: the same snapshot, no recomputation
 
         add_neighbour(api, "c", "node-c", "10.0.0.4", phase="Pending")
         await asyncio.sleep(0.3)
@@ -268,7 +285,7 @@ async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
         await eventually(lambda: pod_names(src) == {"c"}, "node-c back")
         api.delete_node("node-c")
         await eventually(lambda: pod_names(src) == set(), "node-c gone")
-        assert src.current().details["pods"] == 2  # this pod and c
+        assert src.neighbours.current().details["pods"] == 2  # this pod and c
     # A label selector on the server: the unlabelled pod never reached the probe.
     assert all(r.query.get("labelSelector") == FILTER for r in api.requests if r.kind == "pods")
 
@@ -282,7 +299,7 @@ async def test_one_list_then_only_watches_and_a_410_lists_once_more(api: ApiServ
             add_neighbour(api, f"x{i}", f"node-x{i}", f"10.0.1.{i}")
             await eventually(has_pod(src, f"x{i}"), f"x{i}")
             await eventually(pod_watches_reach(api, i + 2), "watch renewed")
-        assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+        assert listed_once_each(api)
         watches = [r for r in api.requests if r.verb == "watch"]
         assert all(
             r.query["resourceVersion"] not in ("", "0")
@@ -298,13 +315,16 @@ async def test_one_list_then_only_watches_and_a_410_lists_once_more(api: ApiServ
         add_neighbour(api, "c", "node-c", "10.0.0.4")
         await eventually(lambda: pod_names(src) == {"a", "c", "x0", "x1", "x2"}, "state after relist")
         await eventually(lambda: api.count("pods", verb="list") == 2, "pods listed again")
-        await eventually(lambda: api.count("nodes", verb="list") == 2, "nodes listed again")
+        # Node watches that went on (node-b's ended with pod b; node-c's began after) list again.
+        relisted = ["spec.unschedulable=true", *(f"metadata.name={n}" for n in (MY_NODE, "node-a", "node-x0"))]
+        await eventually(lambda: {lists_by_selector(api, "nodes")[f] for f in relisted} == {2}, "nodes listed again")
         relist = [r for r in api.requests if r.verb == "list"][-1]
         assert "resourceVersion" not in relist.query  # a consistent read after 410
-        assert src.pods is not None and src.pods.relists_after_gone == 1
+        hood = src.kube_neighbours
+        assert hood is not None and hood.pods is not None and hood.pods.relists_after_gone == 1
         await eventually(pod_watches_reach(api, api.count("pods", verb="watch") + 2), "more watch renewals")
-        assert api.count("pods", verb="list") == 2 and api.count("nodes", verb="list") == 2
-        assert not src.current().stale
+        assert api.count("pods", verb="list") == 2 and {lists_by_selector(api, "nodes")[f] for f in relisted} == {2}
+        assert not src.neighbours.current().stale
 
 
 class PlainHttp:
@@ -370,7 +390,8 @@ async def test_a_410_error_event_in_the_middle_of_a_watch_lists_again() -> None:
     try:
         await eventually(lambda: len(lists) == 2 and set(reflector.items) == {"n2"}, "relisted after the 410")
         assert reflector.relists_after_gone == 1
-        assert lists[0].get("resourceVersion") == "0" and "resourceVersion" not in lists[1]
+        # Consistent reads, which the server pages (with "0" a real one ignores `limit`).
+        assert "resourceVersion" not in lists[0] and "resourceVersion" not in lists[1]
         assert [w["resourceVersion"] for w in watches[:2]] == ["5", "20"]
         assert reflector.connected and reflector.resource_version == "20"
     finally:
@@ -398,7 +419,7 @@ async def test_a_silent_connection_is_given_up_after_the_idle_timeout(sa_dir: Pa
 async def test_token_rotation(api: ApiServerStandin, sa_dir: Path) -> None:
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     async with started(source(in_cluster(api, sa_dir))) as src:
-        await eventually(lambda: api.watch_count == 2, "both watches open")
+        await eventually(lambda: api.watch_count == 1 + src.nodes.watching(), "every watch open")
         # The kubelet's rotation: a new token in the file; the old one stops working.
         rotated_at = time.monotonic()
         api.rotate_token()
@@ -407,23 +428,23 @@ async def test_token_rotation(api: ApiServerStandin, sa_dir: Path) -> None:
         add_neighbour(api, "b", "node-b", "10.0.0.3")
         await eventually(lambda: pod_names(src) == {"a", "b"}, "b after rotation")
         assert api.count(authorized=False) == 0
-        assert not src.current().stale
+        assert not src.neighbours.current().stale
 
         # The server switches first and the file follows later: 401s, stale, then recovery.
         api.set_token("standin-next-token")
         api.end_watches()
-        await eventually(lambda: src.current().stale, "stale on 401")
-        assert "401" in str(src.current().details["error"])
+        await eventually(lambda: src.neighbours.current().stale, "stale on 401")
+        assert "401" in str(src.neighbours.current().details["error"])
         add_neighbour(api, "c", "node-c", "10.0.0.4")
         api.write_serviceaccount(sa_dir, NS)
-        await eventually(lambda: not src.current().stale, "recovered with the new token")
+        await eventually(lambda: not src.neighbours.current().stale, "recovered with the new token")
         await eventually(lambda: pod_names(src) == {"a", "b", "c"}, "c after the new token")
         assert api.count("pods", verb="list") == 1
 
 
 async def test_readiness_follows_this_node(api: ApiServerStandin, sa_dir: Path) -> None:
     async with started(source(in_cluster(api, sa_dir))) as src:
-        assert src.current().node_schedulable
+        assert src.readiness.node_schedulable()
         steps: list[tuple[Callable[[], object], bool, str]] = [
             (lambda: api.cordon(MY_NODE), False, "cordoned"),
             (lambda: api.uncordon(MY_NODE), True, "uncordoned"),
@@ -436,7 +457,7 @@ async def test_readiness_follows_this_node(api: ApiServerStandin, sa_dir: Path) 
         for change, expected, what in steps:
             change()
             await eventually(schedulable_is(src, expected), what)
-    assert api.count("nodes", verb="list") == 1  # driven by the watch, not by polling
+    assert lists_by_selector(api, "nodes")[f"metadata.name={MY_NODE}"] == 1  # driven by the watch, not polling
 
 
 async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir: Path) -> None:
@@ -444,10 +465,10 @@ async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir:
     api.add_pod(ME, namespace=NS, node_name="node-x", pod_ip="10.0.0.1", labels=LABELS)
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     async with started(source(in_cluster(api, sa_dir, node_name=None))) as src:
-        await eventually(lambda: src.current().details["node"] == "node-x", "own node from the cache")
+        await eventually(lambda: src.neighbours.current().details["node"] == "node-x", "own node from the cache")
         assert pod_names(src) == {"a"}
         api.cordon("node-x")
-        await eventually(lambda: not src.current().node_schedulable, "own node cordoned")
+        await eventually(lambda: not src.readiness.node_schedulable(), "own node cordoned")
     assert api.count("pods", verb="get") == 0
 
     # This pod is not a candidate (another namespace): one GET finds its node.
@@ -455,7 +476,7 @@ async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir:
     api.add_pod("probe-elsewhere", namespace="infra", node_name="node-a", pod_ip="10.0.0.5")
     settings = in_cluster(api, sa_dir, node_name=None, pod_name="probe-elsewhere", pod_namespace="infra", namespace=NS)
     async with started(source(settings)) as src:
-        await eventually(lambda: src.current().details["node"] == "node-a", "own node from a GET")
+        await eventually(lambda: src.neighbours.current().details["node"] == "node-a", "own node from a GET")
         assert pod_names(src) == {"a", ME}
     assert api.count("pods", verb="get") == 1
 
@@ -465,9 +486,9 @@ async def test_allow_unschedulable_watches_only_this_node(api: ApiServerStandin,
     api.cordon("node-a")
     async with started(source(in_cluster(api, sa_dir, allow_unschedulable=True))) as src:
         assert pod_names(src) == {"a"}
-        assert src.current().details["nodes"] == 1
+        assert src.neighbours.current().details["node_watches"] == 1
         api.cordon(MY_NODE)
-        await eventually(lambda: not src.current().node_schedulable, "own node cordoned")
+        await eventually(lambda: not src.readiness.node_schedulable(), "own node cordoned")
     assert {r.query.get("fieldSelector") for r in api.requests if r.kind == "nodes"} == {f"metadata.name={MY_NODE}"}
 
 
@@ -551,8 +572,8 @@ async def world(api: ApiServerStandin, sa_dir: Path) -> AsyncIterator[tuple[Neig
 
 
 @contextlib.asynccontextmanager
-async def running_probe(settings: Settings, neighbours: Any = None) -> AsyncIterator[Client]:
-    probe = Probe(settings, neighbours=neighbours if neighbours is not None else source(settings))
+async def running_probe(settings: Settings) -> AsyncIterator[Client]:
+    probe = Probe(settings, discovery=make_discovery(settings, timing=FAST))
     await probe.start()
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{settings.http_port}") as session:
@@ -609,7 +630,7 @@ async def test_probe_checks_the_neighbours_alive_shows_and_counts_its_api_reques
 
         # Many more rounds: watches only, never a list again (the API server's side of scale).
         await probe.rounds(10)
-    assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+    assert listed_once_each(api)
     assert api.count("pods", verb="watch") >= 2 and api.count("nodes", verb="watch") >= 2
     assert api.count("version") >= 10  # one api_server_direct check per round, for scale
     assert api.count(authorized=False) == 0
@@ -653,9 +674,10 @@ async def test_outage_keeps_checking_the_last_neighbourhood_and_recovers(
         await eventually(lambda: not probe.probe.neighbours.current().stale, "fresh again")
         await eventually(async_equals(probe.neighbourhood, {"a", "c"}), "changes from the outage")
         await eventually(lambda: servers.count("127.0.0.4"), "c checked")
-        assert "error" not in (await probe.alive())["discovery"]
+        await eventually(lambda: not probe.probe.neighbours.current().stale, "fresh again")
+        assert "error" not in (await probe.alive())["discovery"], (await probe.alive())["discovery"]
     # Resumed from the last version: the outage cost no list.
-    assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+    assert listed_once_each(api)
 
 
 async def test_cordon_makes_ready_503_and_uncordon_200(
@@ -701,7 +723,7 @@ async def test_probe_without_kubernetes_skips_the_neighbourhood_and_runs_the_res
         "kubernetes_service_host": None,
         "serviceaccount_dir": str(tmp_path / "none"),
     })
-    async with running_probe(outside, make_source(outside)) as probe:
+    async with running_probe(outside) as probe:
         await probe.rounds(1)
         alive = await probe.alive()
         results = alive["last_check_result"]
