@@ -175,6 +175,9 @@ def select_neighbours(
     return tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in candidates)
 
 
+_UNKNOWN = NodeInfo("")
+
+
 @dataclass(frozen=True)
 class RingFront:
     """What selection needs to know next, given partial node facts (see `ring_front`)."""
@@ -201,7 +204,8 @@ def ring_front(
     alone). `facts`: the full facts of the nodes watched one by one (None: the node does
     not exist). Walking the candidate pods in ring order, a node's pods are taken when its
     facts say it exists and is schedulable; a node without facts is not taken yet (it may
-    be gone or tainted) but is wanted. The walk stops once `limit` pods are taken and
+    be gone or tainted) but is wanted, and its pods count against the limit meanwhile (so
+    the first pass wants `limit` nodes, not every node). The walk stops once `limit` pods are taken and
     `spares` more nodes are wanted beyond them (so one cordon does not leave a gap while a
     watch starts), or at `max_wanted` nodes. With complete facts for the wanted nodes the
     neighbours equal `select_neighbours(...)`'s exactly.
@@ -210,14 +214,15 @@ def ring_front(
         raise ValueError("ring_front needs a limit; with 0 every node is needed")
     candidates = [p for p in pods if p.phase == "Running" and not p.terminating and p.name != own_pod and p.pod_ip]
     taken: list[PodInfo] = []
+    counted = 0  # pods taken, plus those of nodes without facts yet (they may well be taken)
     wanted: list[str] = []
     extra = 0
     node: str | None = None
-    usable = False
+    usable: bool | None = False  # None: not known yet
     for pod in ring_order(candidates, own_node):
         if pod.node_name != node:
             node = pod.node_name
-            full = len(taken) >= limit
+            full = counted >= limit
             if (full and extra >= spares) or len(wanted) >= max_wanted:
                 break
             if node in cordoned:
@@ -225,8 +230,10 @@ def ring_front(
                 continue
             extra += full
             wanted.append(node)
-            info = facts.get(node)
-            usable = info is not None and info.schedulable
-        if usable and len(taken) < limit:
-            taken.append(pod)
+            info = facts.get(node, _UNKNOWN)
+            usable = None if info is _UNKNOWN else (info is not None and info.schedulable)
+        if usable is not False and counted < limit:
+            counted += 1
+            if usable:
+                taken.append(pod)
     return RingFront(tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in taken), tuple(wanted))

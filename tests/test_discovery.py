@@ -22,9 +22,9 @@ from aiohttp import web
 from probe.app import Probe
 from probe.discovery import Fixed, make_discovery
 from probe.discovery.cache import Reflector, Timing, iter_list
-from probe.discovery.kube import KubeClient, Kubeconfig, ServiceAccount
+from probe.discovery.kube import ApiError, KubeClient, Kubeconfig, ServiceAccount
 from probe.discovery.source import KubeDiscovery, node_info, pod_info
-from probe.neighbours import StaticNeighbours
+from probe.neighbours import StaticNeighbours, ring_hash
 from probe.settings import ExtraCheck, Settings
 from probe.standin import ApiServerStandin
 
@@ -734,3 +734,210 @@ async def test_probe_without_kubernetes_skips_the_neighbourhood_and_runs_the_res
         assert "KUBECONFIG not set" in alive["skipped_checks"]["neighbourhood"]
         assert results["local"] == "ok"
         assert await probe.ready() == 200
+
+
+# Narrow node watches (issue 12) ------------------------------------------------------------
+
+
+def ring_from(own: str, names: list[str]) -> list[str]:
+    mine = ring_hash(own)
+    return sorted(names, key=lambda n: (ring_hash(n) - mine) % (1 << 64))
+
+
+def node_watches(api: ApiServerStandin, since: float = 0.0) -> set[str]:
+    return {r.query.get("fieldSelector", "") for r in api.requests if r.kind == "nodes" and r.time >= since}
+
+
+async def test_narrow_node_watches_keep_every_selection_rule(api: ApiServerStandin, sa_dir: Path) -> None:
+    names = [f"node-{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        add_neighbour(api, f"p{i}", name, f"10.0.0.{i + 2}")
+    order = ring_from(MY_NODE, names)
+    async with started(source(in_cluster(api, sa_dir, neighbour_limit=2))) as src:
+
+        def chosen_is(*nodes: str) -> Callable[[], bool]:
+            return lambda: [n.node_name for n in src.neighbours.current().neighbours] == list(nodes)
+
+        await eventually(chosen_is(*order[:2]), "the ring front")
+        # Cordoned nodes (metadata only), this node, the two taken and two spares: nothing else.
+        assert node_watches(api) == {
+            "spec.unschedulable=true", f"metadata.name={MY_NODE}", *(f"metadata.name={n}" for n in order[:4])
+        }
+        assert src.nodes.cluster is not None and src.nodes.cluster._accept[1].startswith("application/json;as=")
+
+        def by_field(on: bool) -> Callable[[dict[str, Any]], None]:
+            return lambda node: node["spec"].__setitem__("unschedulable", True) if on else node["spec"].pop(
+                "unschedulable", None)
+
+        api.update_node(order[0], by_field(True))
+        await eventually(chosen_is(order[1], order[2]), "cordoned by field", 2)
+        api.update_node(order[0], by_field(False))
+        await eventually(chosen_is(*order[:2]), "uncordoned", 2)
+        api.taint_node(order[1], "node.kubernetes.io/unschedulable")
+        await eventually(chosen_is(order[0], order[2]), "cordoned by taint only", 2)
+        api.untaint(order[1], "node.kubernetes.io/unschedulable")
+        await eventually(chosen_is(*order[:2]), "untainted", 2)
+        api.delete_node(order[0])
+        await eventually(chosen_is(order[1], order[2]), "node deleted, its pod still listed", 2)
+        assert src.neighbours.current().details["pods"] == 12
+        # A drain of the front: watches move on to the next nodes, none stays on a cordoned one.
+        since = time.monotonic()
+        for name in order[1:4]:
+            api.cordon(name)
+        await eventually(chosen_is(*order[4:6]), "the next nodes after a drain", 3)
+        assert {f"metadata.name={n}" for n in order[4:7]} <= node_watches(api, since)
+        await eventually(lambda: src.nodes.watching() <= 1 + 1 + 2 + 2 + 1, "old watches closed")
+        assert not any(f"metadata.name={n}" in {f"metadata.name={m}" for m in src.nodes._per_node}
+                       for n in order[1:4])
+
+
+async def test_heartbeats_do_not_reach_the_probe(tmp_path: Path) -> None:
+    """Requests and bytes the probe causes, against a full watch of every node in the same run."""
+    api = ApiServerStandin(realistic_nodes=True, bookmark_interval=3600)
+    size = 60
+    for i in range(size):
+        add_neighbour(api, f"p{i}", f"node-{i}", f"10.0.1.{i}")
+    await api.start()
+    try:
+        folder = api.write_serviceaccount(tmp_path / "sa", NS)
+        narrow = source(in_cluster(api, folder, neighbour_limit=3, pod_name="narrow", node_name="node-0"))
+        full = source(in_cluster(api, folder, neighbour_limit=0, pod_name="full", node_name="node-1"))
+        async with started(narrow), started(full):
+            await eventually(lambda: len(narrow.neighbours.current().neighbours) == 3, "narrow selection")
+            start_rv = api.resource_version
+            for _ in range(3):
+                for i in range(size):
+                    api.heartbeat(f"node-{i}")
+            cluster = full.nodes.cluster
+            assert cluster is not None
+            await eventually(lambda: int(cluster.resource_version or 0) >= api.resource_version, "full watch caught up")
+            await asyncio.sleep(0.3)
+            assert api.resource_version - start_rv == 3 * size
+            per_node = narrow.nodes.watching() - 1
+        agent = "kubenurse-otel/discovery (pod {})"
+        narrow_events, full_events = api.sent_events[agent.format("narrow")], api.sent_events[agent.format("full")]
+        narrow_bytes, full_bytes = api.sent_bytes[agent.format("narrow")], api.sent_bytes[agent.format("full")]
+        # The narrow probe hears its own node, 3 taken and 2 spares (its own node's pod is
+        # one of the taken here): at most 6 nodes x 3 heartbeats.
+        assert per_node <= 6 and narrow_events <= per_node * 3 and full_events >= 3 * size
+        assert narrow_bytes * 5 < full_bytes, (narrow_bytes, full_bytes)
+        requests = [r for r in api.requests if r.user_agent == agent.format("narrow")]
+        lists = Counter(r.query.get("fieldSelector", r.path) for r in requests if r.verb == "list")
+        assert set(lists.values()) == {1} and len(lists) == 1 + 1 + per_node  # pods, cordoned, each node
+        assert sum(r.verb == "watch" for r in requests) <= 2 * len(lists)
+    finally:
+        await api.stop()
+
+
+async def test_ready_follows_this_node_with_the_neighbourhood_check_off(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    _, settings = world
+    settings = Settings(**{**settings.__dict__, "check_neighbourhood": False})
+    async with running_probe(settings) as probe:
+        assert await probe.ready() == 200
+        api.cordon(MY_NODE)
+        await eventually(async_equals(probe.ready, 503), "/ready 503 when cordoned", 2)
+        api.uncordon(MY_NODE)
+        await eventually(async_equals(probe.ready, 200), "/ready 200 when uncordoned", 2)
+        assert (await probe.alive())["last_check_result"]["neighbourhood_state"] == "skipped"
+    assert api.count("pods") == 0 and node_watches(api) == {f"metadata.name={MY_NODE}"}
+
+
+# A sick API server: backoff, silence, malformed objects, big lists (issue 11) ---------------
+
+SLOW_RETRY = Timing(**{**FAST.__dict__, "watch_seconds": 60.0, "idle_timeout": 10.0, "quiet_after": 5.0,
+                       "backoff_initial": 0.1, "backoff_max": 1.6, "healthy_after": 1.0})
+
+
+@pytest.mark.parametrize(("fault", "verb"), [("short_watches", "watch"), ("gone_after_list", "list")])
+async def test_a_misbehaving_server_gets_backoff_not_a_tight_loop(
+    api: ApiServerStandin, sa_dir: Path, fault: str, verb: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with started(source(in_cluster(api, sa_dir), SLOW_RETRY)) as src:
+        await eventually(lambda: src.neighbours.current().state == "ok", "listed")
+        reflectors = 1 + src.nodes.watching()  # pods, cordoned nodes, this node
+        api.fault = fault
+        api.end_watches()
+        since = time.monotonic()
+        await asyncio.sleep(4.0)
+        sent = api.count(verb=verb, since=since)
+        details = src.neighbours.current().details
+    # Backoff 0.1 s doubling to 1.6 s (x0.5-1 jitter): at most ~9 tries each in 4 s; a loop
+    # that resets on every bookmark or list sends hundreds or thousands.
+    assert sent <= 10 * reflectors, sent
+    retrying = details["retrying"]
+    assert isinstance(retrying, dict) and len(retrying) == reflectors
+    assert all(r["failures_in_a_row"] >= 3 for r in retrying.values())
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "probe.discovery"]
+    assert len(warnings) <= reflectors, [r.getMessage() for r in warnings]  # once per streak
+
+
+async def test_a_silent_watch_shows_stale_before_it_is_given_up(sa_dir: Path, tmp_path: Path) -> None:
+    assert Timing().quiet_after < Timing().idle_timeout <= 90  # bookmarks come about once a minute
+    silent = ApiServerStandin(bookmark_interval=3600)
+    silent.add_node(MY_NODE)
+    await silent.start()
+    try:
+        folder = silent.write_serviceaccount(tmp_path / "silent", NS)
+        timing = Timing(**{**FAST.__dict__, "watch_seconds": 60.0, "quiet_after": 0.5, "idle_timeout": 30.0})
+        async with started(source(in_cluster(silent, folder), timing)) as src:
+            assert not src.neighbours.current().stale
+            hood = await eventually(lambda: src.neighbours.current().stale and src.neighbours.current(), "stale", 2)
+            assert "no event or bookmark for 0.5 s" in str(hood.details["error"])
+            assert silent.count("pods", verb="watch") == 1  # not given up yet
+    finally:
+        await silent.stop()
+
+
+async def test_a_malformed_object_is_skipped_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    lists = 0
+
+    async def nodes(request: web.Request) -> web.StreamResponse:
+        nonlocal lists
+        if request.query.get("watch") != "true":
+            lists += 1
+            items = [{"metadata": {"name": "ok"}, "spec": {}}, {"metadata": [1]}, "junk"]
+            return web.json_response({"kind": "NodeList", "metadata": {"resourceVersion": "5"}, "items": items})
+        gone = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}
+        return web.Response(text=json.dumps({"type": "ERROR", "object": gone}) + "\n")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/nodes", nodes)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = KubeClient(PlainHttp(f"http://127.0.0.1:{runner.addresses[0][1]}"), qps=100, burst=100)
+    reflector = Reflector(client, "nodes", "/api/v1/nodes", node_info, timing=FAST)
+    task = asyncio.create_task(reflector.run())
+    try:
+        await eventually(lambda: lists >= 3, "listed again and again")
+        assert set(reflector.items) == {"ok"} and reflector.malformed >= 6
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.close()
+        await runner.cleanup()
+    skipped = [r for r in caplog.records if r.getMessage() == "skipping an object discovery cannot read"]
+    assert len(skipped) == 2  # two different faults, each once
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_lists_are_paged_and_a_body_over_the_cap_fails_clearly(api: ApiServerStandin, sa_dir: Path) -> None:
+    for i in range(5):
+        add_neighbour(api, f"p{i}", f"node-{i}", f"10.0.0.{i + 2}")
+    timing = Timing(**{**FAST.__dict__, "page_size": 2})
+    async with started(source(in_cluster(api, sa_dir), timing)) as src:
+        assert len(src.neighbours.current().neighbours) == 5
+    pages = [r.query for r in api.requests if r.kind == "pods" and r.verb == "list"]
+    assert len(pages) == 3 and all(p["limit"] == "2" and "resourceVersion" not in p for p in pages)
+
+    credentials = ServiceAccount(str(sa_dir), "127.0.0.1", api.port)
+    await credentials.load()
+    client = KubeClient(credentials, max_body=2_000)
+    try:
+        with pytest.raises(ApiError, match="larger than 2000 bytes"):
+            await client.get(f"/api/v1/namespaces/{NS}/pods", {"resourceVersion": "0"}, timeout=5)
+    finally:
+        await client.close()
