@@ -65,7 +65,7 @@ def _iso(when: float | None) -> str | None:
 
 
 #: Ring-front nodes watched beyond the `limit` ones, so a cordon leaves no gap.
-SPARES = 2
+SPARES = 1
 #: Past this many node watches, one watch of every node is the cheaper choice.
 MAX_NODE_WATCHES = 32
 
