@@ -83,6 +83,7 @@ class NodeFacts:
         self._wanted: dict[str, frozenset[str]] = {}
         self._per_node: dict[str, Reflector[NodeInfo]] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopped = False
         self.cluster: Reflector[NodeInfo] | None = None
         if mode == "all":
             self.cluster = self._reflector("nodes", node_info)
@@ -108,6 +109,7 @@ class NodeFacts:
             self._tasks[""] = asyncio.create_task(self.cluster.run(), name=f"discovery-{self.cluster.kind}")
 
     async def stop(self) -> None:
+        self._stopped = True  # a late current() must not start watches again
         tasks = list(self._tasks.values())
         self._tasks.clear()
         self._per_node.clear()
@@ -121,7 +123,7 @@ class NodeFacts:
         """The nodes `owner` ("neighbours", "readiness") needs facts of; the union is watched
         one by one (not in mode "all", where every node is)."""
         wanted = frozenset(n for n in names if n)
-        if self._wanted.get(owner) == wanted:
+        if self._wanted.get(owner) == wanted or self._stopped:
             return
         self._wanted[owner] = wanted
         if self.mode == "all":
