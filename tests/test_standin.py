@@ -924,3 +924,32 @@ async def test_faults_short_watches_and_gone_after_list(server: ApiServerStandin
     assert [(e["type"], e["object"]["code"]) for e in events] == [("ERROR", 410)]
     with pytest.raises(ValueError):
         server.fault = "unknown"
+
+
+async def test_runs_as_a_process_with_realistic_nodes_and_heartbeats(tmp_path: Path) -> None:
+    sa = tmp_path / "sa"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "probe.standin", "--serviceaccount-dir", str(sa), "--nodes", "4",
+        "--realistic-nodes", "--heartbeat-period", "0.2", "--flapping", "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        url = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().strip()
+        ctx = ssl.create_default_context(cafile=str(sa / "ca.crt"))
+        headers = {"Authorization": f"Bearer {(sa / 'token').read_text()}"}
+        async with aiohttp.ClientSession() as session:
+            versions = []
+            for _ in range(2):
+                async with session.get(url + "/api/v1/nodes", ssl=ctx, headers=headers) as resp:
+                    body = await resp.json()
+                versions.append(int(body["metadata"]["resourceVersion"]))
+                await asyncio.sleep(1.0)
+        assert len(body["items"][0]["status"]["images"]) >= 40
+        assert versions[1] - versions[0] >= 10  # 4 nodes x 5 updates a second, loosely
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
