@@ -49,9 +49,12 @@ def pod_info(obj: Mapping[str, Any]) -> PodInfo:
     metadata = obj.get("metadata") or {}
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
+    name = _text(metadata.get("name"))
+    if not name:
+        raise ValueError("pod without metadata.name")
     return PodInfo(
-        name=_text(metadata.get("name")),
-        # Interned: thousands of pods share a few phase strings, and node names with the node cache.
+        name=name,
+        # Interned: thousands of pods share a few phase strings.
         node_name=sys.intern(_text(spec.get("nodeName"))),
         pod_ip=_text(status.get("podIP")),
         host_ip=_text(status.get("hostIP")),
