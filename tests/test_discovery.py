@@ -214,7 +214,9 @@ async def test_unknown_namespace_is_skipped_with_the_reason(api: ApiServerStandi
     async with started(source(in_cluster(api, sa_dir))) as src:
         hood = src.neighbours.current()
         assert hood.skipped and "KUBENURSE_NAMESPACE not set" in hood.state
-    assert api.count("pods") == 0
+        api.cordon(MY_NODE)  # readiness does not need the neighbours' namespace
+        await eventually(schedulable_is(src, False), "own node cordoned")
+    assert api.count("pods") == 0 and node_watches(api) == {f"metadata.name={MY_NODE}"}
 
 
 async def test_namespace_defaults_to_pod_namespace_then_serviceaccount(api: ApiServerStandin, sa_dir: Path) -> None:

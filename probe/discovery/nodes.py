@@ -181,6 +181,6 @@ class NodeFacts:
     async def synced(self, names: Iterable[str] = ()) -> None:
         """Wait until the cluster-wide list and those per-node lists are in."""
         waits = [r.synced.wait() for n, r in self._per_node.items() if n in set(names)]
-        if self.cluster is not None:
+        if self.cluster is not None and "" in self._tasks:  # started
             waits.append(self.cluster.synced.wait())
         await asyncio.gather(*waits)

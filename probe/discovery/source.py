@@ -131,15 +131,15 @@ class KubeDiscovery:
             return
         s = self.settings
         self.own_namespace = s.pod_namespace or self.credentials.namespace or s.namespace
-        self.nodes.start()
-        if self.kube_neighbours is not None and not self.kube_neighbours.begin():
-            return
-        self._watch_own_node()
+        hood = self.kube_neighbours if self.kube_neighbours is not None and self.kube_neighbours.begin() else None
+        if hood is not None or self.nodes.mode != "front":  # no neighbours: no cordoned-node watch
+            self.nodes.start()
+        self._watch_own_node()  # readiness, whatever became of the neighbours
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.timing.initial_sync):
                 await self.nodes.synced([self.own_node or ""])
-                if self.kube_neighbours is not None:
-                    await self.kube_neighbours.synced()
+                if hood is not None:
+                    await hood.synced()
         if self.own_node is None:
             self._tasks.append(asyncio.create_task(self._find_own_node(), name="discovery-own-node"))
         log.info(
