@@ -944,3 +944,27 @@ async def test_lists_are_paged_and_a_body_over_the_cap_fails_clearly(api: ApiSer
             await client.get(f"/api/v1/namespaces/{NS}/pods", {"resourceVersion": "0"}, timeout=5)
     finally:
         await client.close()
+
+
+async def test_pod_updates_selection_does_not_read_cost_nothing_but_decoding(
+    api: ApiServerStandin, sa_dir: Path
+) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        hood = src.neighbours.current()
+        pods = src.kube_neighbours.pods if src.kube_neighbours else None
+        assert pods is not None and [n.pod_name for n in hood.neighbours] == ["a"]
+        revision = pods.data_revision
+
+        def churn(pod: dict[str, Any], i: int) -> None:
+            pod["metadata"].setdefault("annotations", {})["churn"] = str(i)
+            pod["status"]["conditions"] = [{"type": "Ready", "status": "True" if i % 2 else "False"}]
+
+        for i in range(20):
+            api.update_pod("a", lambda pod, i=i: churn(pod, i), namespace=NS)
+        api.set_pod_phase("a", "Running", namespace=NS)  # a no-op write, last: when seen, all were
+        await eventually(lambda: int(pods.resource_version or 0) >= api.resource_version, "all 21 updates seen")
+        assert pods.data_revision == revision
+        assert src.neighbours.current().neighbours is hood.neighbours  # not selected again
+        api.update_pod("a", lambda pod: pod["status"].__setitem__("podIP", "10.0.0.9"), namespace=NS)
+        await eventually(lambda: pods.data_revision == revision + 1, "a change selection reads")
