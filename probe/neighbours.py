@@ -205,10 +205,12 @@ def ring_front(
     not exist). Walking the candidate pods in ring order, a node's pods are taken when its
     facts say it exists and is schedulable; a node without facts is not taken yet (it may
     be gone or tainted) but is wanted, and its pods count against the limit meanwhile (so
-    the first pass wants `limit` nodes, not every node). The walk stops once `limit` pods are taken and
-    `spares` more nodes are wanted beyond them (so one cordon does not leave a gap while a
-    watch starts), or at `max_wanted` nodes. With complete facts for the wanted nodes the
-    neighbours equal `select_neighbours(...)`'s exactly.
+    the first pass wants `limit` nodes, not every node). A node in `cordoned` is skipped
+    without waiting for its facts, and stays wanted (its uncordon then needs no new watch).
+    The walk stops once `limit` pods are taken and `spares` more nodes are wanted beyond
+    them (so one cordon does not leave a gap while a watch starts), or at `max_wanted`
+    nodes. With complete facts for the wanted nodes the neighbours equal
+    `select_neighbours(...)`'s exactly.
     """
     if limit <= 0:
         raise ValueError("ring_front needs a limit; with 0 every node is needed")
@@ -225,11 +227,11 @@ def ring_front(
             full = counted >= limit
             if (full and extra >= spares) or len(wanted) >= max_wanted:
                 break
+            wanted.append(node)
             if node in cordoned:
-                usable = False
+                usable = False  # skipped at once; still watched, so its uncordon is seen in full
                 continue
             extra += full
-            wanted.append(node)
             info = facts.get(node, _UNKNOWN)
             usable = None if info is _UNKNOWN else (info is not None and info.schedulable)
         if usable is not False and counted < limit:
