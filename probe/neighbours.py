@@ -239,3 +239,29 @@ def ring_front(
             if usable:
                 taken.append(pod)
     return RingFront(tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in taken), tuple(wanted))
+
+
+def known_eligible(
+    pods: Iterable[PodInfo],
+    *,
+    cordoned: Collection[str],
+    facts: Mapping[str, NodeInfo | None],
+    own_pod: str,
+    own_node: str,
+) -> tuple[Neighbour, ...]:
+    """Every pod that may be checked as far as partial node facts tell, in ring order:
+    pods on nodes known cordoned (`cordoned`) or known gone or unschedulable (`facts`) are
+    left out; a node without facts counts as schedulable (a taint-only cordon or a deleted
+    node away from the ring front is not known). For views of the whole cluster (the mesh),
+    never for the neighbours, which `ring_front` selects exactly."""
+    chosen = []
+    for pod in pods:
+        if pod.phase != "Running" or pod.terminating or pod.name == own_pod or not pod.pod_ip:
+            continue
+        if pod.node_name in cordoned:
+            continue
+        info = facts.get(pod.node_name, _UNKNOWN)
+        if info is not _UNKNOWN and (info is None or not info.schedulable):
+            continue
+        chosen.append(pod)
+    return tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in ring_order(chosen, own_node))

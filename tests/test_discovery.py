@@ -790,6 +790,8 @@ async def test_narrow_node_watches_keep_every_selection_rule(api: ApiServerStand
         assert {f"metadata.name={n}" for n in order[4:7]} <= node_watches(api, since)
         # cordoned, own, the deleted node (its pod lingers), 3 cordoned, 2 taken, 1 spare
         assert set(src.nodes._per_node) == {MY_NODE, *order[:7]}
+        # The whole-cluster view (mesh) leaves out what is known: cordoned and deleted nodes.
+        assert {n.node_name for n in src.kube_neighbours.eligible()} == set(names) - set(order[:4])
         listed = lists_by_selector(api, "nodes")[f"metadata.name={order[2]}"]
         api.uncordon(order[2])  # still watched: back at once, without listing it again
         await eventually(chosen_is(order[2], order[4]), "uncordoned", 2)

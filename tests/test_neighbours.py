@@ -7,7 +7,16 @@ from collections import Counter
 
 import pytest
 
-from probe.neighbours import NodeInfo, PodInfo, eligible, ring_front, ring_hash, ring_order, select_neighbours
+from probe.neighbours import (
+    NodeInfo,
+    PodInfo,
+    eligible,
+    known_eligible,
+    ring_front,
+    ring_hash,
+    ring_order,
+    select_neighbours,
+)
 
 RING = 1 << 64
 
@@ -251,3 +260,12 @@ def test_ring_front_takes_no_node_before_its_facts_arrive() -> None:
 def test_ring_front_needs_a_limit() -> None:
     with pytest.raises(ValueError, match="limit"):
         ring_front([], cordoned=(), facts={}, own_pod="", own_node="", limit=0, spares=0, max_wanted=1)
+
+
+def test_known_eligible_leaves_out_what_is_known_unusable() -> None:
+    pods = [pod("a", "n1"), pod("b", "n2"), pod("c", "n3"), pod("d", "n4"), pod("e", "n5", phase="Pending")]
+    facts = {"n2": None, "n3": NodeInfo("n3", unschedulable_taint=True), "n4": NodeInfo("n4")}
+    chosen = known_eligible(pods, cordoned={"n1"}, facts=facts, own_pod="me", own_node="n0")
+    assert [n.pod_name for n in chosen] == ["d"]  # n1 cordoned, n2 gone, n3 tainted, e pending
+    everything = known_eligible(pods, cordoned=(), facts={}, own_pod="me", own_node="n0")
+    assert sorted(n.pod_name for n in everything) == ["a", "b", "c", "d"]  # unknown nodes count as usable

@@ -30,6 +30,7 @@ from probe.neighbours import (
     NeighbourSource,
     PodInfo,
     StaticNeighbours,
+    known_eligible,
     ring_front,
     select_neighbours,
 )
@@ -248,6 +249,8 @@ class KubeNeighbours:
         self._selection_key: tuple[object, ...] | None = None
         self._selection: tuple[Neighbour, ...] = _NO_NEIGHBOURS
         self._snapshot_key: tuple[object, ...] | None = None
+        self._eligible_key: tuple[object, ...] | None = None
+        self._eligible: tuple[Neighbour, ...] = _NO_NEIGHBOURS
         self._snapshot = Neighbourhood(state="starting", stale=True)
 
     # Lifecycle (driven by KubeDiscovery) ------------------------------------------------
@@ -355,6 +358,33 @@ class KubeNeighbours:
             )
         self._selection_key = (pods.data_revision, nodes.revision, d.own_node)
         return self._selection
+
+    def eligible(self) -> tuple[Neighbour, ...]:
+        """Every pod that may be checked, before the limit (the mesh view asks them all).
+        Exact with every node watched (limit 0); otherwise as far as the narrow node
+        watches tell (`known_eligible`). Computed again only when the caches changed."""
+        d, s, pods = self._d, self._d.settings, self.pods
+        if d.skipped is not None or self._skipped is not None or pods is None:
+            return _NO_NEIGHBOURS
+        key = (pods.data_revision, d.nodes.revision, d.own_node)
+        if key != self._eligible_key:
+            own_pod = s.pod_name if d.own_namespace == self.namespace else ""
+            if d.nodes.mode == "front":
+                self._eligible = known_eligible(
+                    pods.items.values(), cordoned=d.nodes.cordoned(), facts=d.nodes.facts(),
+                    own_pod=own_pod, own_node=d.own_node or "",
+                )
+            else:
+                self._eligible = select_neighbours(
+                    pods.items.values(),
+                    d.nodes.all_nodes if d.nodes.mode == "all" else {},
+                    own_pod=own_pod,
+                    own_node=d.own_node or "",
+                    limit=0,
+                    allow_unschedulable=s.allow_unschedulable,
+                )
+            self._eligible_key = key
+        return self._eligible
 
     def _build(
         self, pods: Reflector[PodInfo], reflectors: list[Reflector[Any]], last_sync: float, now: float
