@@ -6,7 +6,16 @@ import importlib
 import sys
 
 # Each module has run() -> list[(label, value)]; missing optional ones are reported, not fatal.
-MODULES = ("bench.core", "bench.bench_discovery", "bench.bench_tracing", "bench.bench_blackbox")
+MODULES = (
+    "bench.core",
+    "bench.bench_accuracy",
+    "bench.bench_discovery",
+    "bench.bench_tracing",
+    "bench.bench_cardinality",
+    "bench.bench_blackbox",
+    "bench.bench_kinds",
+    "bench.bench_mesh",
+)
 
 
 def main() -> int:

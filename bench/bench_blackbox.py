@@ -1,17 +1,7 @@
-"""The probe next to prometheus-blackbox-exporter, on the same targets in the same run:
-measurement accuracy against a server with a known delay, CPU per 1,000 checks, RSS.
+"""The probe next to prometheus-blackbox-exporter, on the same targets in the same run: CPU
+per 1,000 checks and RSS. (Accuracy side by side, at 1 to 100 checks at once, is in
+bench/bench_accuracy.py.)
 
-What is compared with what:
-
-- Accuracy. The probe reports the time from the start of a request to its response
-  headers (kubenurse's request duration). The blackbox exporter's nearest figure is the sum
-  of its `probe_http_duration_seconds` phases up to the first response byte: resolve +
-  connect + tls + processing (everything but `transfer`, the reading of the rest of the
-  answer). Each is taken minus the server's true delay for that very request (the delay
-  server reports what each answer really took). `probe_duration_seconds` is shown too but
-  is not comparable: it is the whole /probe handling (config lookup, registry, the request,
-  the transfer), which no network latency figure should contain. The two probers' checks
-  alternate, one each, so drift on the machine hits both alike.
 - CPU and RSS. The probe runs as its own process with 10 targets checked every 100 ms
   (bench.core.process_cost). The blackbox exporter is driven the way Prometheus drives it:
   one /probe request per check, 10 targets every 100 ms; only the exporter's own CPU counts
@@ -21,7 +11,6 @@ What is compared with what:
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import tempfile
 import threading
@@ -32,20 +21,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bench.core import (
-    DELAY,
     Row,
     cpu_seconds,
     delay_server,
     fetch,
     free_port,
-    percentile,
     process_cost,
     running,
-    served,
 )
-from probe.checks.http import HttpChecker
-from probe.checks.result import Target
-from probe.settings import Settings
 
 BLACKBOX = shutil.which("prometheus-blackbox-exporter")
 MODULE = "http_2xx"
@@ -98,39 +81,6 @@ def blackbox_probe(exporter: str, target: str) -> tuple[float, float]:
     return sum(phases.get(p, 0.0) for p in COMPARABLE_PHASES), total
 
 
-async def interleaved_accuracy(exporter: str, n: int = 200) -> tuple[list[float], list[float], list[float]]:
-    """Reported minus true latency per check: (probe, blackbox phases, blackbox probe_duration)."""
-    probe: list[float] = []
-    phases: list[float] = []
-    totals: list[float] = []
-    with delay_server(DELAY) as url:
-        target = f"{url}/alwayshappy"
-        checker = HttpChecker(Settings())
-        await checker.start()
-        try:
-            for _ in range(5):  # warm both up (first connections, lazy imports), then start counting
-                await checker.check(Target("bench", target))
-                blackbox_probe(exporter, target)
-            fetch(f"{url}/reset")
-            for _ in range(n):
-                result = await checker.check(Target("bench", target))
-                assert result.duration is not None, result.summary
-                probe.append(result.duration)
-                reported, total = blackbox_probe(exporter, target)
-                phases.append(reported)
-                totals.append(total)
-        finally:
-            await checker.close()
-        true = served(url)
-    assert len(true) == 2 * n, "the delay server saw other requests"
-    probe_true, blackbox_true = true[0::2], true[1::2]
-    return (
-        [r - t for r, t in zip(probe, probe_true, strict=True)],
-        [r - t for r, t in zip(phases, blackbox_true, strict=True)],
-        [r - t for r, t in zip(totals, blackbox_true, strict=True)],
-    )
-
-
 def blackbox_cost(exporter: str, pid: int, target_url: str, seconds: float = 8.0) -> tuple[float, float, int]:
     """(CPU seconds per 1,000 checks, RSS in MB, checks) of the exporter, driven like the probe runs."""
     count = 0
@@ -181,20 +131,9 @@ def run() -> list[Row]:
     if not BLACKBOX:
         return [("vs blackbox exporter", "skipped: prometheus-blackbox-exporter is not installed")]
     rows: list[Row] = []
-    with blackbox_exporter() as (exporter, pid):
-        probe_err, phase_err, total_err = asyncio.run(interleaved_accuracy(exporter))
-        for q, name in ((0.5, "p50"), (0.99, "p99")):
-            rows.append((
-                f"vs blackbox: reported - true {name} (ms), probe / blackbox phases to first byte",
-                _pair(percentile(probe_err, q) * 1000, percentile(phase_err, q) * 1000),
-            ))
-        rows.append((
-            "  blackbox probe_duration_seconds - true p50 / p99 (ms; whole /probe, not comparable)",
-            f"{percentile(total_err, 0.5) * 1000:.3f} / {percentile(total_err, 0.99) * 1000:.3f}",
-        ))
-        with delay_server(0) as url:
-            probe_cpu, probe_rss, probe_checks = process_cost(url, checks_per_round=TARGETS)
-            bb_cpu, bb_rss, bb_checks = blackbox_cost(exporter, pid, url)
+    with blackbox_exporter() as (exporter, pid), delay_server(0) as url:
+        probe_cpu, probe_rss, probe_checks = process_cost(url, checks_per_round=TARGETS)
+        bb_cpu, bb_rss, bb_checks = blackbox_cost(exporter, pid, url)
     rows.append((
         "vs blackbox: CPU s per 1,000 checks, probe / blackbox",
         _pair(probe_cpu, bb_cpu) + f"  ({probe_checks:.0f} / {bb_checks} checks)",

@@ -1,4 +1,5 @@
-"""The probe's own figures: accuracy, CPU per check, memory, /metrics and /alwayshappy speed.
+"""The probe's own figures: CPU per check, memory, /metrics and /alwayshappy speed (accuracy is
+bench/bench_accuracy.py).
 
 Everything runs on loopback against real servers and a real probe process.
 """
@@ -19,10 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import aiohttp
-
-from probe.checks.http import HttpChecker
-from probe.checks.result import Target
-from probe.settings import Settings
 
 DELAY = 0.020  # the target's known server-side delay
 Row = tuple[str, str]
@@ -81,44 +78,6 @@ def delay_server(delay: float) -> Iterator[str]:
 
 def served(url: str) -> list[float]:
     return [float(x) for x in json.loads(fetch(f"{url}/served"))]
-
-
-def bare_socket_get(port: int) -> float:
-    """The floor: one GET on a fresh connection with a blocking socket and no HTTP library,
-    timed the way the probe times it (start -> first byte of the answer)."""
-    request = b"GET /alwayshappy HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(request)
-        sock.recv(4096)
-        elapsed = time.perf_counter() - started
-        while sock.recv(4096):
-            pass
-    return elapsed
-
-
-async def accuracy(n: int = 200) -> tuple[list[float], list[float]]:
-    """Reported duration minus the server's true delay, per request: (probe, bare-socket
-    floor), the two taking turns on one server so both see the same conditions."""
-    probe: list[float] = []
-    floor: list[float] = []
-    with delay_server(DELAY) as url:
-        port = int(url.rsplit(":", 1)[1])
-        checker = HttpChecker(Settings())
-        await checker.start()
-        try:
-            for _ in range(n):
-                result = await checker.check(Target("bench", f"{url}/alwayshappy"))
-                assert result.duration is not None, result.summary
-                probe.append(result.duration)
-                floor.append(bare_socket_get(port))  # blocking on purpose: nothing else runs
-        finally:
-            await checker.close()
-        true = served(url)
-    return (
-        [r - t for r, t in zip(probe, true[0::2], strict=True)],
-        [r - t for r, t in zip(floor, true[1::2], strict=True)],
-    )
 
 
 def cpu_seconds(pid: int) -> float:
@@ -197,13 +156,6 @@ async def endpoint_speed(port: int, seconds: float = 3.0, concurrency: int = 32)
 
 async def run_async() -> list[Row]:
     rows: list[Row] = []
-    errors, floor = await accuracy()
-    rows.append(("reported - true latency p50 (ms)", f"{percentile(errors, 0.5) * 1000:.3f}"))
-    rows.append(("reported - true latency p99 (ms)", f"{percentile(errors, 0.99) * 1000:.3f}"))
-    rows.append(("  floor: bare socket, same GET, p50 (ms)", f"{percentile(floor, 0.5) * 1000:.3f}"))
-    rows.append(("  floor: bare socket, same GET, p99 (ms)", f"{percentile(floor, 0.99) * 1000:.3f}"))
-    rows.append(("  probe overhead over the floor, p50 (ms)",
-                 f"{(percentile(errors, 0.5) - percentile(floor, 0.5)) * 1000:.3f}"))
     with delay_server(0) as url:
         cpu, rss, checks = await asyncio.to_thread(process_cost, url)
         rows.append(("CPU seconds per 1,000 checks", f"{cpu:.3f}  ({checks:.0f} checks)"))

@@ -6,18 +6,24 @@ import asyncio
 import contextlib
 import logging
 import signal
+import sys
 
 from aiohttp import web
 
-from probe.checks.http import HttpChecker
+from probe import __version__
+from probe.checks import kernel
+from probe.checks.kinds import build_checkers
 from probe.checks.rounds import Prober
 from probe.discovery import Discovery, Fixed, make_discovery
+from probe.discovery.kube import locate
+from probe.mesh.events import NodeEventReporter
+from probe.mesh.routes import MESH_VIEW, own_node
 from probe.neighbours import NeighbourSource, Readiness, StaticReadiness
 from probe.server import ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
-from probe.telemetry.metrics import Metrics
+from probe.telemetry.metrics import Metrics, series_limit
 
 log = logging.getLogger("probe")
 
@@ -47,15 +53,17 @@ class Probe:
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
-        otlp_reader = otel.build_otlp_metric_reader(settings)
+        limit = series_limit(settings.neighbour_limit, len(settings.extra_checks))
+        otlp_reader = otel.build_otlp_metric_reader(settings, limit)
         self.metrics = Metrics(
             buckets=settings.histogram_buckets,
             incoming=self.incoming.count,
             resource=resource,
             extra_readers=[otlp_reader] if otlp_reader else [],
+            cardinality_limit=limit,
         )
         tracer = otel.tracer(self.tracing)
-        self.checker = HttpChecker(settings, record=self.metrics.record, tracer=tracer)
+        self.checker = build_checkers(settings, record=self.metrics.record, tracer=tracer)
         self.prober = Prober(settings, self.neighbours, self.checker.check, on_departed=self._forget_series)
         self.state = ServerState(
             last_round=lambda: self.prober.last_round,
@@ -63,16 +71,26 @@ class Probe:
             node_schedulable=self.discovery.readiness.node_schedulable,
             incoming=self.incoming,
             extra=self._alive_extra,
+            eligible=getattr(self.neighbours, "eligible", tuple),
         )
         self.app = build_app(settings, self.state, self.metrics, tracer)
         self._runner: web.AppRunner | None = None
         self._rounds: asyncio.Task[None] | None = None
+        self.node_events = node_event_reporter(settings, self.app, self.neighbours)
+        self._node_events: asyncio.Task[None] | None = None
 
     def _alive_extra(self) -> dict[str, object]:
         if self.tracing is None:
             return {}
         exporter = self.tracing.exporter
-        return {"otlp": {"spans_exported": exporter.exported, "spans_dropped": exporter.dropped}}
+        return {
+            "otlp": {
+                "spans_exported": exporter.exported,
+                "spans_dropped": exporter.dropped,
+                "spans_export_failed": exporter.failed,
+                "spans_dropped_queue_full": exporter.queue_full,
+            }
+        }
 
     def _forget_series(self, check_types: set[str]) -> None:
         dropped = self.metrics.forget(check_types)
@@ -87,12 +105,18 @@ class Probe:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
         self._rounds = asyncio.create_task(self.prober.run(), name="rounds")
+        if self.node_events is not None:
+            self._node_events = asyncio.create_task(self.node_events.run(), name="node-events")
+        timing = kernel.capabilities()
         log.info(
             "probe started",
             extra={
+                "version": __version__,
                 "http_port": self.settings.http_port,
                 "pod": self.settings.pod_name,
                 "node": self.settings.node_name,
+                "timing_source": timing.source,
+                "timing": timing.describe(),
             },
         )
 
@@ -102,10 +126,13 @@ class Probe:
 
     async def stop(self) -> None:
         self.begin_shutdown()
-        if self._rounds is not None:
-            self._rounds.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rounds
+        for task in (self._rounds, self._node_events):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self.node_events is not None:
+            await self.node_events.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.discovery.stop()
@@ -117,8 +144,39 @@ class Probe:
         await asyncio.gather(*flushes)
 
 
+#: How long a thread may wait for the interpreter while the loop is busy (Python's default is
+#: 5 ms). A DNS lookup's end is noted on its own thread once it has the interpreter back, so
+#: this bounds how much a busy probe can add to a DNS figure.
+SWITCH_INTERVAL = 0.001
+
+
+def node_event_reporter(
+    settings: Settings, app: web.Application, neighbours: NeighbourSource
+) -> NodeEventReporter | None:
+    """With KUBENURSE_NODE_EVENTS: the reporter, or None (and why) when it cannot post."""
+    if not settings.node_events:
+        return None
+    credentials = locate(settings)
+    namespace = settings.pod_namespace or settings.namespace
+    if isinstance(credentials, str) or not namespace:
+        reason = credentials if isinstance(credentials, str) else "POD_NAMESPACE and KUBENURSE_NAMESPACE unset"
+        log.warning("node events off", extra={"reason": reason})
+        return None
+    eligible = getattr(neighbours, "eligible", tuple)
+    return NodeEventReporter(
+        credentials,
+        app[MESH_VIEW],
+        namespace=namespace,
+        pod=settings.pod_name,
+        own_node=lambda: own_node(settings, neighbours.current()),
+        eligible_nodes=lambda: [n.node_name for n in eligible()],
+    )
+
+
 async def serve(settings: Settings) -> None:
-    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop."""
+    """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop.
+    A second signal during that time stops at once."""
+    sys.setswitchinterval(SWITCH_INTERVAL)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: no window without them
@@ -126,8 +184,19 @@ async def serve(settings: Settings) -> None:
     probe = Probe(settings)
     await probe.start()
     await stop.wait()
-    log.info("shutting down", extra={"grace_seconds": settings.shutdown_duration})
+    stop.clear()
+    grace = settings.shutdown_duration
+    log.info(
+        "shutting down",
+        extra={
+            "grace_seconds": grace,
+            "detail": f"/ready answers 503 for {grace:g}s (KUBENURSE_SHUTDOWN_DURATION), then the servers stop;"
+            " a second Ctrl-C or SIGTERM stops now",
+        },
+    )
     probe.begin_shutdown()
-    await asyncio.sleep(settings.shutdown_duration)
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), grace)
+        log.info("second signal: stopping now")
     await probe.stop()
     log.info("stopped")

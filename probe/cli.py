@@ -1,25 +1,78 @@
-"""The `kubenurse` command: parse settings (exit 2 on a bad one), then run."""
+"""The `kubenurse` command: parse settings (exit 2 on a bad one), then run.
+
+Subcommands live in COMMANDS: one line each (name -> help, runner), so adding one does
+not touch the rest.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import platform
 import sys
+from collections.abc import Callable
 
-from probe import logs
-from probe.settings import SettingsError, load_settings
+from probe import __version__, logs
+from probe.settings import SettingsError, load_settings, variable_help
+
+
+def _mesh(args: list[str]) -> int:
+    from probe.mesh.terminal import main as mesh
+
+    return mesh(args)
+
+
+def _sandbox(args: list[str]) -> int:
+    from probe.sandbox import main as sandbox
+
+    return sandbox(args)
+
+
+#: name -> (one line of help, runner taking the remaining arguments and returning the exit status)
+COMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "sandbox": ("try it: N probes as a pretend cluster on loopback (sandbox --help)", _sandbox),
+    "mesh": ("[URL] where the cluster's network is broken; exit 1 if anywhere (mesh --help)", _mesh),
+}
+
+
+def version_text() -> str:
+    return f"kubenurse {__version__} (Python {platform.python_version()})"
+
+
+def help_text() -> str:
+    usage = [
+        ("", "run the probe until SIGTERM/SIGINT (a second Ctrl-C stops at once)"),
+        *((name, text) for name, (text, _) in COMMANDS.items()),
+        ("--version", "print the version"),
+        ("--help", "this text"),
+    ]
+    lines = [
+        *(f"{'usage:' if i == 0 else '':<6} kubenurse {name:<10} {text}" for i, (name, text) in enumerate(usage)),
+        "",
+        "The probe is configured by environment variables (a bad value exits 2 naming it);",
+        "their meaning is in the README's Settings section. Variables and defaults:",
+        "",
+        *(f"  {variable:<34} {default}" for variable, default in variable_help()),
+        "",
+        "OpenTelemetry: OTEL_EXPORTER_OTLP_ENDPOINT (unset: nothing exported), OTEL_EXPORTER_OTLP_PROTOCOL,",
+        "the per-signal variants, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG),",
+        "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, ..._DEFAULT_HISTOGRAM_AGGREGATION, OTEL_SDK_DISABLED.",
+        "",
+        "Endpoints: /alive, /alwayshappy, /ready, /metrics on KUBENURSE_HTTP_PORT.",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in ("-h", "--help"):
-        print("usage: kubenurse            run the probe (configured by environment variables)")
-        print("       kubenurse sandbox    try it: N probes as a pretend cluster on loopback (sandbox --help)")
+    if args and args[0] in ("-h", "--help", "help"):
+        print(help_text())
         return 0
-    if args and args[0] == "sandbox":
-        from probe.sandbox import main as sandbox
-
-        return sandbox(args[1:])
+    if args and args[0] in ("-V", "--version", "version"):
+        print(version_text())
+        return 0
+    if args and args[0] in COMMANDS:
+        return COMMANDS[args[0]][1](args[1:])
     if args:
         print(f"kubenurse: unknown command {args[0]!r} (try --help)", file=sys.stderr)
         return 2
@@ -30,10 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logs.configure(settings.log_format, settings.log_level)
     from probe.app import serve  # after validation: bad settings exit fast, without heavy imports
+    from probe.server import ListenError
 
     try:
         asyncio.run(serve(settings))
-    except OSError as e:  # e.g. the port is taken: one clear line, not a traceback
+    except ListenError as e:  # the port is taken, not ours, or the host is not here: one line
         print(f"kubenurse: {e}", file=sys.stderr)
         return 1
     return 0

@@ -1,13 +1,13 @@
-"""Kubernetes label selectors: parse once, match pure.
+"""Kubernetes label selectors, parsed as the API server parses them.
 
 Used to validate KUBENURSE_NEIGHBOUR_FILTER at start-up (a typo should exit 2, not
-silently select nobody) and to match cached pods.
+silently select nobody); the API server does the matching (the selector goes into the
+list and watch requests as given).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Key: optional DNS-subdomain prefix and a name segment; value: up to 63 name characters.
@@ -15,7 +15,9 @@ _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
 _KEY_RE = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_NAME}$")
 _VALUE_RE = re.compile(rf"^({_NAME})?$")
 _SET_RE = re.compile(r"^(?P<key>[^\s!=()]+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)$")
-_EQ_RE = re.compile(r"^(?P<key>[^\s!=()]+)\s*(?P<op>==|=|!=)\s*(?P<value>[^\s!=(),]*)$")
+_EQ_RE = re.compile(r"^(?P<key>[^\s!=()<>]+)\s*(?P<op>==|=|!=)\s*(?P<value>[^\s!=(),<>]*)$")
+# `a>5`, `a<3`: Gt and Lt, with an integer value.
+_CMP_RE = re.compile(r"^(?P<key>[^\s!=()<>]+)\s*(?P<op>[<>])\s*(?P<value>[^\s!=(),<>]*)$")
 
 
 class SelectorError(ValueError):
@@ -25,25 +27,13 @@ class SelectorError(ValueError):
 @dataclass(frozen=True)
 class Requirement:
     key: str
-    op: str  # "in", "notin", "exists", "!exists"
+    op: str  # "in", "notin", "exists", "!exists", "gt", "lt"
     values: frozenset[str] = frozenset()
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        if self.op == "exists":
-            return self.key in labels
-        if self.op == "!exists":
-            return self.key not in labels
-        if self.op == "in":
-            return labels.get(self.key) in self.values
-        return labels.get(self.key) not in self.values  # notin: absent keys match too
 
 
 @dataclass(frozen=True)
 class Selector:
     requirements: tuple[Requirement, ...]
-
-    def matches(self, labels: Mapping[str, str]) -> bool:
-        return all(r.matches(labels) for r in self.requirements)
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -84,6 +74,10 @@ def _requirement(term: str) -> Requirement:
     if m := _EQ_RE.match(term):
         op = "notin" if m["op"] == "!=" else "in"
         return Requirement(_key(m["key"]), op, frozenset({_value(m["value"])}))
+    if m := _CMP_RE.match(term):
+        if not re.fullmatch(r"-?\d+", m["value"]):
+            raise SelectorError(f"for '>' and '<' the value must be an integer, not {m['value']!r}")
+        return Requirement(_key(m["key"]), "gt" if m["op"] == ">" else "lt", frozenset({m["value"]}))
     if term.startswith("!"):
         return Requirement(_key(term[1:].strip()), "!exists")
     return Requirement(_key(term), "exists")

@@ -10,7 +10,13 @@ API_SERVER_DIRECT = "api_server_direct"
 API_SERVER_DNS = "api_server_dns"
 ME_INGRESS = "me_ingress"
 ME_SERVICE = "me_service"
+DNS_CLUSTER = "dns_cluster"
 PATH_PREFIX = "path_"
+
+# Check kinds, chosen by the URL scheme of an extra check.
+KIND_HTTP = "http"
+KIND_DNS = "dns"
+KIND_TCP = "tcp"
 
 
 def path_type(node_name: str) -> str:
@@ -40,6 +46,8 @@ EVENTS = (
     GOT_FIRST_RESP_BYTE,
 )
 ROUND_TRIP_ERROR = "round_trip_error"
+#: `code` of a check without an HTTP status (dns, tcp) that succeeded.
+CODE_OK = "ok"
 
 
 def status_code_event(code: int) -> str:
@@ -58,12 +66,18 @@ TRACE_REQUEST_DURATION = "kubenurse_httpclient_trace_request_duration"
 REQUESTS = "kubenurse_httpclient_requests"
 ERRORS = "kubenurse_errors"
 INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
+#: Gauge, Unix seconds; the exporter appends `_seconds` (unit "s").
+TLS_CERT_EXPIRY = "kubenurse_tls_certificate_expiry_timestamp"
+#: Served from the /metrics registry only (version and Python; OTLP has service.version).
+BUILD_INFO = "kubenurse_build_info"
 UNIT_SECONDS = "s"
 
 # Metric attribute keys.
 LABEL_TYPE = "type"
 LABEL_EVENT = "event"
 LABEL_CODE = "code"
+LABEL_VERSION = "version"
+LABEL_PYTHON_VERSION = "python_version"
 
 # HTTP headers.
 NEIGHBOUR_ORIGIN_HEADER = "KUBENURSE-NEIGHBOUR-ORIGIN"
@@ -73,4 +87,12 @@ ATTR_CHECK_TYPE = "kubenurse.check.type"
 ATTR_NEIGHBOUR_NODE = "kubenurse.neighbour.node"
 ATTR_NEIGHBOUR_POD = "kubenurse.neighbour.pod"
 ATTR_ERROR_EVENT = "kubenurse.error.event"
+#: Where the phase timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+ATTR_TIMING_SOURCE = "kubenurse.timing.source"
+#: The request duration the metrics recorded (network time, seconds).
+ATTR_NETWORK_DURATION = "kubenurse.request.duration"
+ATTR_DNS_QUESTION_NAME = "dns.question.name"
+ATTR_DNS_QUESTION_TYPE = "dns.question.type"
+ATTR_DNS_ANSWER_COUNT = "dns.answer.count"
+ATTR_DNS_RESPONSE_CODE = "dns.response_code"
 TRACER_NAME = "kubenurse"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import ssl
 import time
@@ -16,7 +17,8 @@ from opentelemetry.trace import SpanKind
 
 from probe import names
 from probe.checks.rounds import Round
-from probe.neighbours import Neighbourhood
+from probe.mesh.routes import add_routes as add_mesh_routes
+from probe.neighbours import Neighbour, Neighbourhood
 from probe.settings import Settings
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics
@@ -55,6 +57,8 @@ class ServerState:
     shutting_down: bool = False
     #: More facts for /alive (e.g. OTLP export counts).
     extra: Callable[[], dict[str, object]] = dict
+    #: Every pod that may be checked, before the limit (the mesh view asks them all).
+    eligible: Callable[[], tuple[Neighbour, ...]] = tuple
 
 
 def _headers(request: web.Request) -> dict[str, list[str]]:
@@ -179,6 +183,10 @@ def build_app(
     app.router.add_get("/alwayshappy", always_happy)
     app.router.add_get("/ready", ready)
     app.router.add_get("/metrics", metrics_handler)
+    add_mesh_routes(
+        app, settings, last_round=state.last_round, neighbourhood=state.neighbourhood, eligible=state.eligible,
+        ready=lambda: not state.shutting_down and state.node_schedulable(),
+    )
     return app
 
 
@@ -188,8 +196,23 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+class ListenError(Exception):
+    """A server cannot listen; the message names the address and the settings behind it."""
+
+
+def listen_error(host: str | None, port: int, port_variable: str, error: OSError) -> ListenError:
+    address = f"[{host}]:{port}" if host and ":" in host else f"{host or '*'}:{port}"
+    # asyncio's own text repeats the address; the errno's text alone says why.
+    if isinstance(error, socket.gaierror) or not error.errno:
+        reason = str(error.strerror or error).lower()  # e.g. a host name that does not resolve
+    else:
+        reason = os.strerror(error.errno).lower()
+    host_setting = f"KUBENURSE_LISTEN_HOST={host}" if host else "KUBENURSE_LISTEN_HOST unset"
+    return ListenError(f"cannot listen on {address} ({port_variable}={port}, {host_setting}): {reason}")
+
+
 async def start_servers(settings: Settings, app: web.Application) -> web.AppRunner:
-    """Listen on the HTTP port, and the HTTPS port with KUBENURSE_USE_TLS."""
+    """Listen on the HTTP port, and the HTTPS port with KUBENURSE_USE_TLS; ListenError if not."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     sites: list[web.BaseSite] = [web.TCPSite(runner, settings.listen_host, settings.http_port, reuse_address=True)]
@@ -200,6 +223,11 @@ async def start_servers(settings: Settings, app: web.Application) -> web.AppRunn
                 ssl_context=server_ssl_context(settings), reuse_address=True,
             )
         )
-    for site in sites:
-        await site.start()
+    ports = (("KUBENURSE_HTTP_PORT", settings.http_port), ("KUBENURSE_HTTPS_PORT", settings.https_port))
+    for site, (variable, port) in zip(sites, ports, strict=False):
+        try:
+            await site.start()
+        except OSError as e:  # taken, privileged, or the host is not an address of this machine
+            await runner.cleanup()
+            raise listen_error(settings.listen_host, port, variable, e) from None
     return runner

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from probe import names
+from probe import checkurls, names
 from probe.labels import SelectorError, parse_selector
 
 T = TypeVar("T")
@@ -41,6 +41,8 @@ class SettingsError(ValueError):
 class ExtraCheck:
     name: str
     url: str
+    #: names.KIND_HTTP, KIND_DNS or KIND_TCP, from the URL's scheme.
+    kind: str = names.KIND_HTTP
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Settings:
     check_me_ingress: bool = True
     check_me_service: bool = True
     check_neighbourhood: bool = True
+    check_dns_cluster: bool = True
     check_interval: float = 5.0
     check_timeout: float = 6.0
     check_connect_timeout: float = 5.0
@@ -87,6 +90,14 @@ class Settings:
     otlp_metrics_enabled: bool = False
     otlp_traces_protocol: str = "http/protobuf"
     otlp_metrics_protocol: str = "http/protobuf"
+    #: OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE (OTLP only; /metrics is cumulative).
+    otlp_metrics_temporality: str = "delta"
+    #: OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION (OTLP only).
+    otlp_histogram_aggregation: str = "base2_exponential_bucket_histogram"
+    #: The mesh page links a failing or slow path to its trace: this URL with `{trace_id}` filled in.
+    trace_url_template: str | None = None
+    #: Post Kubernetes Events on the culprit node of a mesh verdict (needs the node-events RBAC).
+    node_events: bool = False
 
     @property
     def own_namespace(self) -> str | None:
@@ -173,10 +184,29 @@ def parse_url(text: str) -> str:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as e:
         raise ValueError(str(e)) from None
-    return text.strip().rstrip("/")
+    return text.strip()
 
 
-_BUILTIN_CHECKS = frozenset({names.API_SERVER_DIRECT, names.API_SERVER_DNS, names.ME_INGRESS, names.ME_SERVICE})
+def parse_base_url(text: str) -> str:
+    """A base URL that `/alwayshappy` is appended to: one trailing slash dropped."""
+    return parse_url(text).rstrip("/")
+
+
+_BUILTIN_CHECKS = frozenset(
+    {names.API_SERVER_DIRECT, names.API_SERVER_DNS, names.ME_INGRESS, names.ME_SERVICE, names.DNS_CLUSTER}
+)
+
+
+def parse_check_url(text: str) -> tuple[str, str]:
+    """(kind, url) of one extra check's URL, by scheme; ValueError saying what is wrong."""
+    kind = checkurls.kind_of(text)
+    if kind == names.KIND_DNS:
+        checkurls.parse_dns_url(text)
+        return kind, text.strip()
+    if kind == names.KIND_TCP:
+        checkurls.parse_tcp_url(text)
+        return kind, text.strip()
+    return kind, parse_url(text)
 
 
 def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
@@ -189,8 +219,12 @@ def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ValueError(f"{item!r} is not name:url")
         if name in _BUILTIN_CHECKS or name.startswith(names.PATH_PREFIX) or name.startswith("neighbourhood"):
-            raise ValueError(f"{name!r} is the name of a built-in check")
-        checks.append(ExtraCheck(name, parse_url(url)))
+            raise ValueError(f"{item!r}: {name!r} is the name of a built-in check")
+        try:
+            kind, url = parse_check_url(url)
+        except ValueError as e:
+            raise ValueError(f"{item!r}: {e}") from None
+        checks.append(ExtraCheck(name, url, kind))
     if len({c.name for c in checks}) != len(checks):
         raise ValueError("check names must be unique")
     return tuple(checks)
@@ -243,6 +277,58 @@ def pem_file(text: str) -> str:
     return path
 
 
+def parse_kubeconfig(text: str) -> str:
+    """KUBECONFIG: one path or several joined by ':' (kubectl merges them). Checked for what
+    discovery needs: a YAML mapping with a current context naming a cluster with a server."""
+    import yaml  # here: only probes given a KUBECONFIG pay for it
+
+    merged: dict[str, object] = {}
+    clusters: dict[str, object] = {}
+    contexts: dict[str, object] = {}
+    paths = [p for p in text.strip().split(":") if p]
+    if len(paths) > 1:  # kubectl skips the missing files of a list
+        paths = [p for p in paths if Path(p).exists()] or paths[:1]
+    for path in paths:
+        try:
+            readable_file(path)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        try:
+            with open(path, "rb") as f:
+                doc = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not YAML ({str(e).splitlines()[0]})") from None
+        if doc is None:
+            doc = {}
+        if not isinstance(doc, dict):
+            raise ValueError(f"{path}: not a kubeconfig (a YAML mapping)")
+        for key, value in doc.items():
+            merged.setdefault(key, value)  # the first file to set a key wins, as in kubectl
+        for item in doc.get("clusters") or []:
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                clusters.setdefault(item["name"], item.get("cluster"))
+        for item in doc.get("contexts") or []:
+            if isinstance(item, dict) and isinstance(item.get("name"), str):
+                contexts.setdefault(item["name"], item.get("context"))
+    current = merged.get("current-context")
+    if not current:
+        raise ValueError("no current-context")
+    context = contexts.get(str(current))
+    if not isinstance(context, dict):
+        raise ValueError(f"current-context {current!r} is not among its contexts")
+    cluster = clusters.get(str(context.get("cluster")))
+    if not isinstance(cluster, dict) or not cluster.get("server"):
+        raise ValueError(f"context {current!r} names no cluster with a server")
+    return text.strip()
+
+
+def parse_trace_url_template(text: str) -> str:
+    if "{trace_id}" not in text:
+        raise ValueError("must contain {trace_id}")
+    parse_url(text.replace("{trace_id}", "0" * 32))
+    return text.strip()
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
@@ -262,8 +348,8 @@ def _nonempty(text: str) -> str:
 # --- the table: variable -> (field, parser) -----------------------------------------------
 
 _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
-    "KUBENURSE_INGRESS_URL": ("ingress_url", parse_url),
-    "KUBENURSE_SERVICE_URL": ("service_url", parse_url),
+    "KUBENURSE_INGRESS_URL": ("ingress_url", parse_base_url),
+    "KUBENURSE_SERVICE_URL": ("service_url", parse_base_url),
     "KUBENURSE_INSECURE": ("insecure", parse_bool),
     "KUBENURSE_EXTRA_CA": ("extra_ca_file", pem_file),
     "KUBENURSE_EXTRA_CHECKS": ("extra_checks", parse_extra_checks),
@@ -276,6 +362,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_CHECK_ME_INGRESS": ("check_me_ingress", parse_bool),
     "KUBENURSE_CHECK_ME_SERVICE": ("check_me_service", parse_bool),
     "KUBENURSE_CHECK_NEIGHBOURHOOD": ("check_neighbourhood", parse_bool),
+    "KUBENURSE_CHECK_DNS_CLUSTER": ("check_dns_cluster", parse_bool),
     "KUBENURSE_CHECK_INTERVAL": ("check_interval", parse_positive_duration),
     "KUBENURSE_CHECK_TIMEOUT": ("check_timeout", parse_positive_duration),
     "KUBENURSE_CHECK_CONNECT_TIMEOUT": ("check_connect_timeout", parse_positive_duration),
@@ -296,33 +383,112 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_HTTP_PORT": ("http_port", parse_port),
     "KUBENURSE_HTTPS_PORT": ("https_port", parse_port),
     "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", _nonempty),
-    "KUBECONFIG": ("kubeconfig", _nonempty),
+    "KUBECONFIG": ("kubeconfig", parse_kubeconfig),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
     "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
+    "KUBENURSE_TRACE_URL_TEMPLATE": ("trace_url_template", parse_trace_url_template),
+    "KUBENURSE_NODE_EVENTS": ("node_events", parse_bool),
 }
 
 #: Every environment variable the probe reads itself (OTEL_* aside: the SDK reads those).
 KNOWN_VARIABLES: frozenset[str] = frozenset(_VARIABLES)
 
 
+TEMPORALITIES = ("delta", "cumulative", "lowmemory")
+HISTOGRAM_AGGREGATIONS = ("base2_exponential_bucket_histogram", "explicit_bucket_histogram")
+_TRACES_EXPORTERS = ("otlp", "none")
+#: `prometheus` is /metrics, which is always on: it asks for nothing over OTLP.
+_METRICS_EXPORTERS = ("otlp", "prometheus", "none")
+
+
+def variable_help() -> list[tuple[str, str]]:
+    """(variable, default as a user writes it) for every variable the probe reads, for --help."""
+    defaults = Settings()
+    durations = (parse_duration, parse_positive_duration)
+    shown: dict[str, str] = {
+        "POD_NAME": "the hostname",
+        "NODE_NAME": "spec.nodeName of this pod",
+        "POD_NAMESPACE": "KUBENURSE_NAMESPACE",
+        "KUBENURSE_NAMESPACE": "this pod's namespace",
+        "KUBENURSE_LISTEN_HOST": "all interfaces",
+        "KUBERNETES_SERVICE_DNS": DEFAULT_SERVICE_DNS,
+        "KUBENURSE_NEIGHBOUR_LIMIT": f"{defaults.neighbour_limit} (0: all)",
+    }
+    rows: list[tuple[str, str]] = []
+    for variable, (name, parse) in _VARIABLES.items():
+        value = getattr(defaults, name)
+        if variable in shown:
+            text = shown[variable]
+        elif value is None or value in ((), ""):
+            text = "unset"
+        elif isinstance(value, bool):
+            text = str(value).lower()
+        elif parse in durations:
+            text = f"{value:g}s"
+        elif isinstance(value, tuple):
+            text = ",".join(str(v) for v in value)
+        else:
+            text = str(value).lower() if variable == "KUBENURSE_LOG_LEVEL" else str(value)
+        rows.append((variable, text))
+    return rows
+
+
+def _otel_choice(env: Mapping[str, str], variable: str, choices: tuple[str, ...], default: str) -> str:
+    raw = env.get(variable, "")
+    value = raw.strip().lower() or default
+    if value not in choices:
+        raise SettingsError(variable, raw, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def _otel_endpoint(env: Mapping[str, str], variable: str) -> bool:
+    """Whether the endpoint variable is set; a set one must be an http(s) URL with a host."""
+    raw = env.get(variable, "")
+    if not raw.strip():
+        return False
+    try:
+        parse_url(raw)
+    except ValueError as e:
+        raise SettingsError(variable, raw, f"{e} (e.g. http://collector:4318)") from None
+    return True
+
+
+def _otel_exporters(env: Mapping[str, str], variable: str, choices: tuple[str, ...]) -> bool:
+    """OTEL_{TRACES,METRICS}_EXPORTER: a comma-separated list; True when it asks for OTLP."""
+    raw = env.get(variable, "")
+    wanted = {part.strip().lower() for part in raw.split(",") if part.strip()} or {"otlp"}
+    unknown = sorted(wanted - set(choices))
+    if unknown or ("none" in wanted and len(wanted) > 1):
+        raise SettingsError(variable, raw, f"this probe supports {', '.join(choices)}")
+    return "otlp" in wanted
+
+
 def _otlp_settings(env: Mapping[str, str]) -> dict[str, object]:
-    """Which OTLP signals are on, and over which protocol. No endpoint set: nothing is
-    exported and nothing connects. The SDK reads the rest of OTEL_* itself."""
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
-        return {}
-    values: dict[str, object] = {}
+    """Which OTLP signals are on, over which protocol, and how metrics are aggregated. No
+    endpoint set: nothing is exported and nothing connects. Every OTEL_* value the probe
+    acts on is checked here, so a typo exits 2 instead of failing at the first export."""
+    disabled = _otel_choice(env, "OTEL_SDK_DISABLED", ("true", "false"), "false") == "true"
+    values: dict[str, object] = {
+        "otlp_metrics_temporality": _otel_choice(
+            env, "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", TEMPORALITIES, "delta"
+        ),
+        "otlp_histogram_aggregation": _otel_choice(
+            env, "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION",
+            HISTOGRAM_AGGREGATIONS, "base2_exponential_bucket_histogram",
+        ),
+    }
     default_protocol = env.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip() or "http/protobuf"
-    base = bool(env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip())
-    for signal in ("traces", "metrics"):
+    base = _otel_endpoint(env, "OTEL_EXPORTER_OTLP_ENDPOINT")
+    for signal, exporters in (("traces", _TRACES_EXPORTERS), ("metrics", _METRICS_EXPORTERS)):
         variable = f"OTEL_EXPORTER_OTLP_{signal.upper()}_PROTOCOL"
         raw = env.get(variable, "").strip()
         if not raw:
             variable, raw = "OTEL_EXPORTER_OTLP_PROTOCOL", default_protocol
         if raw not in OTLP_PROTOCOLS:
             raise SettingsError(variable, env.get(variable, raw), f"must be one of {', '.join(OTLP_PROTOCOLS)}")
-        exporter = env.get(f"OTEL_{signal.upper()}_EXPORTER", "otlp").strip().lower()
-        own = bool(env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT", "").strip())
-        values[f"otlp_{signal}_enabled"] = (base or own) and exporter != "none"
+        wants_otlp = _otel_exporters(env, f"OTEL_{signal.upper()}_EXPORTER", exporters)
+        own = _otel_endpoint(env, f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT")
+        values[f"otlp_{signal}_enabled"] = (base or own) and wants_otlp and not disabled
         values[f"otlp_{signal}_protocol"] = raw
     return values
 

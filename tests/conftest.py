@@ -13,9 +13,12 @@ import pytest
 import trustme
 from aiohttp import web
 
+# In CI (CI=true) a test that would skip fails instead (tests/ci_skips.py).
+pytest_plugins = ["tests.ci_skips", "pytester"]
+
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
@@ -76,7 +79,8 @@ async def _start_target(
     await site.start()
     bound = runner.addresses[0][1]
     scheme = "https" if ssl_context else "http"
-    target.url, target.port = f"{scheme}://{host}:{bound}", bound
+    netloc = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    target.url, target.port = f"{scheme}://{netloc}", bound
     return target, runner
 
 

@@ -34,6 +34,8 @@ EXPECTED_ALERTS = {
     "KubenurseProbeDown",
     "KubenurseProbeAbsent",
     "KubenurseChecksStalled",
+    "KubenurseClusterDNSFailing",
+    "KubenurseTLSCertificateExpiring",
 }
 
 
@@ -103,6 +105,7 @@ def contract_series() -> set[str]:
     histograms = [f"{names.REQUEST_DURATION}_seconds", f"{names.TRACE_REQUEST_DURATION}_seconds"]
     series = {f"{h}{suffix}" for h in histograms for suffix in ("_bucket", "_sum", "_count")}
     series |= {f"{names.REQUESTS}_total", f"{names.ERRORS}_total", names.INCOMING_CHECKS}
+    series.add(f"{names.TLS_CERT_EXPIRY}_seconds")
     return series
 
 

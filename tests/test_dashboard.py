@@ -112,6 +112,11 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert re.search(r"by \(type, event\) \(rate\(kubenurse_errors_total", text)
     assert re.search(r"by \(node[^)]*\) \(kubenurse_neighbourhood_incoming_checks", text)
     assert "process_resident_memory_bytes" in text
+    trace_bucket = "kubenurse_httpclient_trace_request_duration_seconds_bucket"
+    dns_p95 = rf'histogram_quantile\(0.95, sum by \(type, le\) \(rate\({trace_bucket}\{{[^}}]*event="dns_done"'
+    assert re.search(dns_p95, text), "a DNS panel"
+    assert 'code="ok"' in text, "a panel for the kinds without an HTTP status (dns, tcp)"
+    assert "kubenurse_tls_certificate_expiry_timestamp_seconds" in text
     assert {"datasource", "job", "node", "type"} <= set(variables(dashboard))
 
 
@@ -304,12 +309,15 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
                 "KUBENURSE_SERVICE_URL": f"http://{peer}:{port}",
                 "KUBENURSE_INGRESS_URL": f"http://{peer}:{port}",
                 "KUBENURSE_SHUTDOWN_DURATION": "0s",
+                # dns_cluster would ask this machine's nameserver, off loopback; the DNS
+                # panels get their data from api_server_dns, the DNS/TCP one from "peer".
+                "KUBENURSE_CHECK_DNS_CLUSTER": "false",
                 "POD_NAME": f"kubenurse-{node}",
                 "NODE_NAME": node,
                 "POD_NAMESPACE": NAMESPACE,
             }
             if node == "node-a":
-                env["KUBENURSE_EXTRA_CHECKS"] = f"broken:http://127.0.0.1:{closed_port}/"
+                env["KUBENURSE_EXTRA_CHECKS"] = f"broken:http://127.0.0.1:{closed_port}/|peer:tcp://{peer}:{port}"
             log = (tmp / f"probe-{node}.log").open("wb")
             processes.append(
                 subprocess.Popen([sys.executable, "-m", "probe"], cwd=ROOT, env=env, stdout=log, stderr=log)
@@ -432,6 +440,7 @@ def test_every_dashboard_query_returns_data_from_live_probes(live: Live) -> None
         "path_node-a",
         "path_node-b",
         "broken",
+        "peer",
     }
     assert "broken" not in values["path"], "a check that never answers has no latency to draw"
     checked = expressions_to_check(dashboard, values)

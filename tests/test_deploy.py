@@ -22,12 +22,12 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from probe.labels import parse_selector
 from probe.settings import KNOWN_VARIABLES, Settings, load_settings
+from probe.standin.selectors import parse_label_selector
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
-OVERLAYS = ("base", "overlays/otlp", "overlays/tls", "overlays/prometheus-operator")
+OVERLAYS = ("base", "overlays/otlp", "overlays/tls", "overlays/prometheus-operator", "overlays/node-events")
 NAMESPACE = "kubenurse"
 KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with `kubectl kustomize`) not installed")
@@ -501,7 +501,7 @@ def test_selectors_pick_exactly_the_probe_pods(objects: tuple[Obj, ...], setting
     labels = ds["spec"]["template"]["metadata"]["labels"]
     assert selects(ds["spec"]["selector"]["matchLabels"], labels)
     service = the(objects, "Service")
-    neighbour_filter = parse_selector(settings.neighbour_filter)
+    neighbour_filter = parse_label_selector(settings.neighbour_filter)
     for workload, template in pod_templates(objects):
         is_probe = workload is ds
         template_labels = template["metadata"].get("labels", {})
@@ -585,7 +585,7 @@ def test_scrape_annotations_point_at_metrics(overlay: str, objects: tuple[Obj, .
 # --- RBAC ------------------------------------------------------------------------------------
 
 
-def test_rbac_grants_exactly_pods_and_nodes_read(objects: tuple[Obj, ...], settings: Settings) -> None:
+def test_rbac_grants_exactly_pods_and_nodes_read(overlay: str, objects: tuple[Obj, ...], settings: Settings) -> None:
     ds = probe_daemonset(objects)
     account = ds["spec"]["template"]["spec"]["serviceAccountName"]
     namespace = ds["metadata"]["namespace"]
@@ -606,6 +606,8 @@ def test_rbac_grants_exactly_pods_and_nodes_read(objects: tuple[Obj, ...], setti
                         granted.add((scope, group, resource, verb))
     read = ("get", "list", "watch")
     expected = {(settings.namespace, "", "pods", v) for v in read} | {(None, "", "nodes", v) for v in read[1:]}
+    if overlay == "overlays/node-events":  # and creating Events on the culprit node, in its own namespace
+        expected.add((settings.namespace, "", "events", "create"))
     assert granted == expected
 
 
@@ -661,6 +663,13 @@ def test_tls_overlay_serves_https_from_a_mounted_secret(tmp_path: Path) -> None:
     env = resolved_env(ds, container)
     for variable in ("KUBENURSE_CERT_FILE", "KUBENURSE_CERT_KEY", "KUBENURSE_EXTRA_CA"):
         assert env[variable].startswith(mount["mountPath"] + "/")
+
+
+@needs_kubectl
+def test_node_events_overlay_turns_events_on(tmp_path: Path) -> None:
+    objects = build("overlays/node-events")
+    assert load_settings(probe_env_on_disk(objects, tmp_path)).node_events is True
+    assert not load_settings(probe_env_on_disk(build("base"), tmp_path)).node_events
 
 
 @needs_kubectl

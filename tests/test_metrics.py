@@ -12,9 +12,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+import probe
+from probe import names
 from probe.app import Probe
+from probe.checks.result import CheckResult
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import load_settings
+from probe.telemetry.metrics import Metrics, series_limit
 from tests.conftest import StartTarget, free_port
 
 CONTRACT_FAMILIES = {
@@ -81,7 +85,9 @@ async def test_exactly_the_contract_series(running: tuple[Probe, int]) -> None:
     assert content_type.startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(text)}
     kubenurse = {name: f for name, f in families.items() if name.startswith("kubenurse_")}
-    assert set(kubenurse) == set(CONTRACT_FAMILIES)
+    assert set(kubenurse) == {*CONTRACT_FAMILIES, "kubenurse_build_info"}
+    [build] = kubenurse["kubenurse_build_info"].samples
+    assert build.value == 1 and build.labels["version"] == probe.__version__, build
     for name, (kind, labels) in CONTRACT_FAMILIES.items():
         family = kubenurse[name]
         assert family.type == kind, name
@@ -208,3 +214,62 @@ async def test_departed_node_series_disappear(start_target: StartTarget) -> None
     assert 'type="path_node-b"' in text
     assert "path_node-c" not in text, "a departed node's series must go"
     assert len(node_c.requests) >= 2
+
+
+def _ok_result(check_type: str) -> CheckResult:
+    events = {event: 0.001 * (i + 1) for i, event in enumerate(names.EVENTS)}  # HTTPS: all nine
+    return CheckResult(check_type, names.OK, status_code=200, duration=0.01, events=events)
+
+
+def test_sdk_disabled_still_serves_every_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    # OTEL_SDK_DISABLED turns OTLP off (settings); the SDK alone would empty /metrics.
+    monkeypatch.setenv("OTEL_SDK_DISABLED", "true")
+    metrics = Metrics(buckets=(0.1, 1), incoming=lambda: 3)
+    metrics.record(_ok_result("me_service"))
+    text, _ = metrics.exposition("text/plain")
+    assert value(text.decode(), "kubenurse_httpclient_requests_total", type="me_service", code="200") == 1
+    assert value(text.decode(), "kubenurse_neighbourhood_incoming_checks") == 3
+
+
+def test_a_thousand_node_neighbourhood_keeps_the_contract_labels() -> None:
+    # KUBENURSE_NEIGHBOUR_LIMIT=0 on 1,000 nodes over TLS: 9,000 trace series in one metric,
+    # far past the SDK's default cap of 2,000 (beyond it, an otel_metric_overflow label).
+    metrics = Metrics(buckets=(0.1, 1), incoming=lambda: 0, cardinality_limit=series_limit(0, 0))
+    for i in range(1000):
+        metrics.record(_ok_result(names.path_type(f"node-{i}")))
+    text = metrics.exposition("text/plain")[0].decode()
+    assert "otel_metric_overflow" not in text
+    trace = {
+        (s.labels["type"], s.labels["event"])
+        for s in samples(text)
+        if s.name == "kubenurse_httpclient_trace_request_duration_seconds_count"
+    }
+    assert len(trace) == 1000 * len(names.EVENTS)
+    assert value(text, "kubenurse_httpclient_requests_total", type="path_node-999", code="200") == 1
+
+
+def test_series_limit_grows_with_the_neighbour_limit() -> None:
+    assert series_limit(10, 0) < series_limit(100, 0) < series_limit(0, 0)
+    assert series_limit(10, 3) > series_limit(10, 0)
+
+
+def test_forget_relies_on_the_sdk_storage_shape() -> None:
+    """Metrics.forget edits the SDK's private aggregation storage (it has no public way to
+    drop a series). This fails loudly the day the pinned SDK changes that shape."""
+    metrics = Metrics(buckets=(0.1, 1), incoming=lambda: 0)
+    metrics.record(_ok_result("path_node-b"))
+    metrics.record(_ok_result("path_node-c"))
+    metrics.exposition("text/plain")
+    storages = metrics.provider._measurement_consumer._reader_storages
+    keys = [
+        key
+        for storage in storages.values()
+        for matches in storage._instrument_view_instrument_matches.values()
+        for match in matches
+        for key in match._attributes_aggregation
+    ]
+    assert ("mapping", (("code", ("str", "200")), ("type", ("str", "path_node-c")))) in keys, keys[:5]
+    # Nine trace series, one request count, one request duration.
+    assert metrics.forget({"path_node-c"}) == len(names.EVENTS) + 2
+    text = metrics.exposition("text/plain")[0].decode()
+    assert "path_node-c" not in text and 'type="path_node-b"' in text

@@ -9,10 +9,12 @@ load-balancing hostname no Service answers to).
 
 from __future__ import annotations
 
+import asyncio
 import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -294,9 +296,58 @@ K8SATTRIBUTES_METADATA = {
     "k8s.node.name",
     "k8s.cluster.uid",
 }
-# What the probe puts on its spans and resource (shared/CONTRACT.md, "OpenTelemetry signals").
-PROBE_SPAN_DIMENSIONS = {"kubenurse.check.type", "kubenurse.neighbour.node", "kubenurse.neighbour.pod"}
-PROBE_RESOURCE_ATTRIBUTES = {"k8s.pod.name", "k8s.node.name", "k8s.namespace.name"}
+
+
+@dataclass(frozen=True)
+class ProbeOutput:
+    """What a real probe sends the agent for one neighbour check: the client span's
+    attribute keys and its resource's attributes (not a list copied from the contract)."""
+
+    span_attributes: frozenset[str]
+    resource: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def probe_output() -> ProbeOutput:
+    from probe.app import Probe
+    from probe.checks.spans import span_name
+    from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
+    from probe.settings import load_settings
+    from tests.conftest import free_port
+    from tests.otlp_receiver import OtlpReceiver
+
+    port = free_port()
+    with OtlpReceiver() as rx, pytest.MonkeyPatch.context() as mp:
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.http_endpoint, "OTEL_BSP_SCHEDULE_DELAY": "100"}
+        for key, value in otel.items():
+            mp.setenv(key, value)  # the SDK exporter reads them too
+        settings = load_settings(
+            {
+                **otel,
+                "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+                "KUBENURSE_HTTP_PORT": str(port),
+                "KUBENURSE_CHECK_INTERVAL": "200ms",
+                "POD_NAME": "kubenurse-a",
+                "NODE_NAME": "node-a",
+                "POD_NAMESPACE": NAMESPACE,
+            }
+        )
+        # The neighbour on node-b is this very probe: a real pod-to-pod check, both ends.
+        hood = Neighbourhood(neighbours=(Neighbour("kubenurse-b", "127.0.0.1", "10.0.0.2", "node-b"),))
+
+        def path_span() -> Any:
+            return next((s for s in rx.spans() if s.name == span_name("path_node-b") and s.kind == "CLIENT"), None)
+
+        async def run() -> Any:
+            probe = Probe(settings, StaticNeighbours(hood))
+            await probe.start()
+            try:
+                return await rx.async_wait_for(path_span, timeout=15)
+            finally:
+                await probe.stop()
+
+        span = asyncio.run(run())
+    return ProbeOutput(frozenset(span.attributes), dict(span.resource))
 
 KINDS = ("receivers", "processors", "exporters", "connectors", "extensions")
 ENV_REF = re.compile(r"\$\{env:([A-Za-z_][A-Za-z0-9_]*)(?::-[^}]*)?\}")
@@ -460,7 +511,7 @@ def test_receivers_listen_on_the_pod_ip_at_the_otlp_ports(name: str) -> None:
         assert protocols["http"]["endpoint"] == "${env:MY_POD_IP}:4318"
 
 
-def test_agent_enriches_before_batching_and_associates_by_the_probes_resource() -> None:
+def test_agent_enriches_before_batching_and_associates_by_the_probes_resource(probe_output: ProbeOutput) -> None:
     cfg = config("agent")
     for pipeline_id, pipeline in pipelines(cfg).items():
         processors = [component_type(p) for p in pipeline["processors"]]
@@ -476,6 +527,9 @@ def test_agent_enriches_before_batching_and_associates_by_the_probes_resource() 
         ("resource_attribute", "k8s.pod.name"),
         ("resource_attribute", "k8s.namespace.name"),
     ]
+    # The first association matches on what a real probe's resource carries.
+    assert probe_output.resource["k8s.pod.name"] == "kubenurse-a"
+    assert probe_output.resource["k8s.namespace.name"] == NAMESPACE
     assert ("connection", None) in [s for a in associations for s in a]
     # Only extracted attributes can be matched on (README: "Only attribute names from metadata").
     for a in associations:
@@ -531,17 +585,21 @@ def test_gateway_tail_sampling_keeps_errors_slow_checks_and_a_share_of_the_rest(
             assert pipeline_id.startswith("traces")
 
 
-def test_gateway_derives_node_to_node_metrics_from_the_probes_attributes() -> None:
+def test_gateway_derives_node_to_node_metrics_from_the_probes_attributes(probe_output: ProbeOutput) -> None:
     cfg = config("gateway")
     [(_, spanmetrics)] = components(cfg, "connectors", "spanmetrics")
     dims = {d["name"] for d in spanmetrics["dimensions"]}
     assert {"kubenurse.check.type", "kubenurse.neighbour.node", "k8s.node.name"} <= dims
-    assert dims <= PROBE_SPAN_DIMENSIONS | PROBE_RESOURCE_ATTRIBUTES
+    # A dimension the probe never sends would be an empty label on every collector metric.
+    sent = probe_output.span_attributes | set(probe_output.resource)
+    assert dims <= sent, f"dimensions the probe does not send: {dims - sent}"
     histogram = spanmetrics["histogram"]
     assert histogram["unit"] in {"ms", "s"}
     assert len({"explicit", "exponential"} & set(histogram)) == 1
     [(graph_id, graph)] = components(cfg, "connectors", "servicegraph")
     assert "kubenurse.check.type" in graph["dimensions"]
+    assert set(graph["dimensions"]) <= probe_output.span_attributes
+    assert probe_output.resource["k8s.node.name"] == "node-a", "the graph's node names come from here"
     assert set(graph["store"]) <= {"ttl", "max_items"}
     # The graph's nodes are service.name of the client and server spans; on the graph's own
     # pipeline that is rewritten to the node name, so the edges run node -> node.

@@ -285,6 +285,17 @@ def test_every_probe_alive_with_ok_paths_within_10_s(sandbox: Sandbox) -> None:
         assert get(f"{base}/ready")[0] == 200
 
 
+def test_a_fresh_sandbox_counts_no_errors(sandbox: Sandbox) -> None:
+    # The banner says "every check ok": no probe may have counted a failure on the way up
+    # (neighbours and the Service only see a probe once it listens).
+    wait_healthy(sandbox)
+    for node, base in sandbox.nodes.items():
+        status, text = get(f"{base}/metrics")
+        assert status == 200
+        errors = [line for line in text.splitlines() if line.startswith("kubenurse_errors_total{")]
+        assert not errors, (node, errors)
+
+
 def test_cordon_from_another_terminal(sandbox: Sandbox) -> None:
     done = sandbox.command("cordon", "node-2")
     assert done.returncode == 0, done.stderr
@@ -453,6 +464,8 @@ def test_with_prometheus_scraping_every_probe_and_sigterm() -> None:
         def query(promql: str) -> list[dict[str, Any]]:
             qs = urllib.parse.urlencode({"query": promql})
             status, body = get(f"{sandbox.prometheus}/api/v1/query?{qs}")
+            if status == 503:  # Prometheus itself still starting ("Service Unavailable")
+                raise ConnectionError(body)
             assert status == 200, body
             return list(json.loads(body)["data"]["result"])
 
@@ -488,3 +501,33 @@ def test_without_prometheus_installed_it_says_how_to_get_it() -> None:
         if sandbox.process.poll() is None:
             sandbox.process.kill()
             sandbox.process.wait()
+
+
+async def test_stopping_a_slowed_proxy_mid_request_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    import asyncio
+    import logging
+
+    from probe.sandbox.proxy import DelayProxy
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while data := await reader.read(1024):
+            writer.write(data)
+        writer.close()
+
+    upstream = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = upstream.sockets[0].getsockname()[1]
+    proxy = DelayProxy("127.0.0.1", 0, lambda: [("127.0.0.1", port)], delay=5.0)
+    await proxy.start()
+    clients = [await asyncio.open_connection("127.0.0.1", proxy.port) for _ in range(5)]
+    for _, writer in clients:
+        writer.write(b"GET /alwayshappy HTTP/1.1\r\n\r\n")
+        await writer.drain()
+    await asyncio.sleep(0.2)  # the requests now wait in the delay queue
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        await proxy.stop()
+        await asyncio.sleep(0.1)  # the connection tasks' done-callbacks run
+    for reader, writer in clients:
+        assert await asyncio.wait_for(reader.read(), 2) == b"", "stop() cuts the connection"
+        writer.close()
+    upstream.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]

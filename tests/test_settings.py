@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import platform
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import NamedTuple
 import pytest
 import trustme
 
+import probe
 from probe import names
 from probe.checks.result import CheckResult
 from probe.settings import (
@@ -58,7 +61,21 @@ def files(ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     leaf.private_key_pem.write_to_path(str(paths["key"]))
     other.private_key_pem.write_to_path(str(paths["other_key"]))
     paths["garbage"].write_text("this is not a certificate\n")
+    paths["kubeconfig"] = d / "kubeconfig"
+    paths["kubeconfig"].write_text(KUBECONFIG)
+    paths["empty"] = d / "empty"
+    paths["empty"].write_text("")
     return {**{k: str(v) for k, v in paths.items()}, "dir": str(d), "missing": str(d / "does-not-exist.pem")}
+
+
+KUBECONFIG = """\
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:6443"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: ctx, context: {cluster: c, user: u}}]
+current-context: ctx
+"""
 
 
 def fill(value: object, files: dict[str, str]) -> object:
@@ -98,6 +115,7 @@ TABLE: list[Row] = [
     Row("KUBENURSE_CHECK_ME_INGRESS", "FALSE", "check_me_ingress", False, "disabled"),
     Row("KUBENURSE_CHECK_ME_SERVICE", "0", "check_me_service", False, "fals"),
     Row("KUBENURSE_CHECK_NEIGHBOURHOOD", "False", "check_neighbourhood", False, "2"),
+    Row("KUBENURSE_CHECK_DNS_CLUSTER", "false", "check_dns_cluster", False, "nein"),
     Row("KUBENURSE_CHECK_INTERVAL", "1m30s", "check_interval", 90.0, "5"),
     Row("KUBENURSE_CHECK_TIMEOUT", "2s", "check_timeout", 2.0, "0"),
     Row("KUBENURSE_CHECK_CONNECT_TIMEOUT", "500ms", "check_connect_timeout", 0.5, "-1s"),
@@ -119,9 +137,12 @@ TABLE: list[Row] = [
     Row("KUBENURSE_HTTP_PORT", "18080", "http_port", 18080, "0"),
     Row("KUBENURSE_HTTPS_PORT", "18443", "https_port", 18443, "65536"),
     Row("KUBENURSE_SERVICEACCOUNT_DIR", "/tmp/sa", "serviceaccount_dir", "/tmp/sa", None),
-    Row("KUBECONFIG", "/root/.kube/config", "kubeconfig", "/root/.kube/config", None),
+    Row("KUBECONFIG", "{kubeconfig}", "kubeconfig", "{kubeconfig}", "{empty}"),
     Row("KUBENURSE_LOG_FORMAT", "logfmt", "log_format", "logfmt", "text"),
     Row("KUBENURSE_LOG_LEVEL", "debug", "log_level", "DEBUG", "verbose"),
+    Row("KUBENURSE_TRACE_URL_TEMPLATE", "https://tempo.example/trace/{{trace_id}}", "trace_url_template",
+        "https://tempo.example/trace/{{trace_id}}", "https://tempo.example/trace/"),
+    Row("KUBENURSE_NODE_EVENTS", "true", "node_events", True, "sometimes"),
 ]
 BY_VARIABLE = {row.variable: row for row in TABLE}
 BAD_ROWS = [row for row in TABLE if row.bad is not None]
@@ -290,9 +311,11 @@ def test_bad_buckets_name_the_variable() -> None:
 
 
 def test_extra_checks() -> None:
-    assert parse_extra_checks("a:http://x|b:https://y:8443/path/|") == (
+    # An extra check's URL is used as given: trailing slashes stay, also in the query.
+    assert parse_extra_checks("a:http://x|b:https://y:8443/healthz/|c:http://z/?b=/") == (
         ExtraCheck("a", "http://x"),
-        ExtraCheck("b", "https://y:8443/path"),
+        ExtraCheck("b", "https://y:8443/healthz/"),
+        ExtraCheck("c", "http://z/?b=/"),
     )
     assert parse_extra_checks(" a:http://x ") == (ExtraCheck("a", "http://x"),)
 
@@ -335,6 +358,9 @@ def test_bad_extra_checks(text: str) -> None:
         "!canary",
         "app.kubernetes.io/name=kubenurse,env",
         "app=",
+        "generation>5",
+        "generation<3",
+        "generation > -1,app=kubenurse",
     ],
 )
 def test_good_selectors(text: str) -> None:
@@ -344,7 +370,10 @@ def test_good_selectors(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["app in (a", "app)", "a b", "=x", "app=x=y", "app,,env", "-app=x", "app=" + "x" * 64, "app in a", "app=(x)"],
+    [
+        "app in (a", "app)", "a b", "=x", "app=x=y", "app,,env", "-app=x", "app=" + "x" * 64, "app in a",
+        "app=(x)", "a>x", "a<", "a>>5", "a>5.5",
+    ],
 )
 def test_malformed_selectors(text: str) -> None:
     with pytest.raises(SettingsError) as info:
@@ -455,6 +484,85 @@ def test_bad_otlp_protocol(env: dict[str, str], variable: str, value: str) -> No
     assert variable in str(info.value) and repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://c/v1/traces"),
+        ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "http://"),
+        ("OTEL_TRACES_EXPORTER", "console"),
+        ("OTEL_TRACES_EXPORTER", "otlp,zipkin"),
+        ("OTEL_TRACES_EXPORTER", "none,otlp"),
+        ("OTEL_METRICS_EXPORTER", "console"),
+        ("OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE", "deltaa"),
+        ("OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION", "exponential"),
+        ("OTEL_SDK_DISABLED", "yes"),
+    ],
+)
+def test_bad_otel_values_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({**ENDPOINT, variable: value})
+    assert info.value.variable == variable
+    assert variable in str(info.value) and repr(value) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "temporality", "aggregation"),
+    [
+        ({}, "delta", "base2_exponential_bucket_histogram"),
+        ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "Cumulative"}, "cumulative", None),
+        ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "lowmemory"}, "lowmemory", None),
+        (
+            {"OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION": "explicit_bucket_histogram"},
+            "delta",
+            "explicit_bucket_histogram",
+        ),
+    ],
+)
+def test_otlp_metric_preferences(env: dict[str, str], temporality: str, aggregation: str | None) -> None:
+    settings = load_settings({**ENDPOINT, **env})
+    assert settings.otlp_metrics_temporality == temporality
+    assert settings.otlp_histogram_aggregation == (aggregation or "base2_exponential_bucket_histogram")
+
+
+def test_metrics_exporter_prometheus_means_no_otlp_metrics() -> None:
+    settings = load_settings({**ENDPOINT, "OTEL_METRICS_EXPORTER": "prometheus"})
+    assert (settings.otlp_traces_enabled, settings.otlp_metrics_enabled) == (True, False)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",  # empty file
+        "[]",  # not a mapping
+        "apiVersion: v1\nkind: Config\n",  # no current-context
+        "current-context: x\ncontexts: []\n",  # current context missing
+        "current-context: x\ncontexts: [{name: x, context: {cluster: c}}]\n",  # no such cluster
+        "clusters: [\n",  # not YAML
+    ],
+)
+def test_unusable_kubeconfig_exits_2(text: str, tmp_path: Path) -> None:
+    path = tmp_path / "config"
+    path.write_text(text)
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBECONFIG": str(path)})
+    assert info.value.variable == "KUBECONFIG" and str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_kubeconfig_list_is_merged_as_kubectl_does(tmp_path: Path) -> None:
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.write_text("current-context: ctx\n")
+    second.write_text(KUBECONFIG.replace("current-context: ctx", "current-context: other"))
+    value = f"{first}:{second}"
+    assert load_settings({"KUBECONFIG": value}).kubeconfig == value
+    # kubectl skips the missing files of a list, but one of them must be there.
+    assert load_settings({"KUBECONFIG": f"{tmp_path / 'missing'}:{first}:{second}"}).kubeconfig
+    with pytest.raises(SettingsError):
+        load_settings({"KUBECONFIG": f"{tmp_path / 'missing'}:{tmp_path / 'gone'}"})
+
+
 # --- the real command --------------------------------------------------------------------------
 
 
@@ -463,7 +571,7 @@ def clean_env(**settings: str) -> dict[str, str]:
     ours = ("KUBENURSE_", "OTEL_", "KUBERNETES_", "POD_", "NODE_", "KUBECONFIG")
     env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
     # If a bad value were accepted, the probe would start: keep it off the real ports.
-    env.update(KUBENURSE_LISTEN_HOST="127.0.0.1", KUBENURSE_HTTP_PORT=str(free_port()), **settings)
+    env.update({"KUBENURSE_LISTEN_HOST": "127.0.0.1", "KUBENURSE_HTTP_PORT": str(free_port()), **settings})
     return env
 
 
@@ -488,6 +596,9 @@ def run_probe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
         ("KUBENURSE_EXTRA_CA", "/nonexistent/ca.pem"),
         ("KUBENURSE_HTTPS_PORT", "http"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url"),
+        ("OTEL_TRACES_EXPORTER", "console"),
+        ("KUBECONFIG", "/dev/null"),
     ],
 )
 def test_command_exits_2_with_one_line(variable: str, bad: str) -> None:
@@ -520,3 +631,66 @@ def test_unknown_argument_exits_2() -> None:
 def test_help_exits_0() -> None:
     done = run_probe(["--help"], clean_env())
     assert done.returncode == 0 and "usage" in done.stdout and done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a>5", "a<3", "a > -1", "a>x", "a>", "a=b", "a in (x, y)", "!a", "a", "a=b=c", "a b", "a>5.5", "x/y=z"],
+)
+def test_selectors_are_accepted_as_the_api_server_stand_in_accepts_them(text: str) -> None:
+    from probe.standin.selectors import SelectorError as ApiError
+    from probe.standin.selectors import parse_label_selector
+
+    try:
+        parse_label_selector(text)
+        api_accepts = True
+    except ApiError:
+        api_accepts = False
+    try:
+        load_settings({"KUBENURSE_NEIGHBOUR_FILTER": text})
+        we_accept = True
+    except SettingsError:
+        we_accept = False
+    assert we_accept == api_accepts
+
+
+def test_version() -> None:
+    done = run_probe(["--version"], clean_env())
+    assert done.returncode == 0 and done.stderr == ""
+    assert done.stdout.strip() == f"kubenurse {probe.__version__} (Python {platform.python_version()})"
+
+
+def test_help_lists_every_setting_with_its_default() -> None:
+    done = run_probe(["--help"], clean_env())
+    assert done.returncode == 0 and done.stderr == ""
+    rows = {
+        line.split()[0]: line.split(None, 1)[1] for line in done.stdout.splitlines() if line.startswith("  ")
+        if line.split()[0].isupper()
+    }
+    assert set(rows) == KNOWN_VARIABLES
+    assert rows["KUBENURSE_CHECK_INTERVAL"] == "5s" and rows["KUBENURSE_HTTP_PORT"] == "8080"
+    assert "sandbox" in done.stdout and "OTEL_EXPORTER_OTLP_ENDPOINT" in done.stdout
+
+
+def test_port_in_use_exits_1_naming_the_setting_and_address() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_probe([], clean_env(KUBENURSE_HTTP_PORT=str(port)))
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last == (
+        f"kubenurse: cannot listen on 127.0.0.1:{port} (KUBENURSE_HTTP_PORT={port}, "
+        "KUBENURSE_LISTEN_HOST=127.0.0.1): address already in use"
+    )
+    assert "Traceback" not in done.stderr
+
+
+def test_listen_host_not_on_this_machine_exits_1_naming_it() -> None:
+    # 192.0.2.1 (TEST-NET-1) is on no interface here: bind fails locally, nothing is sent.
+    done = run_probe([], clean_env(KUBENURSE_LISTEN_HOST="192.0.2.1"))
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.splitlines()[-1]
+    assert last.startswith("kubenurse: cannot listen on 192.0.2.1:") and "KUBENURSE_LISTEN_HOST=192.0.2.1" in last
+    assert "cannot assign requested address" in last and "Traceback" not in done.stderr

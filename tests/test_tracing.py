@@ -352,3 +352,67 @@ async def test_openmetrics_scrape_carries_exemplars_of_real_traces(
     trace_ids = {s.trace_id for s in rx.spans()}
     assert any(trace_id in trace_ids for _, trace_id in found), "exemplars point at exported traces"
     assert "trace_id" not in text, "the classic text format has no exemplars"
+
+
+@pytest.mark.parametrize(
+    ("preferences", "histogram", "counter"),
+    [
+        ({}, ("exponential_histogram", "DELTA"), "DELTA"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "cumulative",
+                "OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION": "explicit_bucket_histogram",
+            },
+            ("histogram", "CUMULATIVE"),
+            "CUMULATIVE",
+        ),
+        ({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "lowmemory"}, ("exponential_histogram", "DELTA"),
+         "DELTA"),
+    ],
+)
+async def test_otlp_metric_preferences_are_honoured(
+    rx: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, start_target: StartTarget,
+    preferences: dict[str, str], histogram: tuple[str, str], counter: str,
+) -> None:
+    env = {**otel_env(monkeypatch, rx, "http/protobuf"), **preferences}
+    target = await start_target()
+    settings = load_settings({**env, **base_settings(free_port(), KUBENURSE_SERVICE_URL=target.url)})
+    probe = Probe(settings, StaticNeighbours.unavailable("test"))
+    await probe.start()
+    try:
+        await rx.async_wait_for(lambda: rx.points(names.REQUEST_DURATION) and rx.points(names.REQUESTS), timeout=15)
+    finally:
+        await probe.stop()
+    assert {(p.kind, p.temporality) for p in rx.points(names.REQUEST_DURATION)} == {histogram}
+    assert {p.temporality for p in rx.points(names.REQUESTS)} == {counter}
+
+
+def test_spans_dropped_from_a_full_queue_are_counted() -> None:
+    """A collector that hangs fills the queue; what the queue then drops is counted, so
+    /alive's spans_dropped is every span that did not reach the collector."""
+    import threading
+    from collections.abc import Sequence
+
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from probe.telemetry.otel import CountingSpanExporter, CountingSpanProcessor
+
+    release = threading.Event()
+
+    class Hanging(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            release.wait(10)
+            return SpanExportResult.SUCCESS
+
+    counting = CountingSpanExporter(Hanging())
+    provider = TracerProvider()
+    provider.add_span_processor(CountingSpanProcessor(counting, max_queue_size=512))
+    tracer = provider.get_tracer("test")
+    for _ in range(1200):
+        with tracer.start_as_current_span("check"):
+            pass
+    assert counting.queue_full >= 1200 - 512 and counting.dropped == counting.queue_full
+    release.set()
+    provider.shutdown()
+    assert counting.exported + counting.dropped == 1200

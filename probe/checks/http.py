@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ssl
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 from opentelemetry import propagate, trace
 
 from probe import __version__, names
-from probe.checks import httptrace, spans
+from probe.checks import certs, failures, httptrace, spans
+from probe.checks.resolver import TimedResolver
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
 
@@ -37,11 +40,6 @@ def build_ssl_context(settings: Settings, *, verify: bool = True) -> ssl.SSLCont
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def describe(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 class HttpChecker:
@@ -72,6 +70,7 @@ class HttpChecker:
             # DNS, connect and TLS afresh, which is the point of a network probe.
             force_close=not s.reuse_connections,
             use_dns_cache=False,
+            resolver=TimedResolver(),
             limit=0,
             socket_factory=httptrace.socket_factory,
         )
@@ -107,13 +106,48 @@ class HttpChecker:
             try:
                 result = await self._request(target, headers, timeline)
             except Exception as e:  # never let one check take the round down
-                result = CheckResult(
-                    target.check_type, f"{names.ROUND_TRIP_ERROR}: {describe(e)}", target,
-                    error_event=names.ROUND_TRIP_ERROR, events=timeline.offsets(),
-                )
+                result = self._failed(target, e, names.ROUND_TRIP_ERROR, timeline)
+            context = span.get_span_context()
+            result = dataclasses.replace(
+                result,
+                timing_source=timeline.source,
+                trace_id=format(context.trace_id, "032x") if context.is_valid and context.trace_flags.sampled else None,
+            )
             spans.finish_client_span(self._tracer, span, result, timeline)
+            # After the span ended: a second fetch of a failed peer's certificate is no part of the check.
+            result = await self._with_cert_expiry(result, target, timeline)
             self._record(result)
         return result
+
+    def _failed(
+        self, target: Target, error: BaseException, event: str, timeline: httptrace.Timeline
+    ) -> CheckResult:
+        failure = failures.explain(
+            error,
+            event,
+            host=urlsplit(target.url).hostname or target.url,
+            peer=timeline.peer,
+            last_event=failures.last_event(timeline.marks),
+            timeout=self._settings.check_timeout,
+            connect_timeout=self._settings.check_connect_timeout,
+        )
+        return CheckResult(
+            target.check_type, failure.summary, target,
+            error_event=failure.event, events=timeline.offsets(), error_type=failure.error_type,
+        )
+
+    async def _with_cert_expiry(self, result: CheckResult, target: Target, timeline: httptrace.Timeline) -> CheckResult:
+        """Note when the peer's certificates expire. A handshake that failed leaves none to
+        read: then ask the peer again, without verifying, only for its certificates."""
+        if timeline.ssl_object is None:
+            return result
+        chain = certs.peer_chain(timeline.ssl_object)
+        if not chain and result.error_event == names.TLS_HANDSHAKE_DONE and timeline.peer is not None:
+            host = urlsplit(target.url).hostname
+            sni = None if host is None or certs.is_ip(host) else host
+            chain = await certs.fetch_chain(*timeline.peer, sni, self._settings.check_connect_timeout)
+        expiry = certs.earliest_not_after(chain)
+        return result if expiry is None else dataclasses.replace(result, cert_not_after=expiry)
 
     async def _request(self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline) -> CheckResult:
         assert self._session is not None, "HttpChecker.start() first"
@@ -127,19 +161,13 @@ class HttpChecker:
                 async with self._session.get(
                     target.url, headers=headers, allow_redirects=redirects, ssl=context
                 ) as resp:
-                    timeline.mark(names.GOT_FIRST_RESP_BYTE)
                     # The request's duration ends when the answer reached us (its first byte),
-                    # not when our parser was done with it: Go's RoundTrip, which kubenurse
-                    # times, returns microseconds after that; our parsing takes longer.
-                    answered = timeline.marks[names.GOT_FIRST_RESP_BYTE]
+                    # not when our parser was done with it, and counts network time only.
+                    timeline.mark(names.GOT_FIRST_RESP_BYTE)
+                    duration = timeline.duration()
                     await resp.content.read(MAX_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as e:
-            event = httptrace.failed_event(e, timeline)
-            return CheckResult(
-                target.check_type, f"{event}: {describe(e)}", target,
-                error_event=event, events=timeline.offsets(),
-            )
-        duration = (answered - timeline.start_ns) / 1e9
+            return self._failed(target, e, httptrace.failed_event(e, timeline), timeline)
         events = timeline.offsets()
         if resp.status == 200:
             return CheckResult(target.check_type, names.OK, target, 200, None, duration, events)

@@ -1,12 +1,32 @@
-"""Per-phase timing of one HTTP request, with aiohttp's public hooks only (NOTES.md).
+"""Per-phase timing of one HTTP request: network time, not the probe's.
 
-aiohttp's own signals give DNS, "connection created" (DNS + TCP + TLS together), headers
-sent and response headers parsed. Two more public hooks split TCP from TLS:
-`TCPConnector(socket_factory=...)` runs right before each connect attempt, and asyncio
-calls `SSLContext.wrap_bio` when the TLS handshake starts. Those hooks carry no request
-context, so the timeline of the request in flight lives in a ContextVar: every check runs
-in its own task, and asyncio runs the connect (and the protocol callbacks it schedules)
-in that task's context.
+A check shares one event loop with every other check and with the probe's own server, so
+the moment a callback runs says little about when something happened on the wire. Each
+phase is therefore timed where it happens:
+
+- DNS: inside the resolver call (probe.checks.resolver), on its own thread;
+- TCP connect: from right before the `connect` syscall, lasting the SYN / SYN-ACK round
+  trip the kernel measured (`TCP_INFO.tcpi_rtt`, read before anything was sent);
+- TLS: from right after the ClientHello's `send` to the kernel receive time of the server
+  flight that completed the handshake, summed over the handshake's round trips (TLS 1.2
+  has two), so time the client spent between flights is not in it;
+- request written: the `send` that carried its last byte (its start: on loopback the peer
+  receives inside that syscall and may answer before it returns);
+- first response byte: the kernel receive time of the first segment of the answer
+  (`SO_TIMESTAMPNS` via `recvmsg`; for TLS, of the segment that decrypted to the first
+  application data, so session tickets arriving first do not count).
+
+The hooks are public ones (NOTES.md): the connector's `socket_factory` gives a socket
+subclass whose `connect`/`send`/`recv`/`recv_into` asyncio calls directly, and an
+`SSLContext` subclass whose `sslobject_class` sees the handshake end and the first
+decrypted bytes. aiohttp's trace signals remain as the fallback marks where the kernel
+gives nothing (`Timeline.source` says which was used).
+
+A Timeline keeps, for every event, the moment it happened (`marks`, `perf_counter_ns`) and,
+for every phase, its network duration (`network`). The figures a check reports
+(`offsets()`) put the phases end to end: the time from the start of the check to each event
+counting only network time, so the request duration is DNS + connect + TLS + send + wait for
+the first byte and never the time a check waited for the loop.
 """
 
 from __future__ import annotations
@@ -23,32 +43,83 @@ import aiohttp
 from aiohappyeyeballs import AddrInfoType
 
 from probe import names
+from probe.checks import kernel
 
 _current: ContextVar[Timeline | None] = ContextVar("kubenurse_timeline", default=None)
+
+#: (start event, done event) of each phase, in order.
+PHASES = (
+    (names.DNS_START, names.DNS_DONE),
+    (names.CONNECT_START, names.CONNECT_DONE),
+    (names.TLS_HANDSHAKE_START, names.TLS_HANDSHAKE_DONE),
+    (names.GOT_CONN, names.WROTE_REQUEST),
+    (names.WROTE_REQUEST, names.GOT_FIRST_RESP_BYTE),
+)
+_START_OF = {done: start for start, done in PHASES}
 
 
 @dataclass
 class Timeline:
-    """Monotonic timestamps (ns) of one request's phases; the first occurrence wins."""
+    """One request's phases: when each event happened and how much network time each took."""
 
     start_ns: int = field(default_factory=time.perf_counter_ns)
     wall_start_ns: int = field(default_factory=time.time_ns)
+    #: event -> perf_counter_ns of the moment it happened (the best source available).
     marks: dict[str, int] = field(default_factory=dict)
+    #: done event -> network duration (ns) of the phase that ends with it.
+    network: dict[str, int] = field(default_factory=dict)
     tls: bool = False
     #: The address of the last connect attempt (the one that succeeded, or failed last).
     peer: tuple[str, int] | None = None
+    #: The socket of the connection being made (TLS hooks find it here).
+    sock: TimedSocket | None = None
+    #: Where the connect and first-byte figures came from: kernel.KERNEL or kernel.LOOP.
+    source: str = kernel.LOOP
+    #: The first TLS connection of this request (its peer's certificates: certs.py).
+    ssl_object: ssl.SSLObject | None = None
 
     def mark(self, event: str, at_ns: int | None = None) -> None:
+        """A fallback mark: the first one wins, a measured one (`put`) overrides it."""
         if event not in self.marks:
             self.marks[event] = time.perf_counter_ns() if at_ns is None else at_ns
 
-    def offsets(self) -> dict[str, float]:
-        """Seconds from request start to each event that happened, in phase order."""
-        return {e: (self.marks[e] - self.start_ns) / 1e9 for e in names.EVENTS if e in self.marks}
+    def put(self, event: str, at_ns: int, network_ns: int | None = None) -> None:
+        """A measured event, overriding any fallback mark; `network_ns` for a done event."""
+        self.marks[event] = at_ns
+        if network_ns is not None:
+            self.network[event] = max(0, network_ns)
 
-    def wall_ns(self, event: str) -> int:
-        """Wall-clock time of an event, for span timestamps."""
-        return self.wall_start_ns + (self.marks[event] - self.start_ns)
+    def phase_ns(self, done: str) -> int | None:
+        """Network duration of the phase ending with `done`; None if it did not end."""
+        if done not in self.marks:
+            return None
+        if done in self.network:
+            return self.network[done]
+        start = _START_OF.get(done)
+        if start is None or start not in self.marks:
+            return 0
+        return max(0, self.marks[done] - self.marks[start])
+
+    def offsets(self) -> dict[str, float]:
+        """Seconds of network time from the start of the check to each event that happened,
+        in phase order: the phases laid end to end, without the probe's own waits."""
+        out: dict[str, float] = {}
+        cursor = 0
+        for event in names.EVENTS:
+            if event not in self.marks:
+                continue
+            if event in _START_OF:
+                cursor += self.phase_ns(event) or 0
+            out[event] = cursor / 1e9
+        return out
+
+    def duration(self) -> float | None:
+        """Network time from the start of the check to the first byte of the answer."""
+        return self.offsets().get(names.GOT_FIRST_RESP_BYTE)
+
+    def wall_ns(self, at_ns: int) -> int:
+        """Wall-clock time of a perf_counter_ns moment, for span timestamps."""
+        return self.wall_start_ns + (at_ns - self.start_ns)
 
     def last_phase_started(self) -> str | None:
         """The `*_done` event of the phase that started but did not finish, if any."""
@@ -69,6 +140,10 @@ def begin() -> Timeline:
     return timeline
 
 
+def current() -> Timeline | None:
+    return _current.get()
+
+
 def _mark(event: str) -> None:
     timeline = _current.get()
     if timeline is not None:
@@ -76,59 +151,251 @@ def _mark(event: str) -> None:
 
 
 class TimedSocket(socket.socket):
-    """A socket that notes when the first byte of the answer arrives.
+    """A client socket that times its own connect, sends and receives.
 
-    asyncio's transports read through `recv`/`recv_into` of the very socket the connector
-    made, so this is the moment the bytes left the kernel, before any parsing: the figure
-    Go's httptrace calls GotFirstResponseByte. Only bytes after the request was written
-    count (TLS handshake records come before it).
+    asyncio calls `connect`, `send`, `recv` and `recv_into` of this very object, so each
+    timestamp is taken at the system call (or, for received data, by the kernel), whenever
+    the event loop gets round to the callback.
     """
 
     timeline: Timeline | None = None
+    _kernel_rx = False
+    _sends = 0
+    _tls = False
+    _handshaking = False
+    _tls_started_ns: int | None = None
+    #: Handshake round trips: [time the client's flight was sent, last receive of the reply].
+    _flights: list[list[int]]
+    _flight_sent_ns: int | None = None
+    _app_write = False
+    _request_started_ns: int | None = None
+    _request_sent_ns: int | None = None
+    _answered = False
 
-    def recv(self, *args: Any) -> bytes:
-        data = super().recv(*args)
-        self._saw_bytes()
-        return data
+    def setup(self, timeline: Timeline) -> None:
+        self.timeline = timeline
+        self._flights = []
+        self._kernel_rx = kernel.capabilities().rx_timestamps and kernel.enable_rx_timestamps(self)
 
-    def recv_into(self, *args: Any) -> int:
-        n = super().recv_into(*args)
-        self._saw_bytes()
+    # -- connect -------------------------------------------------------------------------
+
+    def connect(self, address: Any) -> None:
+        timeline = self.timeline
+        if timeline is not None:
+            timeline.put(names.CONNECT_START, time.perf_counter_ns())
+        super().connect(address)
+
+    def _connected(self, timeline: Timeline) -> None:
+        """Before the first byte is sent, the kernel's one RTT sample is the handshake's."""
+        rtt = kernel.tcp_rtt_ns(self)
+        started = timeline.marks.get(names.CONNECT_START)
+        if rtt is not None and started is not None:
+            timeline.put(names.CONNECT_DONE, started + rtt, rtt)
+            timeline.source = kernel.KERNEL if self._kernel_rx else kernel.LOOP
+        else:
+            timeline.mark(names.CONNECT_DONE)
+
+    # -- send ----------------------------------------------------------------------------
+
+    def send(self, data: Any, *args: Any) -> int:
+        before = time.perf_counter_ns()
+        sent = super().send(data, *args)
+        self._sent(before, time.perf_counter_ns())
+        return sent
+
+    def sendmsg(self, *args: Any) -> int:
+        before = time.perf_counter_ns()
+        sent = super().sendmsg(*args)
+        self._sent(before, time.perf_counter_ns())
+        return sent
+
+    def _sent(self, before: int, after: int) -> None:
+        # The bytes left when the syscall began: on loopback the peer gets them inside the
+        # syscall and may even answer before it returns, so the syscall's end is no start.
+        del after
+        # A reused connection carries the request of whichever task writes to it now.
+        timeline = _current.get() or self.timeline
+        if timeline is None:
+            return
+        if timeline is not self.timeline:
+            self._rebind(timeline)
+        elif self._answered:
+            return  # after the answer (a TLS close_notify, say): nothing left to time
+        self._sends += 1
+        if self._sends == 1 and names.CONNECT_START in timeline.marks:
+            self._connected(timeline)
+        if self._tls and self._handshaking:
+            if self._tls_started_ns is None:
+                self._tls_started_ns = before
+            self._flight_sent_ns = before
+            return
+        if self._tls and not self._app_write:
+            return  # the client's Finished, or an alert: not the request
+        if self._request_started_ns is None:
+            self._request_started_ns = before
+            timeline.put(names.GOT_CONN, before)
+        self._request_sent_ns = before
+        timeline.put(names.WROTE_REQUEST, before, before - self._request_started_ns)
+
+    def _rebind(self, timeline: Timeline) -> None:
+        self.timeline = timeline
+        self._app_write = False
+        self._request_started_ns = self._request_sent_ns = None
+        self._answered = False
+        timeline.tls = self._tls
+        timeline.sock = self
+        if self._kernel_rx:
+            timeline.source = kernel.KERNEL
+
+    # -- receive -------------------------------------------------------------------------
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        if not self._timing():
+            return super().recv(bufsize, flags)
+        buffer = bytearray(min(bufsize, 65536))  # asyncio asks for 256 KiB; the rest can wait
+        n = self.recv_into(buffer, len(buffer), flags)
+        return bytes(buffer[:n])
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        if not self._timing():
+            return super().recv_into(buffer, nbytes, flags)
+        view = memoryview(buffer)
+        if nbytes:
+            view = view[:nbytes]
+        if not self._kernel_rx:
+            n = super().recv_into(view, 0, flags)
+            if n:
+                now = time.perf_counter_ns()
+                self._received(now, now)
+            return n
+        # A read that finds several segments queued (the loop was busy) is stamped with the
+        # last one's arrival. One byte first gets the first segment's own stamp: the answer's
+        # first byte, not its last (a body held back by Nagle arrives 40 ms after the head).
+        n, ancdata, _, _ = self.recvmsg_into([view[:1]], kernel.ANCILLARY_SIZE, flags)
+        if not n:
+            return 0
+        first = kernel.rx_timestamp_ns(ancdata)
+        last = first
+        if len(view) > 1:
+            try:
+                more, ancdata, _, _ = self.recvmsg_into([view[1:]], kernel.ANCILLARY_SIZE, flags)
+            except (BlockingIOError, InterruptedError):
+                more = 0
+            if more:
+                n += more
+                last = kernel.rx_timestamp_ns(ancdata) or first
+        now = time.perf_counter_ns()
+        self._received(first or now, last or now)
         return n
 
-    def _saw_bytes(self) -> None:
+    def _timing(self) -> bool:
+        """Still something to time: the handshake or the answer's first byte."""
+        return self.timeline is not None and not self._answered
+
+    def _received(self, first: int, last: int) -> None:
+        """Data arrived: `first` and `last` are the arrival times of its first and last segment."""
         timeline = self.timeline
-        if (
-            timeline is not None
-            and names.WROTE_REQUEST in timeline.marks
-            and names.GOT_FIRST_RESP_BYTE not in timeline.marks
-        ):
-            timeline.mark(names.GOT_FIRST_RESP_BYTE)
+        assert timeline is not None
+        self.first_received_ns = first
+        if self._tls:
+            if self._handshaking:
+                if self._flight_sent_ns is not None:
+                    self._flights.append([self._flight_sent_ns, last])
+                    self._flight_sent_ns = None
+                elif self._flights:
+                    self._flights[-1][1] = last
+            return  # the first byte of a TLS answer is known once it decrypts (TimedSSLObject)
+        if self._request_sent_ns is not None:
+            self._first_byte(timeline, first)
+
+    def _first_byte(self, timeline: Timeline, at: int) -> None:
+        if self._request_sent_ns is None or self._answered:
+            return
+        self._answered = True
+        timeline.put(names.GOT_FIRST_RESP_BYTE, at, at - self._request_sent_ns)
+
+    # -- TLS (called by TimedSSLObject) --------------------------------------------------
+
+    def tls_begin(self) -> None:
+        self._tls = self._handshaking = True
+
+    def tls_done(self) -> None:
+        self._handshaking = False
+        timeline = self.timeline
+        if timeline is None or self._tls_started_ns is None or not self._flights:
+            return
+        network = sum(end - start for start, end in self._flights)
+        timeline.put(names.TLS_HANDSHAKE_START, self._tls_started_ns)
+        timeline.put(names.TLS_HANDSHAKE_DONE, self._tls_started_ns + network, network)
+
+    def tls_app_write(self) -> None:
+        # The request is encrypted before it is sent: a reused connection changes hands here.
+        timeline = _current.get()
+        if timeline is not None and timeline is not self.timeline:
+            self._rebind(timeline)
+        self._app_write = True
+
+    def tls_app_read(self) -> None:
+        timeline = self.timeline
+        if timeline is not None and not self._answered:
+            self._first_byte(timeline, getattr(self, "first_received_ns", time.perf_counter_ns()))
 
 
 def socket_factory(addr_info: AddrInfoType) -> socket.socket:
-    """Called by the connector right before it connects: the TCP connect starts now."""
+    """Called by the connector right before it connects."""
     family, type_, proto, _, address = addr_info
     sock = TimedSocket(family=family, type=type_, proto=proto)
     timeline = _current.get()
     if timeline is not None:
-        sock.timeline = timeline
+        sock.setup(timeline)
+        timeline.sock = sock
         timeline.mark(names.CONNECT_START)
         timeline.peer = (str(address[0]), int(address[1]))
     return sock
 
 
+class TimedSSLObject(ssl.SSLObject):
+    """Tells its socket when the handshake completed and when application data arrived."""
+
+    _timed_socket: TimedSocket | None = None
+
+    def do_handshake(self) -> None:
+        super().do_handshake()  # raises SSLWantReadError until the server's flight is in
+        if self._timed_socket is not None:
+            self._timed_socket.tls_done()
+
+    def write(self, data: Any) -> int:
+        if self._timed_socket is not None:
+            self._timed_socket.tls_app_write()
+        return super().write(data)
+
+    def read(self, len: int = 1024, buffer: Any = None) -> Any:  # ssl's own signature
+        data = super().read(len, buffer)
+        if data and self._timed_socket is not None:
+            self._timed_socket.tls_app_read()
+        return data
+
+
 class TimedSSLContext(ssl.SSLContext):
-    """An SSLContext that notes when asyncio starts a handshake with it."""
+    """An SSLContext whose connections report their handshake to the request's timeline."""
+
+    sslobject_class = TimedSSLObject
 
     def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        obj = super().wrap_bio(*args, **kwargs)
         timeline = _current.get()
         if timeline is not None:
             now = time.perf_counter_ns()
             timeline.tls = True
             timeline.mark(names.CONNECT_DONE, now)
             timeline.mark(names.TLS_HANDSHAKE_START, now)
-        return super().wrap_bio(*args, **kwargs)
+            if timeline.ssl_object is None:
+                timeline.ssl_object = obj
+            sock = timeline.sock
+            if isinstance(obj, TimedSSLObject) and sock is not None:
+                obj._timed_socket = sock
+                sock.tls_begin()
+        return obj
 
 
 async def _on_dns_start(_s: aiohttp.ClientSession, _c: SimpleNamespace, _p: Any) -> None:
@@ -157,8 +424,8 @@ async def _on_headers_sent(_s: aiohttp.ClientSession, _c: SimpleNamespace, _p: A
 
 
 async def _on_request_end(_s: aiohttp.ClientSession, _c: SimpleNamespace, _p: Any) -> None:
-    # Fallback for a reused connection (its socket belongs to an earlier timeline): aiohttp
-    # has no first-byte signal; this fires once the status line and headers are parsed.
+    # Fallback where no receive was seen by a TimedSocket: aiohttp has no first-byte
+    # signal; this fires once the status line and headers are parsed.
     _mark(names.GOT_FIRST_RESP_BYTE)
 
 

@@ -11,13 +11,21 @@ from probe.neighbours import Neighbour
 
 @dataclass(frozen=True)
 class Target:
-    """One GET to perform. `send_token` only for the API-server checks."""
+    """One check to perform: a GET for `kind` http, else a DNS query or a TCP connect
+    (the URL says what). `send_token` only for the API-server checks."""
 
     check_type: str
     url: str
     send_token: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
     neighbour: Neighbour | None = None
+    kind: str = names.KIND_HTTP
+
+    @property
+    def key(self) -> str:
+        """What identifies this check: its type, and the pod for a neighbour (two probe pods
+        can share a node, and so a `path_<node>` type, during a rolling update)."""
+        return self.check_type if self.neighbour is None else f"{self.check_type}/{self.neighbour.pod_name}"
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,18 @@ class CheckResult:
     events: Mapping[str, float] = field(default_factory=dict)
     #: Why a skipped check was skipped.
     skip_reason: str | None = None
+    #: Where the timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+    timing_source: str | None = None
+    #: Trace id (32 hex digits) of the check's span when it was sampled.
+    trace_id: str | None = None
+    #: Earliest notAfter (Unix seconds) of the certificates the TLS peer presented.
+    cert_not_after: float | None = None
+    #: Low-cardinality class of the failure (span `error.type`), e.g. "NXDOMAIN", "timeout".
+    error_type: str | None = None
+
+    @property
+    def key(self) -> str:
+        return self.target.key if self.target is not None else self.check_type
 
     @property
     def ok(self) -> bool:

@@ -1,20 +1,30 @@
-"""Rounds: every interval, all checks at once; a round lasts as long as its slowest check.
+"""When checks run: each check on its own cadence, spread over the interval.
 
-Rounds never overlap: when one overruns the interval, the ticks it covered are dropped
-(like Go's time.Ticker in kubenurse) instead of queueing up behind a hanging target.
+Every interval the plan is made afresh (settings + current neighbourhood), and each planned
+check starts at its own deterministic offset into the interval (a hash of its type, within
+the first SPREAD of it): the checks do not all hit the event loop at once, and a path is
+measured at the same phase of every interval. A check whose previous run is still in flight
+(a black-holed target waiting out its timeout) skips this tick, like Go's time.Ticker drops
+ticks, and never overlaps itself; every other check keeps its cadence. This differs from
+kubenurse, where a round waits for its slowest check and one dead neighbour slows every path.
+
+A "round" is one tick: it is complete once every check started at that tick has finished,
+and `last_round` then holds the latest result of every planned check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from probe import names
 from probe.checks.result import CheckResult, Target
-from probe.checks.targets import plan_round
+from probe.checks.targets import Plan, plan_round
 from probe.neighbours import Neighbourhood, NeighbourSource
 from probe.settings import Settings
 
@@ -22,6 +32,14 @@ log = logging.getLogger("probe.checks")
 
 #: While a check keeps failing the same way, say so again this often, not every round.
 REPEAT_LOG_SECONDS = 300.0
+#: The share of the interval over which the checks' start offsets are spread.
+SPREAD = 0.5
+
+
+def start_offset(check_type: str, interval: float) -> float:
+    """Seconds into each interval at which `check_type` starts: the same every interval."""
+    digest = hashlib.sha256(check_type.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 * SPREAD * interval
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,28 @@ class Round:
         return all(r.ok for r in self.results.values() if not r.skipped)
 
 
+def by_type(results: Iterable[CheckResult]) -> dict[str, CheckResult]:
+    """One result per check type, as /alive shows them. Where two pods share a node (a
+    rolling update), both are checked and the node's path is as bad as the worse of them:
+    a failing pod is never hidden behind a healthy one; the text names the pod."""
+    grouped: dict[str, list[CheckResult]] = {}
+    for result in results:
+        grouped.setdefault(result.check_type, []).append(result)
+    out: dict[str, CheckResult] = {}
+    for check_type, group in grouped.items():
+        if len(group) == 1:
+            out[check_type] = group[0]
+            continue
+        group.sort(key=lambda r: r.key)
+        failing = [r for r in group if not r.ok and not r.skipped]
+        chosen = failing[0] if failing else group[0]
+        pod = chosen.target.neighbour.pod_name if chosen.target and chosen.target.neighbour else None
+        if failing and pod:
+            chosen = dataclasses.replace(chosen, summary=f"{chosen.summary} (pod {pod}, 1 of {len(group)} on the node)")
+        out[check_type] = chosen
+    return out
+
+
 class FailureLog:
     """One log line per failing check when it starts failing or fails differently, then one
     reminder every REPEAT_LOG_SECONDS, and one line when it recovers."""
@@ -46,7 +86,7 @@ class FailureLog:
         self._failing: dict[str, tuple[str, float, int]] = {}  # type -> (event, last logged, count)
 
     def update(self, result: CheckResult) -> None:
-        check_type = result.check_type
+        check_type = result.key
         previous = self._failing.get(check_type)
         if result.ok or result.skipped:
             if previous is not None:
@@ -65,13 +105,13 @@ class FailureLog:
         else:
             self._failing[check_type] = (event, previous[1], previous[2] + 1)
 
-    def forget(self, check_types: set[str]) -> None:
-        for check_type in check_types:
-            self._failing.pop(check_type, None)
+    def forget(self, keys: set[str]) -> None:
+        for key in keys:
+            self._failing.pop(key, None)
 
 
 class Prober:
-    """Runs rounds against the targets planned from settings and the neighbour source."""
+    """Runs the checks planned from settings and the neighbour source, each on its cadence."""
 
     def __init__(
         self,
@@ -87,42 +127,110 @@ class Prober:
         self._on_departed = on_departed
         self._failures = FailureLog()
         self._path_types: set[str] = set()
+        #: Latest result and running task per check key (Target.key).
+        self._latest: dict[str, CheckResult] = {}
+        self._in_flight: dict[str, asyncio.Task[CheckResult]] = {}
+        self._plan: Plan | None = None
+        self._neighbourhood: Neighbourhood | None = None
+        self._watchers: set[asyncio.Task[None]] = set()
         self.last_round: Round | None = None
         self.rounds = 0
+        #: Ticks a check skipped because its previous run was still in flight.
+        self.skipped_ticks = 0
 
     async def run_round(self) -> Round:
+        """Every planned check once, all at once; returns when all are done (tests, tools)."""
         started = time.monotonic()
-        neighbourhood = self._neighbours.current()
-        plan = plan_round(self._settings, neighbourhood)
-        performed = await asyncio.gather(*(self._check(t) for t in plan.targets))
-        results = {r.check_type: r for r in plan.skipped}
-        results.update((r.check_type, r) for r in performed)
-        for result in performed:
-            self._failures.update(result)
-        self._retire_departed(results)
-        self.rounds += 1
-        self.last_round = Round(results, neighbourhood, time.time(), time.monotonic() - started)
-        return self.last_round
+        self._replan()
+        assert self._plan is not None
+        tasks = [self._start(target, 0.0) for target in self._plan.targets]
+        await asyncio.gather(*tasks)
+        return self._complete(started)
 
-    def _retire_departed(self, results: Mapping[str, CheckResult]) -> None:
-        path_types = {t for t in results if t.startswith(names.PATH_PREFIX)}
+    def _replan(self) -> None:
+        self._neighbourhood = self._neighbours.current()
+        self._plan = plan_round(self._settings, self._neighbourhood)
+        planned_keys = {t.key for t in self._plan.targets} | {r.key for r in self._plan.skipped}
+        gone = [key for key in (*self._latest, *self._in_flight) if key not in planned_keys]
+        for key in gone:
+            self._latest.pop(key, None)
+            # A result arriving after its series were dropped would bring them back.
+            task = self._in_flight.pop(key, None)
+            if task is not None:
+                task.cancel()
+        self._failures.forget(set(gone))
+        for result in self._plan.skipped:
+            self._latest[result.key] = result
+        path_types = {t.check_type for t in self._plan.targets if t.check_type.startswith(names.PATH_PREFIX)}
         departed = self._path_types - path_types
         self._path_types = path_types
         if departed:
-            self._failures.forget(departed)
             self._on_departed(departed)
 
+    def _start(self, target: Target, delay: float) -> asyncio.Task[CheckResult]:
+        task = asyncio.create_task(self._perform(target, delay), name=f"check {target.key}")
+        self._in_flight[target.key] = task
+        return task
+
+    async def _perform(self, target: Target, delay: float) -> CheckResult:
+        try:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            result = await self._check(target)
+            self._latest[target.key] = result
+            self._failures.update(result)
+            return result
+        finally:
+            if self._in_flight.get(target.key) is asyncio.current_task():
+                del self._in_flight[target.key]
+
+    def _complete(self, started: float) -> Round:
+        assert self._neighbourhood is not None
+        self.rounds += 1
+        self.last_round = Round(by_type(self._latest.values()), self._neighbourhood, time.time(),
+                                time.monotonic() - started)
+        return self.last_round
+
+    def _tick(self) -> None:
+        """Plan, and start every check that is not still running, each at its offset."""
+        started = time.monotonic()
+        self._replan()
+        assert self._plan is not None
+        interval = self._settings.check_interval
+        tasks = []
+        for target in self._plan.targets:
+            if target.key in self._in_flight:
+                self.skipped_ticks += 1
+                continue
+            tasks.append(self._start(target, start_offset(target.key, interval)))
+        watcher = asyncio.create_task(self._watch(tasks, started), name="round")
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
+
+    async def _watch(self, tasks: list[asyncio.Task[CheckResult]], started: float) -> None:
+        if tasks:
+            await asyncio.wait(tasks)
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("check failed unexpectedly", exc_info=task.exception())
+        self._complete(started)
+
     async def run(self) -> None:
-        """Run rounds until cancelled."""
+        """Run the checks until cancelled."""
         interval = self._settings.check_interval
         next_tick = time.monotonic()
-        while True:
-            try:
-                await self.run_round()
-            except Exception:  # a bug in one round must not stop the probe
-                log.exception("round failed")
-            next_tick += interval
-            now = time.monotonic()
-            if next_tick < now:  # overran: drop the missed ticks
-                next_tick += interval * ((now - next_tick) // interval + 1)
-            await asyncio.sleep(next_tick - now)
+        try:
+            while True:
+                try:
+                    self._tick()
+                except Exception:  # a bug in one tick must not stop the probe
+                    log.exception("round failed")
+                next_tick += interval
+                now = time.monotonic()
+                if next_tick < now:  # the loop itself overran: drop the missed ticks
+                    next_tick += interval * ((now - next_tick) // interval + 1)
+                await asyncio.sleep(next_tick - now)
+        finally:
+            for task in [*self._in_flight.values(), *self._watchers]:
+                task.cancel()
+            await asyncio.gather(*self._in_flight.values(), *self._watchers, return_exceptions=True)

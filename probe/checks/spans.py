@@ -66,14 +66,21 @@ def finish_client_span(
         span.set_attribute("network.peer.port", timeline.peer[1])
     if result.status_code is not None:
         span.set_attribute("http.response.status_code", result.status_code)
+    span.set_attribute(names.ATTR_TIMING_SOURCE, timeline.source)
+    if result.duration is not None:
+        span.set_attribute(names.ATTR_NETWORK_DURATION, result.duration)
     context = trace.set_span_in_context(span)
     failed_at = result.error_event
     for name, start_event, end_event in PHASES:
         if start_event not in timeline.marks:
             continue
-        child = tracer.start_span(name, context=context, start_time=timeline.wall_ns(start_event))
-        if end_event in timeline.marks:
-            child.end(end_time=timeline.wall_ns(end_event))
+        # Each child starts when its phase began on the wire and lasts the network time the
+        # metrics record for it, so a trace and a histogram never disagree.
+        started = timeline.marks[start_event]
+        child = tracer.start_span(name, context=context, start_time=timeline.wall_ns(started))
+        network = timeline.phase_ns(end_event)
+        if network is not None:
+            child.end(end_time=timeline.wall_ns(started + network))
         else:
             if failed_at == end_event or failed_at == names.ROUND_TRIP_ERROR:
                 child.set_status(Status(StatusCode.ERROR, result.summary))
@@ -81,13 +88,8 @@ def finish_client_span(
     if not result.ok:
         span.set_status(Status(StatusCode.ERROR, result.summary))
         span.set_attribute(
-            "error.type", str(result.status_code) if result.status_code is not None else _error_type(result)
+            "error.type", str(result.status_code) if result.status_code is not None else result.error_type or "error"
         )
         span.set_attribute(names.ATTR_ERROR_EVENT, result.error_event or names.ROUND_TRIP_ERROR)
     span.end()
 
-
-def _error_type(result: CheckResult) -> str:
-    # The summary is "<event>: <ExceptionName>: text"; the exception name is low-cardinality.
-    parts = result.summary.split(": ", 2)
-    return parts[1] if len(parts) > 1 else "error"

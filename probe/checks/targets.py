@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from probe import names
 from probe.checks.result import CheckResult, Target
+from probe.checkurls import is_ip
 from probe.neighbours import Neighbourhood
 from probe.settings import Settings
 
@@ -31,7 +32,7 @@ def _api_server_targets(settings: Settings) -> tuple[list[Target], list[CheckRes
     if not settings.check_api_server_dns:
         skipped.append(CheckResult.skip(names.API_SERVER_DNS, "disabled by KUBENURSE_CHECK_API_SERVER_DNS"))
     elif not settings.in_cluster and settings.kubernetes_service_dns is None:
-        skipped.append(CheckResult.skip(names.API_SERVER_DNS, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+        skipped.append(CheckResult.skip(names.API_SERVER_DNS, "KUBERNETES_SERVICE_HOST not set (not in a cluster)"))
     else:
         url = f"https://{settings.api_server_dns_name}:{port}/version"
         targets.append(Target(names.API_SERVER_DNS, url, send_token=True))
@@ -58,7 +59,15 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
             targets.append(item)
         else:
             skipped.append(item)
-    targets.extend(Target(check.name, check.url) for check in settings.extra_checks)
+    if not s.check_dns_cluster:
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "disabled by KUBENURSE_CHECK_DNS_CLUSTER"))
+    elif not s.in_cluster and s.kubernetes_service_dns is None:
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+    elif is_ip(s.api_server_dns_name):
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "KUBERNETES_SERVICE_DNS is an IP: nothing to resolve"))
+    else:
+        targets.append(Target(names.DNS_CLUSTER, f"dns://{s.api_server_dns_name}", kind=names.KIND_DNS))
+    targets.extend(Target(check.name, check.url, kind=check.kind) for check in settings.extra_checks)
     if settings.check_neighbourhood and not neighbourhood.skipped:
         scheme, port = ("https", settings.https_port) if settings.use_tls else ("http", settings.http_port)
         origin = {names.NEIGHBOUR_ORIGIN_HEADER: settings.pod_name}

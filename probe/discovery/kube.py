@@ -274,7 +274,7 @@ def locate(settings: Settings) -> Credentials | str:
         return Kubeconfig(settings.kubeconfig)
     if settings.kubernetes_service_host:
         return f"no service-account token in {directory} and KUBECONFIG not set"
-    return "not in a cluster (KUBERNETES_SERVICE_HOST not set) and KUBECONFIG not set"
+    return "KUBERNETES_SERVICE_HOST not set (not in a cluster) and KUBECONFIG not set"
 
 
 class TokenBucket:

@@ -41,6 +41,8 @@ NEIGHBOUR_FILTER = "app.kubernetes.io/name=kubenurse"
 PROBE_SHUTDOWN = "1s"
 #: How long a child may take to exit after SIGTERM before it is killed.
 STOP_GRACE = 8.0
+#: How long a starting probe may take to listen (imports and start-up take ~1 s).
+LISTEN_TIMEOUT = 20.0
 PROMETHEUS_QUERY = (
     "histogram_quantile(0.9, sum by (le, type) (rate(kubenurse_httpclient_request_duration_seconds_bucket[30s])))"
 )
@@ -76,6 +78,8 @@ class Node:
     process: subprocess.Popen[bytes] | None = None
     cordoned: bool = False
     stopping: bool = False  # `stop` is under way
+    #: The probe accepts connections (until then the Service leaves it out).
+    listening: bool = False
     log_path: Path = field(default_factory=Path)
 
     @property
@@ -169,8 +173,11 @@ class Sandbox:
         self.api_server = ApiServerStandin("127.0.0.1", self._port(1))
         for spec in self.specs:
             self.api_server.add_node(spec.name, internal_ip=spec.address, labels={"kubernetes.io/hostname": spec.name})
+            # Pending until its probe listens, as a real pod is until its container runs: no
+            # neighbour checks it before it can answer (which would count errors at start-up).
             self.api_server.add_pod(
-                spec.pod, namespace=NAMESPACE, node_name=spec.name, pod_ip=spec.address, labels=APP_LABEL
+                spec.pod, namespace=NAMESPACE, node_name=spec.name, pod_ip=spec.address, labels=APP_LABEL,
+                phase="Pending",
             )
         await self._listen("the API-server stand-in", self._port(1), self.api_server.start)
         self.api_server.write_serviceaccount(self.dir / "serviceaccount", NAMESPACE)
@@ -184,10 +191,10 @@ class Sandbox:
         self.ingress = DelayProxy("127.0.0.1", self._port(3), lambda: [("127.0.0.1", service.port)])
         await self._listen("the ingress stand-in", self._port(3), self.ingress.start)
 
-        for node in self.nodes.values():
-            await self.start_node(node.spec.name)
+        # Prometheus first: it takes a few seconds to serve, the probes about one.
         if self.options.prometheus and shutil.which("prometheus"):
             self._start_prometheus()
+        await asyncio.gather(*(self.start_node(name) for name in self.nodes))
         self._monitor = asyncio.create_task(self._watch_children(), name="sandbox-children")
 
     async def _listen(self, what: str, port: int, start: Callable[[], Awaitable[None]]) -> None:
@@ -237,13 +244,17 @@ class Sandbox:
         return lambda: [(spec.inner_address, self.probe_port)]
 
     def _endpoints(self) -> list[Address]:
-        """The Service's endpoints: ready probes (not cordoned: /ready says 503 there), rotated."""
-        ready = [n.spec for n in self.nodes.values() if n.running and not (n.cordoned or n.stopping)]
+        """The Service's endpoints: ready probes (not cordoned: /ready says 503 there), rotated.
+        While a probe starts, before the sandbox has seen it listen, it is tried last and
+        directly (its own first round may already ask the Service for itself)."""
+        serving = [n for n in self.nodes.values() if n.running and not (n.cordoned or n.stopping)]
+        ready = [n.spec for n in serving if n.listening]
+        starting = [(n.spec.inner_address, self.probe_port) for n in serving if not n.listening]
         self._rr += 1
         if not ready:
-            return []
+            return starting
         first = self._rr % len(ready)
-        return [(s.address, self.probe_port) for s in ready[first:] + ready[:first]]
+        return [(s.address, self.probe_port) for s in ready[first:] + ready[:first]] + starting
 
     def probe_environment(self, spec: NodeSpec) -> dict[str, str]:
         assert self.api_server is not None and self.service is not None and self.ingress is not None
@@ -265,6 +276,9 @@ class Sandbox:
                 "KUBERNETES_SERVICE_HOST": "127.0.0.1",
                 "KUBERNETES_SERVICE_PORT": str(self.api_server.port),
                 "KUBERNETES_SERVICE_DNS": "localhost",
+                # localhost is in /etc/hosts, which a DNS check does not read: dns_cluster
+                # would ask this machine's nameserver and fail.
+                "KUBENURSE_CHECK_DNS_CLUSTER": "false",
                 "KUBENURSE_SERVICE_URL": f"http://127.0.0.1:{self.service.port}",
                 "KUBENURSE_INGRESS_URL": f"http://127.0.0.1:{self.ingress.port}",
                 "KUBENURSE_LOG_FORMAT": "logfmt",
@@ -281,7 +295,28 @@ class Sandbox:
         node.process = children.spawn(
             [sys.executable, "-m", "probe"], env=self.probe_environment(node.spec), log_path=node.log_path
         )
+        if not await self._until_listening(node):
+            return f"{name}: probe started (pid {node.process.pid}) but not listening yet; see its log"
+        assert self.api_server is not None
+        pod = self.api_server.pod(node.spec.pod, namespace=NAMESPACE)
+        if pod is not None and pod["status"].get("phase") != "Running":
+            self.api_server.set_pod_phase(node.spec.pod, "Running", namespace=NAMESPACE)
         return f"{name}: probe started (pid {node.process.pid})"
+
+    async def _until_listening(self, node: Node, timeout: float = LISTEN_TIMEOUT) -> bool:
+        """Wait until the probe accepts connections (or exits, or `timeout` passes)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while node.running and loop.time() < deadline:
+            try:
+                _, writer = await asyncio.open_connection(node.spec.inner_address, self.probe_port)
+            except OSError:
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            node.listening = True
+            return True
+        return False
 
     async def stop_node(self, name: str) -> str:
         node = self.node(name)
@@ -289,6 +324,7 @@ class Sandbox:
             return f"{name} is not running"
         node.stopping = True
         try:
+            node.listening = False
             await node.proxy.stop()  # its pod IP now refuses connections, as a dead node's would
             # Still node.process meanwhile: if this is cancelled (Ctrl-C), close() stops it.
             status = await children.stop(node.process, grace=STOP_GRACE)

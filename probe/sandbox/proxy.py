@@ -68,6 +68,10 @@ class DelayProxy:
             await asyncio.gather(self._pipe(reader, upstream, delayed=True), self._pipe(up_reader, writer))
         except (OSError, asyncio.IncompleteReadError):
             pass  # one side reset the connection: both ends close below
+        except asyncio.CancelledError:
+            # stop() cuts the connection. Ending quietly: a cancelled connection task makes
+            # asyncio's stream callback log a CancelledError traceback (Python 3.11).
+            pass
         finally:
             self._connections.discard(task)
             for w in (writer, upstream):

@@ -56,7 +56,11 @@ def summary(sandbox: Sandbox, control_port: int) -> str:
         s = node.spec
         alive, metrics = f"http://{s.address}:{port}/alive", f"http://{s.address}:{port}/metrics"
         lines.append(f"  {s.name:<8} {s.pod:<20} {alive:<35} {metrics}")
+    first = next(iter(sandbox.nodes.values())).spec.address
     lines += [
+        "",
+        f"  Mesh view   http://{first}:{port}/mesh   who reaches whom, and where it is broken (any probe's /mesh);",
+        f"              in a terminal: kubenurse mesh http://{first}:{port}",
         "",
         "  Stand-ins (not Kubernetes; what each probe checks besides its neighbours):",
         f"  API server  {sandbox.api_server.url}   api_server_direct; api_server_dns through the name localhost",

@@ -4,21 +4,42 @@ PrometheusMetricReader from a private registry, and optionally over OTLP."""
 from __future__ import annotations
 
 import logging
+import platform
 from collections.abc import Callable, Iterable, Sequence
 
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader
 from opentelemetry.sdk.resources import Resource
-from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
-from probe import names
+from probe import __version__, names
 from probe.checks.result import CheckResult
 from probe.telemetry.exemplars import ExemplarCollector, ExemplarPrometheusReader, ExemplarStore
-from probe.telemetry.otel import run_bounded
+from probe.telemetry.otel import cardinality_limits, run_bounded
 
 log = logging.getLogger(__name__)
+
+#: The largest cluster Kubernetes supports: with KUBENURSE_NEIGHBOUR_LIMIT=0 every node
+#: may be a neighbour.
+MAX_NODES = 5000
+#: Built-in check types besides the neighbours (two API-server checks, ingress, service,
+#: and room for one more).
+BUILTIN_CHECK_TYPES = 5
+#: Series one check type can have in one metric: an event each on the trace histogram and
+#: on errors, plus status codes and round_trip_error.
+SERIES_PER_CHECK_TYPE = 2 * len(names.EVENTS)
+
+
+def series_limit(neighbour_limit: int, extra_checks: int) -> int:
+    """Per-metric series cap for the SDK. Past its limit the SDK moves new series under an
+    `otel_metric_overflow` label, which breaks the contract's label sets, so the cap is sized
+    from the settings: every check type the probe can have, twice over for neighbours (one
+    round may still hold a departed node's series while its successor is already checked)."""
+    neighbours = neighbour_limit or MAX_NODES
+    check_types = 2 * neighbours + BUILTIN_CHECK_TYPES + extra_checks
+    return check_types * SERIES_PER_CHECK_TYPE
 
 
 class Metrics:
@@ -31,16 +52,28 @@ class Metrics:
         incoming: Callable[[], int],
         resource: Resource | None = None,
         extra_readers: Iterable[MetricReader] = (),
+        cardinality_limit: int | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
+        build = Gauge(
+            names.BUILD_INFO,
+            "The probe's version and the Python running it (always 1).",
+            [names.LABEL_VERSION, names.LABEL_PYTHON_VERSION],
+            registry=self.registry,
+        )
+        build.labels(__version__, platform.python_version()).set(1)
         # The exporter writes into a registry of its own; /metrics serves it through the
         # exemplar collector (exemplars show in OpenMetrics scrapes only).
         self._exemplars = ExemplarStore()
         # No auto_describe: it would collect before the reader is on a MeterProvider.
         exported = CollectorRegistry(auto_describe=False)
         self._prometheus = ExemplarPrometheusReader(
-            self._exemplars, disable_target_info=True, scope_info_enabled=False, registry=exported
+            self._exemplars,
+            disable_target_info=True,
+            scope_info_enabled=False,
+            registry=exported,
+            cardinality_limits=cardinality_limits(cardinality_limit) if cardinality_limit else None,
         )
         self.registry.register(ExemplarCollector(exported, self._exemplars))
         self.provider = MeterProvider(
@@ -48,6 +81,12 @@ class Metrics:
             resource=resource or Resource.get_empty(),
             shutdown_on_exit=False,  # Probe.stop() flushes, within a time budget
         )
+        # The SDK reads OTEL_SDK_DISABLED in __init__ and then hands out no-op meters, which
+        # would empty /metrics. The contract uses that variable to turn OTLP off only (the
+        # settings do that), so /metrics ignores it. tests/test_metrics.py fails if the SDK
+        # stops honouring this attribute.
+        if getattr(self.provider, "_disabled", False):
+            self.provider._disabled = False
         meter = self.provider.get_meter(names.METER_NAME)
         # Buckets come from the advisory, not a View, so an OTLP reader may still choose
         # exponential histograms while /metrics keeps these explicit bounds (NOTES.md).
@@ -70,6 +109,11 @@ class Metrics:
         self.errors = meter.create_counter(
             names.ERRORS, description="Kubenurse error counter partitioned by error type"
         )
+        self.cert_expiry = meter.create_gauge(
+            names.TLS_CERT_EXPIRY,
+            unit=names.UNIT_SECONDS,
+            description="Earliest notAfter (Unix time) of the certificates the peer of an HTTPS check presented",
+        )
 
         def observe_incoming(_options: CallbackOptions) -> Iterable[Observation]:
             yield Observation(incoming())
@@ -88,12 +132,15 @@ class Metrics:
         check_type = {names.LABEL_TYPE: result.check_type}
         for event, offset in result.events.items():
             self.trace_duration.record(offset, {**check_type, names.LABEL_EVENT: event})
-        if result.status_code is None:
-            self.requests.add(1, {**check_type, names.LABEL_CODE: names.ROUND_TRIP_ERROR})
-        else:
-            self.requests.add(1, {**check_type, names.LABEL_CODE: str(result.status_code)})
-            if result.duration is not None:
-                self.request_duration.record(result.duration, check_type)
+        if result.status_code is not None:
+            code = str(result.status_code)
+        else:  # no HTTP status: a failed GET, or a kind that has none (dns, tcp)
+            code = names.CODE_OK if result.ok else names.ROUND_TRIP_ERROR
+        self.requests.add(1, {**check_type, names.LABEL_CODE: code})
+        if result.duration is not None:
+            self.request_duration.record(result.duration, check_type)
+        if result.cert_not_after is not None:
+            self.cert_expiry.set(result.cert_not_after, check_type)
         if result.error_event:
             self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
 
@@ -102,8 +149,10 @@ class Metrics:
 
         The SDK has no public way to retire an attribute set, and cumulative readers keep
         them forever; we remove them from its aggregation storage. This reaches into SDK
-        internals on purpose; tests/test_metrics.py proves it on the pinned version and a
-        failure only logs, so an SDK upgrade degrades to kubenurse's behaviour (stale series).
+        internals on purpose: pyproject.toml pins the SDK's minor version, and
+        tests/test_metrics.py checks the storage shape on it. Should the shape still change,
+        this logs an error (once per call) and the probe degrades to kubenurse's behaviour
+        (stale series), rather than silently dropping nothing.
         """
         if not check_types:
             return 0
@@ -116,11 +165,12 @@ class Metrics:
                     for match in matches:
                         with match._lock:
                             aggregations = match._attributes_aggregation
-                            for key in [k for k in aggregations if _has_any(k, wanted)]:
-                                del aggregations[key]
-                                dropped += 1
-        except (AttributeError, TypeError) as e:  # pragma: no cover - SDK internals moved
-            log.warning("cannot drop series of departed neighbours: %s", e)
+                            for key in list(aggregations):
+                                if _has_any(key, wanted):
+                                    del aggregations[key]
+                                    dropped += 1
+        except (AttributeError, TypeError, ValueError) as e:  # SDK internals moved
+            log.error("cannot drop series of departed neighbours (SDK internals changed): %s", e)
         self._exemplars.forget(names.LABEL_TYPE, check_types)
         return dropped
 
@@ -135,7 +185,10 @@ class Metrics:
 
 
 def _has_any(key: object, wanted: set[tuple[str, tuple[str, str]]]) -> bool:
-    # Keys look like ("mapping", (("type", ("str", "path_x")), ...)).
-    if isinstance(key, tuple) and len(key) == 2 and key[0] == "mapping":
+    """Keys look like ("mapping", (("type", ("str", "path_x")), ...)) in the pinned SDK; any
+    other shape raises, so forget() says so instead of silently keeping every series."""
+    if isinstance(key, tuple) and len(key) == 2 and key[0] == "mapping" and isinstance(key[1], tuple):
         return any(item in wanted for item in key[1])
-    return False
+    if key == ("NoneType", None):  # a series without attributes (the incoming-checks gauge)
+        return False
+    raise ValueError(f"unexpected series key {key!r}")

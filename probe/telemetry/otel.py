@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.sdk.metrics import Histogram
+from opentelemetry.sdk.metrics import (
+    Counter,
+    Histogram,
+    ObservableCounter,
+    ObservableGauge,
+    ObservableUpDownCounter,
+    UpDownCounter,
+)
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     MetricReader,
@@ -70,27 +77,48 @@ class RateLimitFilter(logging.Filter):
 
 
 class CountingSpanExporter(SpanExporter):
-    """Counts the spans that reached the collector and those that did not."""
+    """Counts the spans that reached the collector, those whose export failed, and (with
+    CountingSpanProcessor) those dropped because the queue in front of it was full."""
 
     def __init__(self, inner: SpanExporter) -> None:
         self.inner = inner
         self.exported = 0
-        self.dropped = 0
+        self.failed = 0
+        self.queue_full = 0
+        #: Spans handed to the batch processor and not yet through export().
+        self.pending = 0
+        self._lock = threading.Lock()
         self._last_log = -LOG_EVERY_SECONDS
+
+    @property
+    def dropped(self) -> int:
+        """Spans that never reached the collector: failed exports plus a full queue."""
+        return self.failed + self.queue_full
+
+    def admit(self, limit: int) -> bool:
+        """Take one more span in, unless `limit` spans are already waiting (then count it)."""
+        with self._lock:
+            if self.pending >= limit:
+                self.queue_full += 1
+                return False
+            self.pending += 1
+            return True
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         try:
             result = self.inner.export(spans)
         except Exception:  # an exporter bug must cost spans, not the worker thread
             result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self.exported += len(spans)
-        else:
-            self.dropped += len(spans)
-            if time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
-                self._last_log = time.monotonic()
-                counts = {"dropped_total": self.dropped, "exported_total": self.exported}
-                log.warning("spans not exported (collector unreachable?)", extra=counts)
+        with self._lock:
+            self.pending = max(0, self.pending - len(spans))
+            if result is SpanExportResult.SUCCESS:
+                self.exported += len(spans)
+            else:
+                self.failed += len(spans)
+        if result is not SpanExportResult.SUCCESS and time.monotonic() - self._last_log >= LOG_EVERY_SECONDS:
+            self._last_log = time.monotonic()
+            counts = {"dropped_total": self.dropped, "exported_total": self.exported}
+            log.warning("spans not exported (collector unreachable?)", extra=counts)
         return result
 
     def shutdown(self) -> None:
@@ -100,10 +128,26 @@ class CountingSpanExporter(SpanExporter):
         return self.inner.force_flush(timeout_millis)
 
 
+class CountingSpanProcessor(BatchSpanProcessor):
+    """The SDK's batch processor, with its queue bound kept in front of it so that the spans
+    a full queue drops are counted (the SDK only logs them). Every admitted span leaves
+    through export(), so `pending` never lets the SDK's own queue overflow."""
+
+    def __init__(self, exporter: CountingSpanExporter, max_queue_size: int = MAX_QUEUE_SIZE) -> None:
+        super().__init__(exporter, max_queue_size=max_queue_size)
+        self._counting = exporter
+        self._limit = max_queue_size
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not (span.context and span.context.trace_flags.sampled):
+            return
+        if self._counting.admit(self._limit):
+            super().on_end(span)
+
+
 @dataclass
 class Tracing:
     provider: TracerProvider
-    processor: BatchSpanProcessor
     exporter: CountingSpanExporter
 
     def shutdown(self, timeout_seconds: float) -> None:
@@ -143,10 +187,9 @@ def build_tracing(settings: Settings, resource: Resource) -> Tracing | None:
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG) (default: parent-based always-on).
     counting = CountingSpanExporter(exporter)
     provider = TracerProvider(resource=resource, shutdown_on_exit=False)
-    processor = BatchSpanProcessor(counting, max_queue_size=MAX_QUEUE_SIZE)
-    provider.add_span_processor(processor)
+    provider.add_span_processor(CountingSpanProcessor(counting))
     quiet_exporter_logs()
-    return Tracing(provider, processor, counting)
+    return Tracing(provider, counting)
 
 
 def quiet_exporter_logs() -> None:
@@ -157,13 +200,36 @@ def quiet_exporter_logs() -> None:
             logger.addFilter(RateLimitFilter())
 
 
-def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
-    """Periodic OTLP export: delta temporality and exponential histograms (fine resolution,
-    no bucket tuning); /metrics keeps its cumulative explicit buckets."""
+_DELTA_SETS: dict[str, tuple[type, ...]] = {
+    # OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, as the specification defines it.
+    "cumulative": (),
+    "delta": (Counter, ObservableCounter, Histogram),
+    "lowmemory": (Counter, Histogram),
+}
+
+
+def otlp_temporality(preference: str) -> dict[type, AggregationTemporality]:
+    delta = _DELTA_SETS[preference]
+    return {
+        kind: AggregationTemporality.DELTA if kind in delta else AggregationTemporality.CUMULATIVE
+        for kind in (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)
+    }
+
+
+def otlp_histogram_aggregation(name: str) -> dict[type, Aggregation]:
+    if name == "explicit_bucket_histogram":
+        return {}  # the instruments' advisory buckets, as on /metrics
+    return {Histogram: ExponentialBucketHistogramAggregation()}
+
+
+def build_otlp_metric_reader(settings: Settings, cardinality_limit: int | None = None) -> MetricReader | None:
+    """Periodic OTLP export, by default with delta temporality and exponential histograms
+    (fine resolution, no bucket tuning); the OTEL_EXPORTER_OTLP_METRICS_* variables choose
+    otherwise. /metrics keeps its cumulative explicit buckets either way."""
     if not settings.otlp_metrics_enabled:
         return None
-    temporality: dict[type, AggregationTemporality] = {Histogram: AggregationTemporality.DELTA}
-    aggregation: dict[type, Aggregation] = {Histogram: ExponentialBucketHistogramAggregation()}
+    temporality = otlp_temporality(settings.otlp_metrics_temporality)
+    aggregation = otlp_histogram_aggregation(settings.otlp_histogram_aggregation)
     exporter: Any
     if settings.otlp_metrics_protocol == GRPC:
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -178,8 +244,16 @@ def build_otlp_metric_reader(settings: Settings) -> MetricReader | None:
 
         exporter = HttpMetricExporter(preferred_temporality=temporality, preferred_aggregation=aggregation)
     quiet_exporter_logs()
+    limits = cardinality_limits(cardinality_limit) if cardinality_limit else None
     # The interval comes from OTEL_METRIC_EXPORT_INTERVAL (SDK default 60 s).
-    return PeriodicExportingMetricReader(exporter, export_timeout_millis=EXPORT_TIMEOUT_MILLIS)
+    return PeriodicExportingMetricReader(
+        exporter, export_timeout_millis=EXPORT_TIMEOUT_MILLIS, cardinality_limits=limits
+    )
+
+
+def cardinality_limits(limit: int) -> dict[type, int]:
+    """The same per-metric series limit for every instrument kind the probe uses."""
+    return dict.fromkeys((Counter, UpDownCounter, Histogram, ObservableGauge), limit)
 
 
 def tracer(tracing: Tracing | None) -> trace.Tracer:

@@ -12,7 +12,7 @@ from tests.otlp_receiver import Span
 #: (node, label values...) -> sample value
 Series = dict[tuple[str, ...], float]
 
-CHECK_TYPES_FIXED = ("api_server_direct", "api_server_dns", "me_ingress", "me_service")
+CHECK_TYPES_FIXED = ("api_server_direct", "api_server_dns", "me_ingress", "me_service", "dns_cluster")
 
 
 def series(cluster: Cluster, promql: str, *labels: str) -> Series:

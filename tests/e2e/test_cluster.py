@@ -43,8 +43,9 @@ def test_every_path_ok_and_every_node_checked_by_exactly_the_limit(cluster: Clus
     for node in cluster.nodes:
         types = {t for (n, t, code) in checked if n == node.name}
         assert types == check_types(cluster, node.name), f"{node.name} runs exactly its checks"
-        codes = {code for (n, _t, code) in checked if n == node.name}
-        assert codes == {"200"}, f"{node.name}: every check answered 200"
+        codes = {(t, code) for (n, t, code) in checked if n == node.name}
+        assert {c for (t, c) in codes if t != "dns_cluster"} == {"200"}, f"{node.name}: every GET answered 200"
+        assert {c for (t, c) in codes if t == "dns_cluster"} == {"ok"}, f"{node.name}: cluster DNS answered"
     # Each path type exists exactly where the hash ring says, over the whole run.
     path_series = {(n, t) for (n, t, _c) in after.requests if t.startswith("path_")}
     assert path_series == {(n.name, f"path_{m}") for n in cluster.nodes for m in cluster.neighbours_of(n.name)}
@@ -181,14 +182,22 @@ def test_cluster_dns_down_fails_api_server_dns_at_dns_done_only(cluster: Cluster
     cluster.dns.stop()
     try:
         def reported() -> bool:
-            errors = series(cluster, 'kubenurse_errors_total{type="api_server_dns"}', "type", "event")
-            return all(errors.get((n.name, "api_server_dns", "dns_done"), 0)
-                       >= before.errors.get((n.name, "api_server_dns", "dns_done"), 0) + 2 for n in cluster.nodes)
+            errors = series(cluster, 'kubenurse_errors_total{type=~"api_server_dns|dns_cluster"}', "type", "event")
+            return all(errors.get((n.name, t, "dns_done"), 0) >= before.errors.get((n.name, t, "dns_done"), 0) + 2
+                       for n in cluster.nodes for t in ("api_server_dns", "dns_cluster"))
 
-        wait_until(reported, 20, "every probe reports api_server_dns failing at dns_done", cluster.diagnostics)
+        wait_until(reported, 20, "every probe reports api_server_dns and dns_cluster failing at dns_done",
+                   cluster.diagnostics)
         for node in cluster.nodes:
             results = cluster.alive(node)["last_check_result"]
             assert results["api_server_dns"].startswith("dns_done: "), results
+            # dnsmasq's address is still there, its port is not: refused, or (ICMP is rate
+            # limited) no answer within the resolv.conf timeout.
+            dns_cluster = results["dns_cluster"]
+            assert dns_cluster in (
+                f"dns_done: no answer from {cluster.dns.address}:53 within 1s",
+                f"dns_done: {cluster.dns.address}:53 refused (nothing listens on that port)",
+            ), results
             assert results["api_server_direct"] == "ok", results
         during = Snapshot.take(cluster)
     finally:
@@ -199,10 +208,17 @@ def test_cluster_dns_down_fails_api_server_dns_at_dns_done_only(cluster: Cluster
     assert {(n, t) for (n, t, _e) in changed} >= {(n.name, "api_server_dns") for n in cluster.nodes}
     for (node, check, event), _count in changed.items():
         # The Service and the ingress are reached by name too, so they fail the same way.
-        assert check in ("api_server_dns", "me_service", "me_ingress"), f"{node} {check} failed at {event}"
+        assert check in ("api_server_dns", "dns_cluster", "me_service", "me_ingress"), f"{node} {check} at {event}"
         assert event == "dns_done", f"{node} {check} failed at {event}"
     direct = delta(before.requests, during.requests)
     assert all(direct.get((n.name, "api_server_direct", "200"), 0) > 0 for n in cluster.nodes)
+    assert {(n, t) for (n, t, _e) in changed if t == "dns_cluster"} == {(n.name, "dns_cluster") for n in cluster.nodes}
+    # What the rule KubenurseClusterDNSFailing computes, on these real series: every node.
+    share = cluster.prometheus.query(
+        'count(sum by (instance) (increase(kubenurse_errors_total{type="dns_cluster"}[1h])) > 0)'
+        ' / count(sum by (instance) (kubenurse_httpclient_requests_total{type="dns_cluster"}))'
+    )
+    assert [float(s["value"][1]) for s in share] == [1.0]
 
 
 def test_api_server_outage_checks_go_on_and_discovery_recovers(cluster: Cluster) -> None:

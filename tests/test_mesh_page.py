@@ -1,0 +1,191 @@
+"""The /mesh page in a real headless browser (Debian chromium driven by Playwright), on a
+sandbox of real probes: every node rendered, a stopped node's verdict within 10 s, and a
+screenshot written as a test artefact (no assertion on pixel colours)."""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import json
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from probe.mesh.collect import mesh_document
+from probe.mesh.routes import PAGE
+from probe.mesh.verdicts import CheckView, Evidence, NodeView, PathView, judge
+from tests.test_sandbox import REPO, Sandbox, eventually, get, start_sandbox
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTEFACTS = Path(os.environ.get("KUBENURSE_TEST_ARTEFACTS", REPO / "test-artefacts"))
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]
+
+
+def _missing(what: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{what} is missing (CI=true: .ci/run installs it)")
+    pytest.skip(f"{what} is missing")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[object]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _missing("playwright (pip install playwright)")
+    if not Path(CHROMIUM).exists():
+        _missing("chromium (apt install chromium)")
+    profile = tempfile.mkdtemp(prefix="kubenurse-chromium-")
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            profile, executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS,
+            viewport={"width": 1200, "height": 900},
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> Iterator[Sandbox]:
+    running = start_sandbox("--nodes", "5", "--no-prometheus")
+    for base in running.nodes.values():
+        eventually(lambda base=base: (get(base + "/alwayshappy")[0] == 200, base), 15, "probes listening")
+    yield running
+    if running.process.poll() is None:
+        running.stop()
+
+
+def test_page_is_self_contained_and_small(sandbox: Sandbox) -> None:
+    status, body = get(sandbox.nodes["node-1"] + "/mesh")
+    assert status == 200
+    assert len(body.encode()) < 200 * 1024
+    for external in ("http://", "https://", "//cdn", "<link", "src="):
+        assert external not in body, external
+
+
+def test_page_renders_every_node_and_names_a_stopped_node(sandbox: Sandbox, browser) -> None:  # type: ignore[no-untyped-def]
+    page = browser.new_page()
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(r.url))
+    base = sandbox.nodes["node-1"]
+    page.goto(base + "/mesh")
+    page.wait_for_selector(".verdict[data-kind='ok']", timeout=15_000)
+    for node in sandbox.nodes:
+        assert page.locator(f"#nodes tr[data-node='{node}']").count() == 1, node
+        assert page.locator(f"table.matrix th:text-is('{node}')").count() >= 1, node
+    # Each of the 5 probes checks 3 neighbours (the sandbox's limit): 15 paths, all ok.
+    page.wait_for_function("document.querySelectorAll('table.matrix td.ok').length === 15", timeout=10_000)
+
+    sandbox.command("stop", "node-4")
+    stopped = time.monotonic()
+    page.wait_for_selector(".verdict[data-kind='node_unreachable'][data-subject='node-4']", timeout=10_000)
+    elapsed = time.monotonic() - stopped
+    text = page.locator("#verdicts").inner_text()
+    assert "node-4 is unreachable" in text
+    assert page.locator("table.matrix td.fail[data-to='node-4']").count() == 3
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTEFACTS / "mesh-node-stopped.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    print(f"verdict on the page {elapsed:.1f} s after `stop` returned; screenshot {shot}")
+
+    # Filtering: only the nodes with problems, then by name.
+    page.check("#problems")
+    assert page.locator("#nodes tbody tr").count() == 4  # node-4 and the 3 probes that check it
+    page.fill("#filter", "node-4")
+    assert page.locator("#nodes tbody tr").count() == 1
+    # Nothing but the probe was asked for anything.
+    assert requests and all(u.startswith(base) for u in requests), requests
+    sandbox.command("start", "node-4")
+
+
+@contextlib.contextmanager
+def serving(document: dict[str, object]) -> Iterator[str]:
+    """The page and a hand-written /mesh.json on a loopback server (no probes needed)."""
+    body = json.dumps(document).encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            content, kind = (PAGE, "text/html") if self.path == "/mesh" else (body, "application/json")
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *_args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/mesh"
+    finally:
+        server.shutdown()
+
+
+TEMPLATE = "http://127.0.0.1:1/explore?trace={trace_id}"
+
+
+def test_failing_path_links_to_its_trace(browser) -> None:  # type: ignore[no-untyped-def]
+    """With KUBENURSE_TRACE_URL_TEMPLATE the document carries trace URLs; the page makes the
+    failing cell a link to it. Served from a hand-written document (no tracing needed)."""
+    trace = "4bf92f3577b34da6a3ce929d0e0e4736"
+    evidence = Evidence(
+        [NodeView("a"), NodeView("b"), NodeView("c")],
+        [
+            PathView("a", "b", False, None, "connect_done", trace),
+            PathView("a", "c", True, 0.001, None, "1" * 32),
+            PathView("b", "a", True, 0.001), PathView("b", "c", True, 0.001),
+            PathView("c", "a", True, 0.001), PathView("c", "b", True, 0.001),
+        ],
+        [CheckView("a", "api_server_direct", True, 0.002)],
+    )
+    document = mesh_document(evidence, judge(evidence), source="a", generated_at=0, trace_url_template=TEMPLATE)
+    with serving(document) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_selector(".verdict[data-kind='path_broken']", timeout=10_000)
+        link = page.locator("td.fail[data-from='a'][data-to='b'] a")
+        assert link.get_attribute("href") == TEMPLATE.format(trace_id=trace)
+        # A working path is not framed as a link, though it has a trace too.
+        assert page.locator("td.ok a").count() == 0
+
+
+def test_a_large_cluster_is_drawn_and_filtering_brings_the_cells_back(browser) -> None:  # type: ignore[no-untyped-def]
+    n, limit, down = 120, 10, 7
+    name = [f"node-{i:03d}" for i in range(n)]
+    paths = [
+        PathView(name[i], name[j], j != down, 0.001, None if j != down else "connect_done", f"{i:016x}{k:016x}")
+        for i in range(n) if i != down for k in range(1, limit + 1) for j in [(i + k) % n]
+    ]
+    evidence = Evidence([NodeView(x, reached=i != down) for i, x in enumerate(name)], paths, [])
+    document = mesh_document(evidence, judge(evidence), source="a", generated_at=0, trace_url_template=TEMPLATE)
+    with serving(document) as url:
+        page = browser.new_page()
+        # The trace backend of the template: answered here, nothing leaves the machine.
+        browser.route("http://127.0.0.1:1/**", lambda route: route.fulfill(body="a trace"))
+        page.goto(url)
+        page.wait_for_selector(".verdict[data-kind='node_unreachable'][data-subject='node-007']", timeout=10_000)
+        assert page.locator("#matrix-canvas").count() == 1 and page.locator("table.matrix").count() == 0
+        assert page.locator("#nodes tbody tr").count() == n
+        # Row node-000 (index 0), column node-007: a failing path; a click opens its trace.
+        box = page.locator("#matrix-canvas").bounding_box()
+        cell = box["width"] / n
+        with page.expect_popup() as popup:
+            page.mouse.click(box["x"] + (down + 0.5) * cell, box["y"] + 0.5 * cell)
+        assert popup.value.url == TEMPLATE.format(trace_id=f"{0:016x}{down:016x}")
+        page.fill("#filter", "node-00")
+        assert page.locator("#nodes tbody tr").count() == 10
+        assert page.locator("table.matrix td.fail[data-to='node-007']").count() == 7  # node-000..006 check it
