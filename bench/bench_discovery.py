@@ -135,6 +135,10 @@ def _serve_standin(folder: str, size: int, kubelets: bool = False) -> None:
                 answer["bytes"] = dict(api.sent_bytes)
                 answer["events"] = dict(api.sent_events)
                 answer["requests"] = dict(Counter(r.user_agent for r in api.requests))
+            elif op == "fault":
+                api.fault = command["fault"]
+                if api.fault:
+                    api.end_watches()
             elif op in ("cordon", "uncordon"):
                 getattr(api, op)(command["name"])
             elif op == "lists":
@@ -443,6 +447,40 @@ async def bench_watch_cost(folder: Path, probes: int = 3, others: int = 9) -> Re
     ]
 
 
+# A misbehaving API server (issue 11): what the probe sends it ------------------------------
+
+
+async def bench_faults(folder: Path, window: float = 45.0) -> Results:
+    """Requests per minute one probe sends while every watch ends at once ("short_watches")
+    or every resumed watch answers 410 ("gone_after_list"), with production pacing."""
+    standin = Standin(folder, 50)
+    results: Results = []
+    try:
+        source = make_discovery(standin.settings(pod_name="kubenurse-0", node_name="node-0"))
+        assert isinstance(source, KubeDiscovery)
+        await source.start()
+        agent = _agent("kubenurse-0")
+        for fault in (None, "short_watches", "gone_after_list"):
+            standin.call("fault", fault=fault)
+            before = standin.call("meter")["requests"].get(agent, 0)
+            cpu, rss = time.process_time(), _rss()
+            await asyncio.sleep(window)
+            sent = standin.call("meter")["requests"].get(agent, 0) - before
+            cpu = time.process_time() - cpu
+            hood = source.neighbours.current()
+            retrying = hood.details.get("retrying") or {}
+            results.append((
+                f"fault {fault or 'none'}: requests/min to the API server ({window:g} s from its start), "
+                "discovery CPU, RSS, watches retrying",
+                f"{sent * 60 / window:.0f}/min, {cpu / window * 100:.2f} %, {_mb(rss)}, "
+                f"{len(retrying) if isinstance(retrying, dict) else 0}",
+            ))
+        await source.stop()
+    finally:
+        standin.close()
+    return results
+
+
 # From a new pod to its first check --------------------------------------------------------
 
 
@@ -540,6 +578,7 @@ async def _run() -> Results:
     results = bench_selection()
     with tempfile.TemporaryDirectory() as tmp:
         results += await bench_watch_cost(Path(tmp) / "sa-watch")
+        results += await bench_faults(Path(tmp) / "sa-faults")
         results += await bench_cache(Path(tmp) / "sa-cache")
         results += await bench_latency(Path(tmp) / "sa-latency")
     results += bench_imports()
@@ -558,6 +597,9 @@ if __name__ == "__main__":
         if sys.argv[1:2] == ["watch"]:  # only the watch cost at 5,000 nodes
             with tempfile.TemporaryDirectory() as folder:
                 rows = asyncio.run(bench_watch_cost(Path(folder) / "sa"))
+        elif sys.argv[1:2] == ["faults"]:  # only a misbehaving API server
+            with tempfile.TemporaryDirectory() as folder:
+                rows = asyncio.run(bench_faults(Path(folder) / "sa"))
         else:
             rows = run()
         width = max(len(label) for label, _ in rows)
