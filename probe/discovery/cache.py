@@ -57,9 +57,9 @@ class Timing:
     #: The client gives up on a watch this long after its server-side end.
     watch_grace: float = 30.0
     #: No byte (event or bookmark) for this long: discovery is shown stale ...
-    quiet_after: float = 65.0
+    quiet_after: float = 70.0
     #: ... and for this long: the connection is dead.
-    idle_timeout: float = 75.0
+    idle_timeout: float = 90.0
     backoff_initial: float = 0.8
     backoff_max: float = 30.0
     #: A watch that ended sooner than this counts as a failure (backoff); one that lasted
