@@ -852,7 +852,16 @@ async def test_ready_follows_this_node_with_the_neighbourhood_check_off(
         await eventually(async_equals(probe.ready, 503), "/ready 503 when cordoned", 2)
         api.uncordon(MY_NODE)
         await eventually(async_equals(probe.ready, 200), "/ready 200 when uncordoned", 2)
-        assert (await probe.alive())["last_check_result"]["neighbourhood_state"] == "skipped"
+        alive = await probe.alive()
+        assert alive["last_check_result"]["neighbourhood_state"] == "skipped"
+        assert alive["discovery"]["node_watches"] == 1 and "retrying" not in alive["discovery"]
+        api.fault = "short_watches"  # /alive shows the readiness watch's trouble too
+        api.end_watches()
+
+        async def retrying() -> bool:
+            return f"node {MY_NODE}" in (await probe.alive())["discovery"].get("retrying", {})
+
+        await eventually(retrying, "the own-node watch retrying, in /alive")
     assert api.count("pods") == 0 and node_watches(api) == {f"metadata.name={MY_NODE}"}
 
 

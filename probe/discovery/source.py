@@ -29,7 +29,6 @@ from probe.neighbours import (
     Neighbourhood,
     NeighbourSource,
     PodInfo,
-    StaticNeighbours,
     known_eligible,
     ring_front,
     select_neighbours,
@@ -118,7 +117,7 @@ class KubeDiscovery:
         if settings.check_neighbourhood:
             self.neighbours = self.kube_neighbours = KubeNeighbours(self)
         else:
-            self.neighbours = StaticNeighbours.unavailable("disabled by KUBENURSE_CHECK_NEIGHBOURHOOD")
+            self.neighbours = ReadinessOnly(self)
         self.readiness = KubeReadiness(self)
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -215,6 +214,36 @@ class KubeDiscovery:
                 return
             await asyncio.sleep(delay * (0.5 + self.rng.random() / 2))
             delay = min(delay * 2, self.timing.backoff_max)
+
+
+def _retrying(reflectors: list[Reflector[Any]]) -> dict[str, object]:
+    """The watches in a failure streak, for /alive."""
+    return {
+        r.kind: {"failures_in_a_row": r.failures, "error": r.error or r.last_short, "retry_in_seconds": r.retry_in}
+        for r in reflectors
+        if r.failures
+    }
+
+
+class ReadinessOnly:
+    """The neighbourhood check is off: `skipped`, and /alive still shows how the watch of
+    this pod's node (readiness) fares."""
+
+    def __init__(self, discovery: KubeDiscovery) -> None:
+        self._d = discovery
+
+    async def start(self) -> None:
+        """KubeDiscovery.start() does the work."""
+
+    async def stop(self) -> None:
+        """KubeDiscovery.stop() does the work."""
+
+    def current(self) -> Neighbourhood:
+        reason = "disabled by KUBENURSE_CHECK_NEIGHBOURHOOD"
+        details: dict[str, object] = {"node": self._d.own_node, "node_watches": self._d.nodes.watching()}
+        if retrying := _retrying(self._d.nodes.reflectors()):
+            details["retrying"] = retrying
+        return Neighbourhood(state=f"skipped: {reason}", skipped=True, details=details)
 
 
 class KubeReadiness:
@@ -412,12 +441,7 @@ class KubeNeighbours:
             details["cordoned_nodes"] = len(d.nodes.cordoned())
         elif d.nodes.mode == "all":
             details["nodes"] = len(d.nodes.all_nodes)
-        retrying = {
-            r.kind: {"failures_in_a_row": r.failures, "error": r.error or r.last_short, "retry_in_seconds": r.retry_in}
-            for r in reflectors
-            if r.failures
-        }
-        if retrying:
+        if retrying := _retrying(reflectors):
             details["retrying"] = retrying
         malformed = sum(r.malformed for r in reflectors)
         if malformed:
