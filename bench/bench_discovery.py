@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,8 +27,9 @@ from typing import Any
 from aiohttp import web
 
 from probe.app import Probe
-from probe.discovery import make_source
-from probe.discovery.source import KubeNeighbours
+from probe.discovery import make_discovery
+from probe.discovery.cache import Reflector
+from probe.discovery.source import KubeDiscovery
 from probe.neighbours import NodeInfo, PodInfo, ring_hash, select_neighbours
 from probe.settings import Settings
 
@@ -72,9 +75,10 @@ async def _until(check: Callable[[], bool], timeout: float = 60.0) -> None:
 # The stand-in, in a child process ---------------------------------------------------------
 
 
-def _serve_standin(folder: str, size: int) -> None:
+def _serve_standin(folder: str, size: int, kubelets: bool = False) -> None:
     """Child process: a stand-in with `size` probe pods on `size` nodes, plus node-me;
-    one JSON command per stdin line, one JSON answer per stdout line."""
+    one JSON command per stdin line, one JSON answer per stdout line. `kubelets`: realistic
+    nodes (~14 KB each), heartbeats as real kubelets send them, bookmarks every minute."""
     from probe.standin import ApiServerStandin
 
     def pod(api: ApiServerStandin, name: str, node: str, ip: str) -> None:
@@ -99,12 +103,18 @@ def _serve_standin(folder: str, size: int) -> None:
     async def main() -> None:
         # No bookmarks: the stand-in's watch stalls when one falls due with events queued
         # (see the report); the probe's idle timeout would recover, but cost seconds here.
-        api = ApiServerStandin(bookmark_interval=3600.0, history_size=100_000)
+        if kubelets:
+            api = ApiServerStandin(bookmark_interval=60.0, history_size=100_000, realistic_nodes=True)
+        else:
+            api = ApiServerStandin(bookmark_interval=3600.0, history_size=100_000)
         api.add_node("node-me")
         for i in range(size):
             api.add_node(f"node-{i}")
             pod(api, f"kubenurse-{i}", f"node-{i}", f"10.{i // 256}.{i % 256}.1")
         await api.start()
+        if kubelets:
+            # Every node every 5 minutes, and 1% of them turning a condition over every 10 s.
+            api.start_heartbeats(period=300.0, flapping=0.01, flap_period=10.0)
         api.write_serviceaccount(folder, NS)
         print(json.dumps({"port": api.port, "rv": api.resource_version}), flush=True)
         loop = asyncio.get_running_loop()
@@ -121,6 +131,16 @@ def _serve_standin(folder: str, size: int) -> None:
                 pod(api, command["name"], command["node"], command["ip"])
             elif op == "delete_pod":
                 api.delete_pod(command["name"], namespace=NS)
+            elif op == "meter":
+                answer["bytes"] = dict(api.sent_bytes)
+                answer["events"] = dict(api.sent_events)
+                answer["requests"] = dict(Counter(r.user_agent for r in api.requests))
+            elif op == "fault":
+                api.fault = command["fault"]
+                if api.fault:
+                    api.end_watches()
+            elif op in ("cordon", "uncordon"):
+                getattr(api, op)(command["name"])
             elif op == "lists":
                 lists = [r for r in api.requests if r.verb == "list"]
                 answer["lists"] = sum(1 for r in lists if "continue" not in r.query)
@@ -135,10 +155,10 @@ def _serve_standin(folder: str, size: int) -> None:
 class Standin:
     """The parent's handle on the child process."""
 
-    def __init__(self, folder: Path, size: int) -> None:
+    def __init__(self, folder: Path, size: int, kubelets: bool = False) -> None:
         self.folder = folder
         self._process = subprocess.Popen(
-            [sys.executable, __file__, "--serve-standin", str(folder), str(size)],
+            [sys.executable, __file__, "--serve-standin", str(folder), str(size), *(["kubelets"] if kubelets else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )
         self.port = int(self._answer()["port"])
@@ -208,12 +228,16 @@ def _ours(snapshot: tracemalloc.Snapshot) -> int:
     return sum(stat.size for stat in filtered.statistics("filename"))
 
 
-def _deep_size(source: KubeNeighbours) -> int:
-    """Bytes held by the two caches: dicts, records and their strings (shared ones once)."""
+def _reflectors(source: KubeDiscovery) -> list[Reflector[Any]]:
+    assert source.kube_neighbours is not None and source.kube_neighbours.pods is not None
+    return [source.kube_neighbours.pods, *source.nodes.reflectors()]
+
+
+def _deep_size(source: KubeDiscovery) -> int:
+    """Bytes held by the caches: dicts, records and their strings (shared ones once)."""
     seen: set[int] = set()
     total = 0
-    for reflector in (source.pods, source.nodes):
-        assert reflector is not None
+    for reflector in _reflectors(source):
         total += sys.getsizeof(reflector.items)
         for key, record in reflector.items.items():
             for value in (key, record, *(getattr(record, f) for f in record.__slots__)):
@@ -223,9 +247,9 @@ def _deep_size(source: KubeNeighbours) -> int:
     return total
 
 
-async def _synced(source: KubeNeighbours, pods_rv: int, nodes_rv: int) -> None:
-    pods, nodes = source.pods, source.nodes
-    assert pods is not None and nodes is not None
+async def _synced(source: KubeDiscovery, pods_rv: int, nodes_rv: int) -> None:
+    pods, nodes = _reflectors(source)[0], source.nodes.cluster
+    assert nodes is not None
     await _until(lambda: int(pods.resource_version or 0) >= pods_rv and int(nodes.resource_version or 0) >= nodes_rv)
 
 
@@ -234,31 +258,31 @@ async def bench_cache(folder: Path) -> Results:
     results: Results = []
     try:
         # Timed without tracemalloc, which slows allocation-heavy code several times.
-        timed = make_source(standin.settings())
-        assert isinstance(timed, KubeNeighbours)
+        timed = make_discovery(standin.settings())
+        assert isinstance(timed, KubeDiscovery)
         gc.collect()
         rss_before = _rss()
         started = time.perf_counter()
         await timed.start()
-        await _until(lambda: len(timed.current().neighbours) == 10)
+        await _until(lambda: len(timed.neighbours.current().neighbours) == 10)
         synced = time.perf_counter() - started
         gc.collect()
         rss_after = _rss()
         await timed.stop()
 
-        source = make_source(standin.settings())
-        assert isinstance(source, KubeNeighbours)
+        source = make_discovery(standin.settings())
+        assert isinstance(source, KubeDiscovery)
         gc.collect()
         tracemalloc.start(8)
         await source.start()
-        await _until(lambda: len(source.current().neighbours) == 10)
+        await _until(lambda: len(source.neighbours.current().neighbours) == 10)
         gc.collect()
         held = _ours(tracemalloc.take_snapshot())
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         before = _deep_size(source)
         results += [
-            ("first list of 5,000 pods + 5,000 nodes -> selection", f"{synced:.2f} s"),
+            ("first list of 5,000 pods + the ring front's nodes -> selection", f"{synced:.2f} s"),
             ("cache memory held after the first list (tracemalloc)", _mb(held)),
             ("peak traced memory of the whole process during the first list", _mb(peak)),
             ("RSS growth over the first list", _mb(rss_after - rss_before)),
@@ -267,7 +291,7 @@ async def bench_cache(folder: Path) -> Results:
         async def churn(round_: int) -> int:
             answer = standin.call("churn", round=round_)
             await _synced(source, answer["pods_rv"], answer["nodes_rv"])
-            source.current()
+            source.neighbours.current()
             return int(answer["events"])
 
         started = time.perf_counter()
@@ -293,21 +317,164 @@ async def bench_cache(folder: Path) -> Results:
             (f"RSS growth over the last {later:,} events (allocator, not objects)", _mb(_rss() - rss_early)),
         ]
 
-        results.append(("current() when nothing changed, p50", f"{_p50(source.current, 10_000) * 1e6:.2f} µs"))
-        pods = source.pods
-        assert pods is not None
+        results.append(("current() when nothing changed, p50",
+                        f"{_p50(source.neighbours.current, 10_000) * 1e6:.2f} µs"))
+        pods = _reflectors(source)[0]
 
         def one_change() -> None:
             info = pods.items["kubenurse-42"]
             pods.items[info.name] = PodInfo(info.name, info.node_name, info.pod_ip, info.host_ip, info.phase,
                                             not info.terminating)
             pods.data_revision += 1
-            source.current()
+            source.neighbours.current()
 
         results.append(("current() after one pod changed (selects again), p50", _ms(_p50(one_change, 50))))
         lists = standin.call("lists")
-        results.append(("lists in all of the above (2 sources x pods, nodes; pages of 500)",
+        results.append(("lists in all of the above (2 sources x pods, cordoned nodes, ring-front nodes; pages of 500)",
                         f"{lists['lists']} ({lists['pages']} pages)"))
+        await source.stop()
+    finally:
+        standin.close()
+    return results
+
+
+# What the API server sends one probe at 5,000 nodes (issue 12) ----------------------------
+
+#: Steady-state windows (seconds): long enough for many heartbeats to land.
+WINDOW_AFTER = float(os.environ.get("BENCH_WATCH_WINDOW", "60"))
+WINDOW_BEFORE = WINDOW_AFTER / 2
+
+
+def _agent(pod: str) -> str:
+    return f"kubenurse-otel/discovery (pod {pod})"
+
+
+def _ring_predecessors(victim: str, names: list[str], count: int) -> list[str]:
+    """The `count` nodes just before `victim` on the ring: `victim` is in their next ten."""
+    order = sorted(names, key=ring_hash)
+    at = order.index(victim)
+    return [order[(at - k) % len(order)] for k in range(1, count + 1)]
+
+
+async def _steady(standin: Standin, agents: list[str], window: float) -> tuple[float, float, float]:
+    """(bytes/s, events/s, CPU s/s) per probe over `window` seconds, averaged over `agents`."""
+    first = standin.call("meter")
+    cpu = time.process_time()
+    await asyncio.sleep(window)
+    cpu = time.process_time() - cpu
+    last = standin.call("meter")
+    sent = sum(last["bytes"].get(a, 0) - first["bytes"].get(a, 0) for a in agents)
+    events = sum(last["events"].get(a, 0) - first["events"].get(a, 0) for a in agents)
+    per = len(agents) * window
+    return sent / per, events / per, cpu / per
+
+
+async def bench_watch_cost(folder: Path, probes: int = 3, others: int = 9) -> Results:
+    standin = Standin(folder, SIZE, kubelets=True)
+    names = [f"node-{i}" for i in range(SIZE)]
+    victim = "node-100"
+    try:
+        # After: narrow watches (the default, limit 10): `probes` on the nodes just before
+        # the victim (they check it), `others` spread over the ring (a fair mean: adjacent
+        # probes share their ring front, and with it their luck with flapping nodes).
+        sources = []
+        spread = names[1000 :: (SIZE - 1000) // others][:others]
+        for node in _ring_predecessors(victim, names, probes) + spread:
+            pod = "kubenurse-" + node.removeprefix("node-")
+            source = make_discovery(standin.settings(pod_name=pod, node_name=node))
+            assert isinstance(source, KubeDiscovery)
+            sources.append(source)
+        started = time.perf_counter()
+        await asyncio.gather(*(s.start() for s in sources))
+        await _until(lambda: all(len(s.neighbours.current().neighbours) == 10 for s in sources))
+        synced = time.perf_counter() - started
+        checking = sources[:probes]
+        assert all(victim in {n.node_name for n in s.neighbours.current().neighbours} for s in checking)
+        agents = [_agent(s.settings.pod_name) for s in sources]
+        first = standin.call("meter")
+        first_bytes = sum(first["bytes"].get(a, 0) for a in agents) / len(agents)
+        await asyncio.sleep(5.0)
+        after = await _steady(standin, agents, WINDOW_AFTER)
+        watches = statistics.mean(s.nodes.watching() + 1 for s in sources)
+
+        def dropped() -> bool:
+            return all(victim not in {n.node_name for n in s.neighbours.current().neighbours} for s in checking)
+
+        cordoned = time.perf_counter()
+        standin.call("cordon", name=victim)
+        await _until(dropped, timeout=30)
+        cordon_time = time.perf_counter() - cordoned
+        standin.call("uncordon", name=victim)
+        await _until(lambda: all(victim in {n.node_name for n in s.neighbours.current().neighbours} for s in checking),
+                     timeout=30)
+        back_time = time.perf_counter() - cordoned - cordon_time
+        requests = standin.call("meter")["requests"]
+        per_probe_requests = statistics.mean(requests.get(a, 0) for a in agents)
+        for s in sources:
+            await s.stop()
+
+        # Before: one full watch of every node (what every probe did, and LIMIT=0 still does).
+        full = make_discovery(standin.settings(pod_name="kubenurse-full", node_name="node-me", neighbour_limit=0))
+        assert isinstance(full, KubeDiscovery)
+        started = time.perf_counter()
+        await full.start()
+        await _until(lambda: len(full.neighbours.current().neighbours) == SIZE)
+        full_synced = time.perf_counter() - started
+        full_first = standin.call("meter")["bytes"].get(_agent("kubenurse-full"), 0)
+        await asyncio.sleep(5.0)
+        before = await _steady(standin, [_agent("kubenurse-full")], WINDOW_BEFORE)
+        await full.stop()
+    finally:
+        standin.close()
+    kb = 1000.0
+    return [
+        ("5,000 realistic nodes (~14 KB), heartbeats every 5 min + 1% flapping every 10 s", ""),
+        (f"before (full node watch): bytes/s sent to one probe, {WINDOW_BEFORE:g} s window",
+         f"{before[0] / kb:,.1f} KB/s"),
+        ("before: watch events/s to one probe", f"{before[1]:.2f}"),
+        ("before: probe CPU on discovery", f"{before[2] * 100:.2f} %"),
+        ("before: first list (bytes, time to selection)", f"{full_first / 1e6:.1f} MB, {full_synced:.2f} s"),
+        (f"after (narrow watches, limit 10): bytes/s to one probe, mean of {len(agents)}, {WINDOW_AFTER:g} s",
+         f"{after[0]:,.0f} B/s"),
+        ("after: watch events/s to one probe", f"{after[1]:.3f}"),
+        ("after: probe CPU on discovery", f"{after[2] * 100:.3f} %"),
+        (f"after: first lists per probe (bytes; time to selection, {len(agents)} starting at once)",
+         f"{first_bytes / 1e6:.2f} MB, {synced:.2f} s"),
+        ("after: open watches per probe (pods, cordoned nodes, each node)", f"{watches:.1f}"),
+        ("after: requests per probe over the whole run", f"{per_probe_requests:.0f}"),
+        (f"cordon -> dropped by all {probes} probes checking that node", _ms(cordon_time)),
+        (f"uncordon -> checked again by all {probes}", _ms(back_time)),
+    ]
+
+
+# A misbehaving API server (issue 11): what the probe sends it ------------------------------
+
+
+async def bench_faults(folder: Path, window: float = 45.0) -> Results:
+    """Requests per minute one probe sends while every watch ends at once ("short_watches")
+    or every resumed watch answers 410 ("gone_after_list"), with production pacing."""
+    standin = Standin(folder, 50)
+    results: Results = []
+    try:
+        source = make_discovery(standin.settings(pod_name="kubenurse-0", node_name="node-0"))
+        assert isinstance(source, KubeDiscovery)
+        await source.start()
+        agent = _agent("kubenurse-0")
+        for fault in (None, "short_watches", "gone_after_list"):
+            standin.call("fault", fault=fault)
+            before = standin.call("meter")["requests"].get(agent, 0)
+            cpu, rss = time.process_time(), _rss()
+            await asyncio.sleep(window)
+            sent = standin.call("meter")["requests"].get(agent, 0) - before
+            cpu = time.process_time() - cpu
+            hood = source.neighbours.current()
+            retrying = hood.details.get("retrying") or {}
+            results.append((
+                f"fault {fault or 'none'}: requests/min to the API server ({window:g} s from its start), "
+                "discovery CPU, RSS, watches retrying",
+                f"{sent * 60 / window:.0f}/min, {cpu / window * 100:.2f} %, {_mb(rss)}, "
+                f"{len(retrying) if isinstance(retrying, dict) else 0}",
+            ))
         await source.stop()
     finally:
         standin.close()
@@ -410,6 +577,8 @@ def bench_imports() -> Results:
 async def _run() -> Results:
     results = bench_selection()
     with tempfile.TemporaryDirectory() as tmp:
+        results += await bench_watch_cost(Path(tmp) / "sa-watch")
+        results += await bench_faults(Path(tmp) / "sa-faults")
         results += await bench_cache(Path(tmp) / "sa-cache")
         results += await bench_latency(Path(tmp) / "sa-latency")
     results += bench_imports()
@@ -423,9 +592,16 @@ def run() -> list[tuple[str, str]]:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--serve-standin"]:
-        _serve_standin(sys.argv[2], int(sys.argv[3]))
+        _serve_standin(sys.argv[2], int(sys.argv[3]), sys.argv[4:5] == ["kubelets"])
     else:
-        rows = run()
+        if sys.argv[1:2] == ["watch"]:  # only the watch cost at 5,000 nodes
+            with tempfile.TemporaryDirectory() as folder:
+                rows = asyncio.run(bench_watch_cost(Path(folder) / "sa"))
+        elif sys.argv[1:2] == ["faults"]:  # only a misbehaving API server
+            with tempfile.TemporaryDirectory() as folder:
+                rows = asyncio.run(bench_faults(Path(folder) / "sa"))
+        else:
+            rows = run()
         width = max(len(label) for label, _ in rows)
         for label, value in rows:
             print(f"{label:<{width}}  {value}")

@@ -14,11 +14,11 @@ from probe import __version__, resources
 from probe.checks import kernel
 from probe.checks.kinds import build_checkers
 from probe.checks.rounds import Prober
-from probe.discovery import make_source
+from probe.discovery import Discovery, Fixed, make_discovery
 from probe.discovery.kube import locate
 from probe.mesh.events import NodeEventReporter
 from probe.mesh.routes import MESH_VIEW, own_node
-from probe.neighbours import NeighbourSource
+from probe.neighbours import NeighbourSource, Readiness, StaticReadiness
 from probe.server import ServerLimits, Servers, ServerState, build_app, start_servers
 from probe.settings import Settings
 from probe.telemetry import otel
@@ -35,11 +35,23 @@ class Probe:
     """One running probe: its checks, its telemetry and its servers."""
 
     def __init__(
-        self, settings: Settings, neighbours: NeighbourSource | None = None, server_limits: ServerLimits | None = None
+        self,
+        settings: Settings,
+        neighbours: NeighbourSource | None = None,
+        readiness: Readiness | None = None,
+        *,
+        discovery: Discovery | None = None,
+        server_limits: ServerLimits | None = None,
     ) -> None:
         self.settings = settings
         self.server_limits = server_limits
-        self.neighbours = neighbours or make_source(settings)
+        if discovery is None:
+            if neighbours is not None:
+                discovery = Fixed(neighbours, readiness or StaticReadiness())
+            else:
+                discovery = make_discovery(settings)
+        self.discovery = discovery
+        self.neighbours = self.discovery.neighbours
         self.incoming = IncomingChecks()
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
@@ -58,6 +70,7 @@ class Probe:
         self.state = ServerState(
             last_round=lambda: self.prober.last_round,
             neighbourhood=self.neighbours.current,
+            node_schedulable=self.discovery.readiness.node_schedulable,
             incoming=self.incoming,
             extra=self._alive_extra,
             eligible=getattr(self.neighbours, "eligible", tuple),
@@ -88,7 +101,7 @@ class Probe:
     async def start(self) -> None:
         try:
             await self.checker.start()
-            await self.neighbours.start()
+            await self.discovery.start()
             self.servers = await start_servers(self.settings, self.app, self.server_limits)
         except BaseException:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
@@ -124,7 +137,7 @@ class Probe:
             await self.node_events.close()
         if self.servers is not None:
             await self.servers.cleanup()
-        await self.neighbours.stop()
+        await self.discovery.stop()
         await self.checker.close()
         # Final flush of spans and metrics, side by side, each within the budget.
         flushes = [asyncio.to_thread(self.metrics.shutdown, TELEMETRY_FLUSH_SECONDS)]

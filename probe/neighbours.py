@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,8 +71,6 @@ class Neighbourhood:
     skipped: bool = False
     #: Discovery lost the API server; the neighbours are the last known ones.
     stale: bool = False
-    #: False while this pod's node is unschedulable, cordoned or gone (/ready answers 503).
-    node_schedulable: bool = True
     #: Free-form facts for /alive (last sync, errors ...).
     details: Mapping[str, object] = field(default_factory=dict)
 
@@ -85,6 +83,25 @@ class NeighbourSource(Protocol):
     async def stop(self) -> None: ...
 
     def current(self) -> Neighbourhood: ...
+
+
+class Readiness(Protocol):
+    """Whether this pod's node takes work: its own concern, apart from the neighbours
+    (it holds also when the neighbourhood check is off)."""
+
+    def node_schedulable(self) -> bool:
+        """False while this pod's node is unschedulable, cordoned or gone (/ready: 503)."""
+        ...
+
+
+class StaticReadiness:
+    """A fixed answer: for tests, and when the API server cannot be reached by configuration."""
+
+    def __init__(self, schedulable: bool = True) -> None:
+        self.schedulable = schedulable
+
+    def node_schedulable(self) -> bool:
+        return self.schedulable
 
 
 class StaticNeighbours:
@@ -156,3 +173,95 @@ def select_neighbours(
     candidates = eligible(pods, nodes, own_pod=own_pod, allow_unschedulable=allow_unschedulable)
     candidates = ring_order(candidates, own_node, limit)
     return tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in candidates)
+
+
+_UNKNOWN = NodeInfo("")
+
+
+@dataclass(frozen=True)
+class RingFront:
+    """What selection needs to know next, given partial node facts (see `ring_front`)."""
+
+    neighbours: tuple[Neighbour, ...]
+    #: Nodes whose facts (exists, schedulable) selection reads, nearest first.
+    wanted: tuple[str, ...]
+
+
+def ring_front(
+    pods: Iterable[PodInfo],
+    *,
+    cordoned: Collection[str],
+    facts: Mapping[str, NodeInfo | None],
+    own_pod: str,
+    own_node: str,
+    limit: int,
+    spares: int,
+    max_wanted: int,
+) -> RingFront:
+    """`select_neighbours` when only some nodes are known.
+
+    `cordoned`: nodes known to have spec.unschedulable (from a cluster-wide watch of those
+    alone). `facts`: the full facts of the nodes watched one by one (None: the node does
+    not exist). Walking the candidate pods in ring order, a node's pods are taken when its
+    facts say it exists and is schedulable; a node without facts is not taken yet (it may
+    be gone or tainted) but is wanted, and its pods count against the limit meanwhile (so
+    the first pass wants `limit` nodes, not every node). A node in `cordoned` is skipped
+    without waiting for its facts, and stays wanted (its uncordon then needs no new watch).
+    The walk stops once `limit` pods are taken and `spares` more nodes are wanted beyond
+    them (so one cordon does not leave a gap while a watch starts), or at `max_wanted`
+    nodes. With complete facts for the wanted nodes the neighbours equal
+    `select_neighbours(...)`'s exactly.
+    """
+    if limit <= 0:
+        raise ValueError("ring_front needs a limit; with 0 every node is needed")
+    candidates = [p for p in pods if p.phase == "Running" and not p.terminating and p.name != own_pod and p.pod_ip]
+    taken: list[PodInfo] = []
+    counted = 0  # pods taken, plus those of nodes without facts yet (they may well be taken)
+    wanted: list[str] = []
+    extra = 0
+    node: str | None = None
+    usable: bool | None = False  # None: not known yet
+    for pod in ring_order(candidates, own_node):
+        if pod.node_name != node:
+            node = pod.node_name
+            full = counted >= limit
+            if (full and extra >= spares) or len(wanted) >= max_wanted:
+                break
+            wanted.append(node)
+            if node in cordoned:
+                usable = False  # skipped at once; still watched, so its uncordon is seen in full
+                continue
+            extra += full
+            info = facts.get(node, _UNKNOWN)
+            usable = None if info is _UNKNOWN else (info is not None and info.schedulable)
+        if usable is not False and counted < limit:
+            counted += 1
+            if usable:
+                taken.append(pod)
+    return RingFront(tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in taken), tuple(wanted))
+
+
+def known_eligible(
+    pods: Iterable[PodInfo],
+    *,
+    cordoned: Collection[str],
+    facts: Mapping[str, NodeInfo | None],
+    own_pod: str,
+    own_node: str,
+) -> tuple[Neighbour, ...]:
+    """Every pod that may be checked as far as partial node facts tell, in ring order:
+    pods on nodes known cordoned (`cordoned`) or known gone or unschedulable (`facts`) are
+    left out; a node without facts counts as schedulable (a taint-only cordon or a deleted
+    node away from the ring front is not known). For views of the whole cluster (the mesh),
+    never for the neighbours, which `ring_front` selects exactly."""
+    chosen = []
+    for pod in pods:
+        if pod.phase != "Running" or pod.terminating or pod.name == own_pod or not pod.pod_ip:
+            continue
+        if pod.node_name in cordoned:
+            continue
+        info = facts.get(pod.node_name, _UNKNOWN)
+        if info is not _UNKNOWN and (info is None or not info.schedulable):
+            continue
+        chosen.append(pod)
+    return tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in ring_order(chosen, own_node))

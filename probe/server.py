@@ -66,6 +66,8 @@ class ServerState:
 
     last_round: Callable[[], Round | None]
     neighbourhood: Callable[[], Neighbourhood]
+    #: False while this pod's node is unschedulable, cordoned or gone.
+    node_schedulable: Callable[[], bool] = lambda: True
     incoming: IncomingChecks = field(default_factory=IncomingChecks)
     shutting_down: bool = False
     #: More facts for /alive (e.g. OTLP export counts).
@@ -169,7 +171,7 @@ def build_app(
     async def ready(_request: web.Request) -> web.Response:
         if state.shutting_down:
             return web.Response(text="shutting down\n", status=503)
-        if not state.neighbourhood().node_schedulable:
+        if not state.node_schedulable():
             return web.Response(text="node unschedulable, cordoned or gone\n", status=503)
         return web.Response(text="ready\n")
 
@@ -204,7 +206,7 @@ def build_app(
     app.router.add_get("/metrics", metrics_handler)
     add_mesh_routes(
         app, settings, last_round=state.last_round, neighbourhood=state.neighbourhood, eligible=state.eligible,
-        ready=lambda: not state.shutting_down and state.neighbourhood().node_schedulable,
+        ready=lambda: not state.shutting_down and state.node_schedulable(),
     )
     return app
 

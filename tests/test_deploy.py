@@ -605,7 +605,7 @@ def test_rbac_grants_exactly_pods_and_nodes_read(overlay: str, objects: tuple[Ob
                     for verb in rule["verbs"]:
                         granted.add((scope, group, resource, verb))
     read = ("get", "list", "watch")
-    expected = {(settings.namespace, "", "pods", v) for v in read} | {(None, "", "nodes", v) for v in read}
+    expected = {(settings.namespace, "", "pods", v) for v in read} | {(None, "", "nodes", v) for v in read[1:]}
     if overlay == "overlays/node-events":  # and creating Events on the culprit node, in its own namespace
         expected.add((settings.namespace, "", "events", "create"))
     assert granted == expected

@@ -10,7 +10,7 @@ import inspect
 import json
 import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,11 +20,11 @@ import pytest
 from aiohttp import web
 
 from probe.app import Probe
-from probe.discovery import make_source
+from probe.discovery import Fixed, make_discovery
 from probe.discovery.cache import Reflector, Timing, iter_list
-from probe.discovery.kube import KubeClient, Kubeconfig, ServiceAccount
-from probe.discovery.source import KubeNeighbours, node_info, pod_info
-from probe.neighbours import StaticNeighbours
+from probe.discovery.kube import ApiError, KubeClient, Kubeconfig, ServiceAccount
+from probe.discovery.source import KubeDiscovery, node_info, pod_info
+from probe.neighbours import StaticNeighbours, ring_hash
 from probe.settings import ExtraCheck, Settings
 from probe.standin import ApiServerStandin
 
@@ -42,9 +42,13 @@ FAST = Timing(
     watch_seconds=1.0,
     watch_grace=2.0,
     idle_timeout=1.5,
+    quiet_after=1.0,
     backoff_initial=0.05,
     backoff_max=0.25,
+    healthy_after=0.5,
     initial_sync=5.0,
+    qps=500.0,
+    burst=500,
 )
 
 T = TypeVar("T")
@@ -100,14 +104,14 @@ def in_cluster(api: ApiServerStandin, sa_dir: Path, **overrides: Any) -> Setting
     return Settings(**values)
 
 
-def source(settings: Settings, timing: Timing = FAST) -> KubeNeighbours:
-    made = make_source(settings, timing=timing)
-    assert isinstance(made, KubeNeighbours), made.current()
+def source(settings: Settings, timing: Timing = FAST) -> KubeDiscovery:
+    made = make_discovery(settings, timing=timing)
+    assert isinstance(made, KubeDiscovery), made.neighbours.current()
     return made
 
 
 @contextlib.asynccontextmanager
-async def started(src: KubeNeighbours) -> AsyncIterator[KubeNeighbours]:
+async def started(src: KubeDiscovery) -> AsyncIterator[KubeDiscovery]:
     await src.start()
     try:
         yield src
@@ -115,20 +119,32 @@ async def started(src: KubeNeighbours) -> AsyncIterator[KubeNeighbours]:
         await src.stop()
 
 
-def pod_names(src: KubeNeighbours) -> set[str]:
-    return {n.pod_name for n in src.current().neighbours}
+def pod_names(src: KubeDiscovery) -> set[str]:
+    return {n.pod_name for n in src.neighbours.current().neighbours}
 
 
-def has_pod(src: KubeNeighbours, name: str) -> Callable[[], bool]:
+def has_pod(src: KubeDiscovery, name: str) -> Callable[[], bool]:
     return lambda: name in pod_names(src)
+
+
+def lists_by_selector(api: ApiServerStandin, kind: str) -> Counter[str]:
+    """First pages of lists, by field selector: each node watch lists once (then only watches)."""
+    return Counter(
+        r.query.get("fieldSelector", "") for r in api.requests if r.kind == kind and r.verb == "list"
+        and "continue" not in r.query
+    )
+
+
+def listed_once_each(api: ApiServerStandin) -> bool:
+    return api.count("pods", verb="list") == 1 and set(lists_by_selector(api, "nodes").values()) == {1}
 
 
 def pod_watches_reach(api: ApiServerStandin, count: int) -> Callable[[], bool]:
     return lambda: api.count("pods", verb="watch") >= count
 
 
-def schedulable_is(src: KubeNeighbours, expected: bool) -> Callable[[], bool]:
-    return lambda: src.current().node_schedulable is expected
+def schedulable_is(src: KubeDiscovery, expected: bool) -> Callable[[], bool]:
+    return lambda: src.readiness.node_schedulable() is expected
 
 
 # Pure pieces: the list walker and the decoders ---------------------------------------------
@@ -172,43 +188,46 @@ def test_decoders_keep_only_what_selection_reads(api: ApiServerStandin) -> None:
 
 
 async def test_neither_in_cluster_nor_kubeconfig_is_skipped_with_the_reason(tmp_path: Path) -> None:
-    src = make_source(Settings(serviceaccount_dir=str(tmp_path)))
-    assert isinstance(src, StaticNeighbours)
-    hood = src.current()
+    src = make_discovery(Settings(serviceaccount_dir=str(tmp_path)))
+    assert isinstance(src, Fixed) and isinstance(src.neighbours, StaticNeighbours)
+    assert src.readiness.node_schedulable()  # nothing to ask: in service
+    hood = src.neighbours.current()
     assert hood.skipped
     assert "KUBERNETES_SERVICE_HOST not set" in hood.state and "KUBECONFIG not set" in hood.state
-    no_token = make_source(Settings(kubernetes_service_host="10.0.0.1", serviceaccount_dir=str(tmp_path)))
-    assert no_token.current().skipped
-    assert f"no service-account token in {tmp_path}" in no_token.current().state
-    off = make_source(Settings(check_neighbourhood=False)).current()
+    no_token = make_discovery(Settings(kubernetes_service_host="10.0.0.1", serviceaccount_dir=str(tmp_path)))
+    assert no_token.neighbours.current().skipped
+    assert f"no service-account token in {tmp_path}" in no_token.neighbours.current().state
+    off = make_discovery(Settings(check_neighbourhood=False)).neighbours.current()
     assert off.skipped and "KUBENURSE_CHECK_NEIGHBOURHOOD" in off.state
 
 
 async def test_in_cluster_wins_over_kubeconfig(api: ApiServerStandin, sa_dir: Path, tmp_path: Path) -> None:
     kubeconfig = str(api.write_kubeconfig(tmp_path / "kubeconfig", NS))
-    src = make_source(in_cluster(api, sa_dir, kubeconfig=kubeconfig))
-    assert isinstance(src, KubeNeighbours) and isinstance(src._credentials, ServiceAccount)
-    outside = make_source(Settings(kubeconfig=kubeconfig, serviceaccount_dir=str(sa_dir)))
-    assert isinstance(outside, KubeNeighbours) and isinstance(outside._credentials, Kubeconfig)
+    src = make_discovery(in_cluster(api, sa_dir, kubeconfig=kubeconfig))
+    assert isinstance(src, KubeDiscovery) and isinstance(src.credentials, ServiceAccount)
+    outside = make_discovery(Settings(kubeconfig=kubeconfig, serviceaccount_dir=str(sa_dir)))
+    assert isinstance(outside, KubeDiscovery) and isinstance(outside.credentials, Kubeconfig)
 
 
 async def test_unknown_namespace_is_skipped_with_the_reason(api: ApiServerStandin, sa_dir: Path) -> None:
     (sa_dir / "namespace").unlink()
     async with started(source(in_cluster(api, sa_dir))) as src:
-        hood = src.current()
+        hood = src.neighbours.current()
         assert hood.skipped and "KUBENURSE_NAMESPACE not set" in hood.state
-    assert api.count("pods") == 0
+        api.cordon(MY_NODE)  # readiness does not need the neighbours' namespace
+        await eventually(schedulable_is(src, False), "own node cordoned")
+    assert api.count("pods") == 0 and node_watches(api) == {f"metadata.name={MY_NODE}"}
 
 
 async def test_namespace_defaults_to_pod_namespace_then_serviceaccount(api: ApiServerStandin, sa_dir: Path) -> None:
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     api.add_pod("elsewhere", namespace="other", node_name="node-a", pod_ip="10.0.0.3", labels=LABELS)
     async with started(source(in_cluster(api, sa_dir))) as src:
-        assert src.namespace == NS and pod_names(src) == {"a"}
+        assert src.kube_neighbours.namespace == NS and pod_names(src) == {"a"}
     async with started(source(in_cluster(api, sa_dir, pod_namespace="other"))) as src:
-        assert src.namespace == "other" and pod_names(src) == {"elsewhere"}
+        assert src.kube_neighbours.namespace == "other" and pod_names(src) == {"elsewhere"}
     async with started(source(in_cluster(api, sa_dir, namespace="other", pod_namespace=NS))) as src:
-        assert src.namespace == "other" and pod_names(src) == {"elsewhere"}
+        assert src.kube_neighbours.namespace == "other" and pod_names(src) == {"elsewhere"}
 
 
 async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
@@ -217,7 +236,7 @@ async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
     settings = Settings(kubeconfig=str(kubeconfig), neighbour_filter=FILTER, pod_name=ME, node_name=MY_NODE,
                         serviceaccount_dir=str(tmp_path / "none"))
     async with started(source(settings)) as src:
-        hood = src.current()
+        hood = src.neighbours.current()
         assert (hood.details["source"], hood.details["namespace"]) == ("kubeconfig", NS)
         assert pod_names(src) == {"a"} and not hood.stale
         add_neighbour(api, "b", "node-b", "10.0.0.3")
@@ -226,15 +245,15 @@ async def test_kubeconfig_mode(api: ApiServerStandin, tmp_path: Path) -> None:
 
 
 async def test_unreadable_kubeconfig_is_skipped_not_a_crash(tmp_path: Path) -> None:
-    missing = make_source(Settings(kubeconfig=str(tmp_path / "nope")))
-    assert isinstance(missing, KubeNeighbours)
+    missing = make_discovery(Settings(kubeconfig=str(tmp_path / "nope")))
+    assert isinstance(missing, KubeDiscovery)
     await missing.start()
-    assert missing.current().skipped and "file not found" in missing.current().state
+    assert missing.neighbours.current().skipped and "file not found" in missing.neighbours.current().state
     await missing.stop()
     (tmp_path / "bad").write_text("clusters: [")
-    bad = make_source(Settings(kubeconfig=str(tmp_path / "bad")))
+    bad = make_discovery(Settings(kubeconfig=str(tmp_path / "bad")))
     await bad.start()
-    assert bad.current().skipped and "KUBECONFIG=" in bad.current().state
+    assert bad.neighbours.current().skipped and "KUBECONFIG=" in bad.neighbours.current().state
     await bad.stop()
 
 
@@ -248,9 +267,9 @@ async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
     api.add_pod("unlabelled", namespace=NS, node_name="node-a", pod_ip="10.0.0.9")
     async with started(source(in_cluster(api, sa_dir))) as src:
         assert pod_names(src) == {"a", "b"}
-        hood = src.current()
-        assert hood.state == "ok" and not hood.stale and hood.node_schedulable
-        assert src.current() is hood  # nothing changed: the same snapshot, no recomputation
+        hood = src.neighbours.current()
+        assert hood.state == "ok" and not hood.stale and src.readiness.node_schedulable()
+        assert src.neighbours.current() is hood  # nothing changed: the same snapshot, no recomputation
 
         add_neighbour(api, "c", "node-c", "10.0.0.4", phase="Pending")
         await asyncio.sleep(0.3)
@@ -268,7 +287,7 @@ async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
         await eventually(lambda: pod_names(src) == {"c"}, "node-c back")
         api.delete_node("node-c")
         await eventually(lambda: pod_names(src) == set(), "node-c gone")
-        assert src.current().details["pods"] == 2  # this pod and c
+        assert src.neighbours.current().details["pods"] == 2  # this pod and c
     # A label selector on the server: the unlabelled pod never reached the probe.
     assert all(r.query.get("labelSelector") == FILTER for r in api.requests if r.kind == "pods")
 
@@ -282,7 +301,7 @@ async def test_one_list_then_only_watches_and_a_410_lists_once_more(api: ApiServ
             add_neighbour(api, f"x{i}", f"node-x{i}", f"10.0.1.{i}")
             await eventually(has_pod(src, f"x{i}"), f"x{i}")
             await eventually(pod_watches_reach(api, i + 2), "watch renewed")
-        assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+        assert listed_once_each(api)
         watches = [r for r in api.requests if r.verb == "watch"]
         assert all(
             r.query["resourceVersion"] not in ("", "0")
@@ -298,13 +317,16 @@ async def test_one_list_then_only_watches_and_a_410_lists_once_more(api: ApiServ
         add_neighbour(api, "c", "node-c", "10.0.0.4")
         await eventually(lambda: pod_names(src) == {"a", "c", "x0", "x1", "x2"}, "state after relist")
         await eventually(lambda: api.count("pods", verb="list") == 2, "pods listed again")
-        await eventually(lambda: api.count("nodes", verb="list") == 2, "nodes listed again")
+        # Node watches that went on (node-b's ended with pod b; node-c's began after) list again.
+        relisted = ["spec.unschedulable=true", *(f"metadata.name={n}" for n in (MY_NODE, "node-a", "node-x0"))]
+        await eventually(lambda: {lists_by_selector(api, "nodes")[f] for f in relisted} == {2}, "nodes listed again")
         relist = [r for r in api.requests if r.verb == "list"][-1]
         assert "resourceVersion" not in relist.query  # a consistent read after 410
-        assert src.pods is not None and src.pods.relists_after_gone == 1
+        hood = src.kube_neighbours
+        assert hood is not None and hood.pods is not None and hood.pods.relists_after_gone == 1
         await eventually(pod_watches_reach(api, api.count("pods", verb="watch") + 2), "more watch renewals")
-        assert api.count("pods", verb="list") == 2 and api.count("nodes", verb="list") == 2
-        assert not src.current().stale
+        assert api.count("pods", verb="list") == 2 and {lists_by_selector(api, "nodes")[f] for f in relisted} == {2}
+        assert not src.neighbours.current().stale
 
 
 class PlainHttp:
@@ -368,9 +390,11 @@ async def test_a_410_error_event_in_the_middle_of_a_watch_lists_again() -> None:
     reflector = Reflector(client, "nodes", "/api/v1/nodes", node_info, timing=FAST)
     task = asyncio.create_task(reflector.run())
     try:
-        await eventually(lambda: len(lists) == 2 and set(reflector.items) == {"n2"}, "relisted after the 410")
+        await eventually(lambda: len(lists) == 2 and set(reflector.items) == {"n2"} and len(watches) >= 2,
+                         "relisted after the 410, and watching again")
         assert reflector.relists_after_gone == 1
-        assert lists[0].get("resourceVersion") == "0" and "resourceVersion" not in lists[1]
+        # Consistent reads, which the server pages (with "0" a real one ignores `limit`).
+        assert "resourceVersion" not in lists[0] and "resourceVersion" not in lists[1]
         assert [w["resourceVersion"] for w in watches[:2]] == ["5", "20"]
         assert reflector.connected and reflector.resource_version == "20"
     finally:
@@ -398,7 +422,7 @@ async def test_a_silent_connection_is_given_up_after_the_idle_timeout(sa_dir: Pa
 async def test_token_rotation(api: ApiServerStandin, sa_dir: Path) -> None:
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     async with started(source(in_cluster(api, sa_dir))) as src:
-        await eventually(lambda: api.watch_count == 2, "both watches open")
+        await eventually(lambda: api.watch_count == 1 + src.nodes.watching(), "every watch open")
         # The kubelet's rotation: a new token in the file; the old one stops working.
         rotated_at = time.monotonic()
         api.rotate_token()
@@ -407,23 +431,23 @@ async def test_token_rotation(api: ApiServerStandin, sa_dir: Path) -> None:
         add_neighbour(api, "b", "node-b", "10.0.0.3")
         await eventually(lambda: pod_names(src) == {"a", "b"}, "b after rotation")
         assert api.count(authorized=False) == 0
-        assert not src.current().stale
+        assert not src.neighbours.current().stale
 
         # The server switches first and the file follows later: 401s, stale, then recovery.
         api.set_token("standin-next-token")
         api.end_watches()
-        await eventually(lambda: src.current().stale, "stale on 401")
-        assert "401" in str(src.current().details["error"])
+        await eventually(lambda: src.neighbours.current().stale, "stale on 401")
+        assert "401" in str(src.neighbours.current().details["error"])
         add_neighbour(api, "c", "node-c", "10.0.0.4")
         api.write_serviceaccount(sa_dir, NS)
-        await eventually(lambda: not src.current().stale, "recovered with the new token")
+        await eventually(lambda: not src.neighbours.current().stale, "recovered with the new token")
         await eventually(lambda: pod_names(src) == {"a", "b", "c"}, "c after the new token")
         assert api.count("pods", verb="list") == 1
 
 
 async def test_readiness_follows_this_node(api: ApiServerStandin, sa_dir: Path) -> None:
     async with started(source(in_cluster(api, sa_dir))) as src:
-        assert src.current().node_schedulable
+        assert src.readiness.node_schedulable()
         steps: list[tuple[Callable[[], object], bool, str]] = [
             (lambda: api.cordon(MY_NODE), False, "cordoned"),
             (lambda: api.uncordon(MY_NODE), True, "uncordoned"),
@@ -436,7 +460,7 @@ async def test_readiness_follows_this_node(api: ApiServerStandin, sa_dir: Path) 
         for change, expected, what in steps:
             change()
             await eventually(schedulable_is(src, expected), what)
-    assert api.count("nodes", verb="list") == 1  # driven by the watch, not by polling
+    assert lists_by_selector(api, "nodes")[f"metadata.name={MY_NODE}"] == 1  # driven by the watch, not polling
 
 
 async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir: Path) -> None:
@@ -444,10 +468,10 @@ async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir:
     api.add_pod(ME, namespace=NS, node_name="node-x", pod_ip="10.0.0.1", labels=LABELS)
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     async with started(source(in_cluster(api, sa_dir, node_name=None))) as src:
-        await eventually(lambda: src.current().details["node"] == "node-x", "own node from the cache")
+        await eventually(lambda: src.neighbours.current().details["node"] == "node-x", "own node from the cache")
         assert pod_names(src) == {"a"}
         api.cordon("node-x")
-        await eventually(lambda: not src.current().node_schedulable, "own node cordoned")
+        await eventually(lambda: not src.readiness.node_schedulable(), "own node cordoned")
     assert api.count("pods", verb="get") == 0
 
     # This pod is not a candidate (another namespace): one GET finds its node.
@@ -455,7 +479,7 @@ async def test_own_node_from_the_cache_or_one_get(api: ApiServerStandin, sa_dir:
     api.add_pod("probe-elsewhere", namespace="infra", node_name="node-a", pod_ip="10.0.0.5")
     settings = in_cluster(api, sa_dir, node_name=None, pod_name="probe-elsewhere", pod_namespace="infra", namespace=NS)
     async with started(source(settings)) as src:
-        await eventually(lambda: src.current().details["node"] == "node-a", "own node from a GET")
+        await eventually(lambda: src.neighbours.current().details["node"] == "node-a", "own node from a GET")
         assert pod_names(src) == {"a", ME}
     assert api.count("pods", verb="get") == 1
 
@@ -465,9 +489,9 @@ async def test_allow_unschedulable_watches_only_this_node(api: ApiServerStandin,
     api.cordon("node-a")
     async with started(source(in_cluster(api, sa_dir, allow_unschedulable=True))) as src:
         assert pod_names(src) == {"a"}
-        assert src.current().details["nodes"] == 1
+        assert src.neighbours.current().details["node_watches"] == 1
         api.cordon(MY_NODE)
-        await eventually(lambda: not src.current().node_schedulable, "own node cordoned")
+        await eventually(lambda: not src.readiness.node_schedulable(), "own node cordoned")
     assert {r.query.get("fieldSelector") for r in api.requests if r.kind == "nodes"} == {f"metadata.name={MY_NODE}"}
 
 
@@ -551,8 +575,8 @@ async def world(api: ApiServerStandin, sa_dir: Path) -> AsyncIterator[tuple[Neig
 
 
 @contextlib.asynccontextmanager
-async def running_probe(settings: Settings, neighbours: Any = None) -> AsyncIterator[Client]:
-    probe = Probe(settings, neighbours=neighbours if neighbours is not None else source(settings))
+async def running_probe(settings: Settings) -> AsyncIterator[Client]:
+    probe = Probe(settings, discovery=make_discovery(settings, timing=FAST))
     await probe.start()
     try:
         async with aiohttp.ClientSession(f"http://127.0.0.1:{settings.http_port}") as session:
@@ -609,7 +633,7 @@ async def test_probe_checks_the_neighbours_alive_shows_and_counts_its_api_reques
 
         # Many more rounds: watches only, never a list again (the API server's side of scale).
         await probe.rounds(10)
-    assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+    assert listed_once_each(api)
     assert api.count("pods", verb="watch") >= 2 and api.count("nodes", verb="watch") >= 2
     assert api.count("version") >= 10  # one api_server_direct check per round, for scale
     assert api.count(authorized=False) == 0
@@ -653,9 +677,13 @@ async def test_outage_keeps_checking_the_last_neighbourhood_and_recovers(
         await eventually(lambda: not probe.probe.neighbours.current().stale, "fresh again")
         await eventually(async_equals(probe.neighbourhood, {"a", "c"}), "changes from the outage")
         await eventually(lambda: servers.count("127.0.0.4"), "c checked")
-        assert "error" not in (await probe.alive())["discovery"]
+
+        async def no_error() -> bool:  # /alive shows the last round's view
+            return "error" not in (await probe.alive())["discovery"]
+
+        await eventually(no_error, "no discovery error in /alive")
     # Resumed from the last version: the outage cost no list.
-    assert api.count("pods", verb="list") == 1 and api.count("nodes", verb="list") == 1
+    assert listed_once_each(api)
 
 
 async def test_cordon_makes_ready_503_and_uncordon_200(
@@ -705,7 +733,7 @@ async def test_probe_without_kubernetes_skips_the_neighbourhood_and_runs_the_res
         "kubernetes_service_host": None,
         "serviceaccount_dir": str(tmp_path / "none"),
     })
-    async with running_probe(outside, make_source(outside)) as probe:
+    async with running_probe(outside) as probe:
         await probe.rounds(1)
         alive = await probe.alive()
         results = alive["last_check_result"]
@@ -713,3 +741,248 @@ async def test_probe_without_kubernetes_skips_the_neighbourhood_and_runs_the_res
         assert "KUBECONFIG not set" in alive["skipped_checks"]["neighbourhood"]
         assert results["local"] == "ok"
         assert await probe.ready() == 200
+
+
+# Narrow node watches (issue 12) ------------------------------------------------------------
+
+
+def ring_from(own: str, names: list[str]) -> list[str]:
+    mine = ring_hash(own)
+    return sorted(names, key=lambda n: (ring_hash(n) - mine) % (1 << 64))
+
+
+def node_watches(api: ApiServerStandin, since: float = 0.0) -> set[str]:
+    return {r.query.get("fieldSelector", "") for r in api.requests if r.kind == "nodes" and r.time >= since}
+
+
+async def test_narrow_node_watches_keep_every_selection_rule(api: ApiServerStandin, sa_dir: Path) -> None:
+    names = [f"node-{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        add_neighbour(api, f"p{i}", name, f"10.0.0.{i + 2}")
+    order = ring_from(MY_NODE, names)
+    async with started(source(in_cluster(api, sa_dir, neighbour_limit=2))) as src:
+
+        def chosen_is(*nodes: str) -> Callable[[], bool]:
+            return lambda: [n.node_name for n in src.neighbours.current().neighbours] == list(nodes)
+
+        await eventually(chosen_is(*order[:2]), "the ring front")
+        # Cordoned nodes (metadata only), this node, the two taken and one spare: nothing else.
+        assert node_watches(api) == {
+            "spec.unschedulable=true", f"metadata.name={MY_NODE}", *(f"metadata.name={n}" for n in order[:3])
+        }
+        assert src.nodes.cluster is not None and src.nodes.cluster._accept[1].startswith("application/json;as=")
+
+        def by_field(on: bool) -> Callable[[dict[str, Any]], None]:
+            return lambda node: node["spec"].__setitem__("unschedulable", True) if on else node["spec"].pop(
+                "unschedulable", None)
+
+        api.update_node(order[0], by_field(True))
+        await eventually(chosen_is(order[1], order[2]), "cordoned by field", 2)
+        api.update_node(order[0], by_field(False))
+        await eventually(chosen_is(*order[:2]), "uncordoned", 2)
+        api.taint_node(order[1], "node.kubernetes.io/unschedulable")
+        await eventually(chosen_is(order[0], order[2]), "cordoned by taint only", 2)
+        api.untaint(order[1], "node.kubernetes.io/unschedulable")
+        await eventually(chosen_is(*order[:2]), "untainted", 2)
+        api.delete_node(order[0])
+        await eventually(chosen_is(order[1], order[2]), "node deleted, its pod still listed", 2)
+        assert src.neighbours.current().details["pods"] == 12
+        # A drain of the front: watches move on to the next nodes, none stays on a cordoned one.
+        since = time.monotonic()
+        for name in order[1:4]:
+            api.cordon(name)
+        await eventually(chosen_is(*order[4:6]), "the next nodes after a drain", 3)
+        assert {f"metadata.name={n}" for n in order[4:7]} <= node_watches(api, since)
+        # cordoned, own, the deleted node (its pod lingers), 3 cordoned, 2 taken, 1 spare
+        assert set(src.nodes._per_node) == {MY_NODE, *order[:7]}
+        # The whole-cluster view (mesh) leaves out what is known: cordoned and deleted nodes.
+        assert {n.node_name for n in src.kube_neighbours.eligible()} == set(names) - set(order[:4])
+        listed = lists_by_selector(api, "nodes")[f"metadata.name={order[2]}"]
+        api.uncordon(order[2])  # still watched: back at once, without listing it again
+        await eventually(chosen_is(order[2], order[4]), "uncordoned", 2)
+        assert lists_by_selector(api, "nodes")[f"metadata.name={order[2]}"] == listed
+
+
+async def test_heartbeats_do_not_reach_the_probe(tmp_path: Path) -> None:
+    """Requests and bytes the probe causes, against a full watch of every node in the same run."""
+    api = ApiServerStandin(realistic_nodes=True, bookmark_interval=3600)
+    size = 60
+    for i in range(size):
+        add_neighbour(api, f"p{i}", f"node-{i}", f"10.0.1.{i}")
+    await api.start()
+    try:
+        folder = api.write_serviceaccount(tmp_path / "sa", NS)
+        narrow = source(in_cluster(api, folder, neighbour_limit=3, pod_name="narrow", node_name="node-0"))
+        full = source(in_cluster(api, folder, neighbour_limit=0, pod_name="full", node_name="node-1"))
+        async with started(narrow), started(full):
+            await eventually(lambda: len(narrow.neighbours.current().neighbours) == 3, "narrow selection")
+            start_rv = api.resource_version
+            for _ in range(3):
+                for i in range(size):
+                    api.heartbeat(f"node-{i}")
+            cluster = full.nodes.cluster
+            assert cluster is not None
+            await eventually(lambda: int(cluster.resource_version or 0) >= api.resource_version, "full watch caught up")
+            await asyncio.sleep(0.3)
+            assert api.resource_version - start_rv == 3 * size
+            per_node = narrow.nodes.watching() - 1
+        agent = "kubenurse-otel/discovery (pod {})"
+        narrow_events, full_events = api.sent_events[agent.format("narrow")], api.sent_events[agent.format("full")]
+        narrow_bytes, full_bytes = api.sent_bytes[agent.format("narrow")], api.sent_bytes[agent.format("full")]
+        # The narrow probe hears its own node, 3 taken and 1 spare (its own node's pod is
+        # one of the taken here): at most 5 nodes x 3 heartbeats.
+        assert per_node <= 5 and narrow_events <= per_node * 3 and full_events >= 3 * size
+        assert narrow_bytes * 5 < full_bytes, (narrow_bytes, full_bytes)
+        requests = [r for r in api.requests if r.user_agent == agent.format("narrow")]
+        lists = Counter(r.query.get("fieldSelector", r.path) for r in requests if r.verb == "list")
+        assert set(lists.values()) == {1} and len(lists) == 1 + 1 + per_node  # pods, cordoned, each node
+        assert sum(r.verb == "watch" for r in requests) <= 2 * len(lists)
+    finally:
+        await api.stop()
+
+
+async def test_ready_follows_this_node_with_the_neighbourhood_check_off(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    _, settings = world
+    settings = Settings(**{**settings.__dict__, "check_neighbourhood": False})
+    async with running_probe(settings) as probe:
+        assert await probe.ready() == 200
+        api.cordon(MY_NODE)
+        await eventually(async_equals(probe.ready, 503), "/ready 503 when cordoned", 2)
+        api.uncordon(MY_NODE)
+        await eventually(async_equals(probe.ready, 200), "/ready 200 when uncordoned", 2)
+        alive = await probe.alive()
+        assert alive["last_check_result"]["neighbourhood_state"] == "skipped"
+        assert alive["discovery"]["node_watches"] == 1 and "retrying" not in alive["discovery"]
+        api.fault = "short_watches"  # /alive shows the readiness watch's trouble too
+        api.end_watches()
+
+        async def retrying() -> bool:
+            return f"node {MY_NODE}" in (await probe.alive())["discovery"].get("retrying", {})
+
+        await eventually(retrying, "the own-node watch retrying, in /alive")
+    assert api.count("pods") == 0 and node_watches(api) == {f"metadata.name={MY_NODE}"}
+
+
+# A sick API server: backoff, silence, malformed objects, big lists (issue 11) ---------------
+
+SLOW_RETRY = Timing(**{**FAST.__dict__, "watch_seconds": 60.0, "idle_timeout": 10.0, "quiet_after": 5.0,
+                       "backoff_initial": 0.1, "backoff_max": 1.6, "healthy_after": 1.0})
+
+
+@pytest.mark.parametrize(("fault", "verb"), [("short_watches", "watch"), ("gone_after_list", "list")])
+async def test_a_misbehaving_server_gets_backoff_not_a_tight_loop(
+    api: ApiServerStandin, sa_dir: Path, fault: str, verb: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with started(source(in_cluster(api, sa_dir), SLOW_RETRY)) as src:
+        await eventually(lambda: src.neighbours.current().state == "ok", "listed")
+        reflectors = 1 + src.nodes.watching()  # pods, cordoned nodes, this node
+        api.fault = fault
+        api.end_watches()
+        since = time.monotonic()
+        await asyncio.sleep(4.0)
+        sent = api.count(verb=verb, since=since)
+        details = src.neighbours.current().details
+    # Backoff 0.1 s doubling to 1.6 s (x0.5-1 jitter): at most ~9 tries each in 4 s; a loop
+    # that resets on every bookmark or list sends hundreds or thousands.
+    assert sent <= 10 * reflectors, sent
+    retrying = details["retrying"]
+    assert isinstance(retrying, dict) and len(retrying) == reflectors
+    assert all(r["failures_in_a_row"] >= 3 for r in retrying.values())
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and r.name == "probe.discovery"]
+    assert len(warnings) <= reflectors, [r.getMessage() for r in warnings]  # once per streak
+
+
+async def test_a_silent_watch_shows_stale_before_it_is_given_up(sa_dir: Path, tmp_path: Path) -> None:
+    assert Timing().quiet_after < Timing().idle_timeout <= 90  # bookmarks come about once a minute
+    silent = ApiServerStandin(bookmark_interval=3600)
+    silent.add_node(MY_NODE)
+    await silent.start()
+    try:
+        folder = silent.write_serviceaccount(tmp_path / "silent", NS)
+        timing = Timing(**{**FAST.__dict__, "watch_seconds": 60.0, "quiet_after": 0.5, "idle_timeout": 30.0})
+        async with started(source(in_cluster(silent, folder), timing)) as src:
+            assert not src.neighbours.current().stale
+            hood = await eventually(lambda: src.neighbours.current().stale and src.neighbours.current(), "stale", 2)
+            assert "no event or bookmark for 0.5 s" in str(hood.details["error"])
+            assert silent.count("pods", verb="watch") == 1  # not given up yet
+    finally:
+        await silent.stop()
+
+
+async def test_a_malformed_object_is_skipped_and_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    lists = 0
+
+    async def nodes(request: web.Request) -> web.StreamResponse:
+        nonlocal lists
+        if request.query.get("watch") != "true":
+            lists += 1
+            items = [{"metadata": {"name": "ok"}, "spec": {}}, {"metadata": [1]}, "junk"]
+            return web.json_response({"kind": "NodeList", "metadata": {"resourceVersion": "5"}, "items": items})
+        gone = {"kind": "Status", "status": "Failure", "reason": "Expired", "code": 410, "message": "too old"}
+        return web.Response(text=json.dumps({"type": "ERROR", "object": gone}) + "\n")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/nodes", nodes)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    client = KubeClient(PlainHttp(f"http://127.0.0.1:{runner.addresses[0][1]}"), qps=100, burst=100)
+    reflector = Reflector(client, "nodes", "/api/v1/nodes", node_info, timing=FAST)
+    task = asyncio.create_task(reflector.run())
+    try:
+        await eventually(lambda: lists >= 3, "listed again and again")
+        assert set(reflector.items) == {"ok"} and reflector.malformed >= 6
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await client.close()
+        await runner.cleanup()
+    skipped = [r for r in caplog.records if r.getMessage() == "skipping an object discovery cannot read"]
+    assert len(skipped) == 2  # two different faults, each once
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_lists_are_paged_and_a_body_over_the_cap_fails_clearly(api: ApiServerStandin, sa_dir: Path) -> None:
+    for i in range(5):
+        add_neighbour(api, f"p{i}", f"node-{i}", f"10.0.0.{i + 2}")
+    timing = Timing(**{**FAST.__dict__, "page_size": 2})
+    async with started(source(in_cluster(api, sa_dir), timing)) as src:
+        assert len(src.neighbours.current().neighbours) == 5
+    pages = [r.query for r in api.requests if r.kind == "pods" and r.verb == "list"]
+    assert len(pages) == 3 and all(p["limit"] == "2" and "resourceVersion" not in p for p in pages)
+
+    credentials = ServiceAccount(str(sa_dir), "127.0.0.1", api.port)
+    await credentials.load()
+    client = KubeClient(credentials, max_body=2_000)
+    try:
+        with pytest.raises(ApiError, match="larger than 2000 bytes"):
+            await client.get(f"/api/v1/namespaces/{NS}/pods", {"resourceVersion": "0"}, timeout=5)
+    finally:
+        await client.close()
+
+
+async def test_pod_updates_selection_does_not_read_cost_nothing_but_decoding(
+    api: ApiServerStandin, sa_dir: Path
+) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        hood = src.neighbours.current()
+        pods = src.kube_neighbours.pods if src.kube_neighbours else None
+        assert pods is not None and [n.pod_name for n in hood.neighbours] == ["a"]
+        revision = pods.data_revision
+
+        def churn(pod: dict[str, Any], i: int) -> None:
+            pod["metadata"].setdefault("annotations", {})["churn"] = str(i)
+            pod["status"]["conditions"] = [{"type": "Ready", "status": "True" if i % 2 else "False"}]
+
+        for i in range(20):
+            api.update_pod("a", lambda pod, i=i: churn(pod, i), namespace=NS)
+        api.set_pod_phase("a", "Running", namespace=NS)  # a no-op write, last: when seen, all were
+        await eventually(lambda: int(pods.resource_version or 0) >= api.resource_version, "all 21 updates seen")
+        assert pods.data_revision == revision
+        assert src.neighbours.current().neighbours is hood.neighbours  # not selected again
+        api.update_pod("a", lambda pod: pod["status"].__setitem__("podIP", "10.0.0.9"), namespace=NS)
+        await eventually(lambda: pods.data_revision == revision + 1, "a change selection reads")

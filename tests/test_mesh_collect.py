@@ -203,7 +203,9 @@ async def test_discovery_lists_every_eligible_pod_beyond_the_limit(api, sa_dir) 
         add_neighbour(api, f"p{i}", f"node-{i}", f"10.0.0.{i + 2}")
     add_neighbour(api, "cordoned", "node-c", "10.0.0.99")
     api.cordon("node-c")
-    async with started(source(in_cluster(api, sa_dir, neighbour_limit=2))) as src:
+    async with started(source(in_cluster(api, sa_dir, neighbour_limit=2))) as discovery:
+        src = discovery.kube_neighbours
+        assert src is not None
         await discovery_eventually(lambda: len(src.current().neighbours) == 2, "two neighbours")
         everyone = src.eligible()
         assert sorted(n.pod_name for n in everyone) == [f"p{i}" for i in range(6)]

@@ -7,7 +7,16 @@ from collections import Counter
 
 import pytest
 
-from probe.neighbours import NodeInfo, PodInfo, eligible, ring_hash, ring_order, select_neighbours
+from probe.neighbours import (
+    NodeInfo,
+    PodInfo,
+    eligible,
+    known_eligible,
+    ring_front,
+    ring_hash,
+    ring_order,
+    select_neighbours,
+)
 
 RING = 1 << 64
 
@@ -185,3 +194,78 @@ def test_a_departed_node_is_replaced_by_the_next_on_the_ring() -> None:
     assert [n.pod_name for n in after] == expected
     # Only the departed node changed: nine of ten stay, so their series stay too.
     assert len({n.pod_name for n in before} & {n.pod_name for n in after}) == 9
+
+
+# The ring front: selection from partial node facts ----------------------------------------
+
+
+def _cluster(rng: random.Random, size: int) -> tuple[list[PodInfo], dict[str, NodeInfo]]:
+    pods, all_nodes = [], {}
+    for i in range(size):
+        node = f"node-{i}"
+        roll = rng.random()
+        if roll < 0.1:
+            all_nodes[node] = NodeInfo(node, unschedulable=True)
+        elif roll < 0.2:
+            all_nodes[node] = NodeInfo(node, unschedulable_taint=True)
+        elif roll > 0.95:
+            pass  # the node is gone, its pod lingers
+        else:
+            all_nodes[node] = NodeInfo(node)
+        for k in range(1 + (rng.random() < 0.1)):  # some nodes run two probe pods
+            pods.append(pod(f"p-{i}-{k}", node, phase="Running" if rng.random() < 0.95 else "Pending"))
+    return pods, all_nodes
+
+
+def _converge(pods: list[PodInfo], all_nodes: dict[str, NodeInfo], limit: int, spares: int) -> tuple[object, ...]:
+    """What discovery does: watch what ring_front wants, select again, until it settles."""
+    cordoned = {n for n, info in all_nodes.items() if info.unschedulable}
+    facts: dict[str, NodeInfo | None] = {}
+    for _ in range(50):
+        front = ring_front(pods, cordoned=cordoned, facts=facts, own_pod="p-0-0", own_node="node-0",
+                           limit=limit, spares=spares, max_wanted=limit + spares + 20)
+        wanted = {n: all_nodes.get(n) for n in front.wanted}
+        if wanted == facts:
+            return front.neighbours, front.wanted
+        facts = wanted
+    raise AssertionError("did not settle")
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ring_front_selects_exactly_what_full_facts_select(seed: int) -> None:
+    rng = random.Random(seed)
+    pods, all_nodes = _cluster(rng, rng.randrange(5, 300))
+    limit = rng.choice([1, 3, 10])
+    neighbours, wanted = _converge(pods, all_nodes, limit, spares=2)
+    assert neighbours == select_neighbours(pods, all_nodes, own_pod="p-0-0", own_node="node-0", limit=limit)
+    # Only the ring front is watched: the taken nodes, nodes skipped for taints or absence, 2 spares.
+    taken = {n.node_name for n in neighbours}
+    assert taken <= set(wanted)
+    assert len(wanted) <= limit + 2 + sum(1 for n in wanted if n not in all_nodes or not all_nodes[n].schedulable)
+
+
+def test_ring_front_takes_no_node_before_its_facts_arrive() -> None:
+    pods = [pod("a", "n1"), pod("b", "n2"), pod("c", "n3")]
+    front = ring_front(pods, cordoned=(), facts={}, own_pod="me", own_node="n0", limit=2, spares=1, max_wanted=10)
+    assert front.neighbours == () and sorted(front.wanted) == ["n1", "n2", "n3"]
+    facts = {"n1": NodeInfo("n1"), "n2": None, "n3": NodeInfo("n3", unschedulable_taint=True)}
+    front = ring_front(pods, cordoned=(), facts=facts, own_pod="me", own_node="n0", limit=2, spares=1, max_wanted=10)
+    assert [n.pod_name for n in front.neighbours] == ["a"]  # n2 gone, n3 tainted
+    front = ring_front(pods, cordoned={"n1"}, facts=facts, own_pod="me", own_node="n0", limit=2, spares=1,
+                       max_wanted=2)
+    assert len(front.wanted) == 2  # capped
+    assert "a" not in [n.pod_name for n in front.neighbours]  # on a cordoned node: skipped
+
+
+def test_ring_front_needs_a_limit() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        ring_front([], cordoned=(), facts={}, own_pod="", own_node="", limit=0, spares=0, max_wanted=1)
+
+
+def test_known_eligible_leaves_out_what_is_known_unusable() -> None:
+    pods = [pod("a", "n1"), pod("b", "n2"), pod("c", "n3"), pod("d", "n4"), pod("e", "n5", phase="Pending")]
+    facts = {"n2": None, "n3": NodeInfo("n3", unschedulable_taint=True), "n4": NodeInfo("n4")}
+    chosen = known_eligible(pods, cordoned={"n1"}, facts=facts, own_pod="me", own_node="n0")
+    assert [n.pod_name for n in chosen] == ["d"]  # n1 cordoned, n2 gone, n3 tainted, e pending
+    everything = known_eligible(pods, cordoned=(), facts={}, own_pod="me", own_node="n0")
+    assert sorted(n.pod_name for n in everything) == ["a", "b", "c", "d"]  # unknown nodes count as usable

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from probe import __version__, names
 from probe.app import Probe
-from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
+from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours, StaticReadiness
 from probe.settings import load_settings
 from probe.telemetry.incoming import MAX_ORIGINS, IncomingChecks
 from tests.conftest import StartTarget, free_port
@@ -297,10 +297,12 @@ async def test_ready_until_shutdown_begins(run_probe: RunProbe) -> None:
 
 
 async def test_ready_is_503_while_node_unschedulable(run_probe: RunProbe) -> None:
-    source = StaticNeighbours(Neighbourhood(node_schedulable=False))
-    p = await run_probe(neighbours=source)
+    p = await run_probe()
+    readiness = p.probe.discovery.readiness
+    assert isinstance(readiness, StaticReadiness)
+    readiness.schedulable = False
     assert (await p.get("/ready"))[0] == 503
-    source.neighbourhood = Neighbourhood(node_schedulable=True)
+    readiness.schedulable = True
     assert (await p.get("/ready"))[0] == 200
 
 

@@ -795,3 +795,164 @@ async def test_a_burst_of_changes_with_a_bookmark_due_is_all_delivered() -> None
         assert len(seen) == 200
     finally:
         await server.stop()
+
+
+# What the narrow watches need: metadata only, node field selectors, realistic nodes -------
+
+PARTIAL_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+PARTIAL = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+
+
+async def raw(http: Http, path: str, accept: str, **params: str) -> tuple[int, str]:
+    headers = {**http.headers(), "Accept": accept}
+    async with http.session.get(http.server.url + path, params=params, ssl=http.ssl, headers=headers) as resp:
+        return resp.status, await resp.text()
+
+
+async def test_metadata_only_lists_and_watches(server: ApiServerStandin, http: Http) -> None:
+    for i in range(3):
+        server.add_node(f"n{i}", labels={"i": str(i)})
+    status, text = await raw(http, "/api/v1/nodes", PARTIAL_LIST + ",application/json", limit="2")
+    body = json.loads(text)
+    assert status == 200 and (body["kind"], body["apiVersion"]) == ("PartialObjectMetadataList", "meta.k8s.io/v1")
+    assert [item["kind"] for item in body["items"]] == ["PartialObjectMetadata"] * 2
+    assert set(body["items"][0]) == {"kind", "apiVersion", "metadata"} and body["items"][0]["metadata"]["labels"]["i"]
+    assert body["metadata"]["continue"]  # paged like the full form
+    # A list asked for in the watch's form (or anything unknown) is refused, as the real server does.
+    assert (await raw(http, "/api/v1/nodes", PARTIAL))[0] == 406
+    assert (await raw(http, "/api/v1/nodes", "application/json;as=Table;g=meta.k8s.io;v=v1"))[0] == 406
+    assert json.loads((await raw(http, "/api/v1/nodes", "application/json"))[1])["kind"] == "NodeList"
+
+    rv = body["metadata"]["resourceVersion"]
+
+    async def changes() -> None:
+        await asyncio.sleep(0.05)
+        server.cordon("n1")
+        server.heartbeat("n2")
+
+    task = asyncio.create_task(changes())
+    status, text = await raw(http, "/api/v1/nodes", PARTIAL, watch="true", resourceVersion=rv,
+                             allowWatchBookmarks="true", timeoutSeconds="1")
+    await task
+    events = [json.loads(line) for line in text.splitlines()]
+    assert [(e["type"], e["object"]["metadata"].get("name")) for e in events if e["type"] != "BOOKMARK"] == [
+        ("MODIFIED", "n1"), ("MODIFIED", "n2")]
+    assert all(set(e["object"]) == {"kind", "apiVersion", "metadata"} for e in events)
+    bookmarks = [e for e in events if e["type"] == "BOOKMARK"]
+    assert bookmarks and bookmarks[0]["object"]["kind"] == "PartialObjectMetadata"
+
+
+async def test_the_cordoned_selection_sees_cordon_and_uncordon_only(server: ApiServerStandin, http: Http) -> None:
+    server.add_node("a")
+    server.add_node("b", unschedulable=True)
+    _, text = await raw(http, "/api/v1/nodes", PARTIAL_LIST, fieldSelector="spec.unschedulable=true")
+    listed = json.loads(text)
+    assert [i["metadata"]["name"] for i in listed["items"]] == ["b"]
+
+    async def changes() -> None:
+        await asyncio.sleep(0.05)
+        server.heartbeat("a")  # not selected: nothing
+        server.cordon("a")
+        server.heartbeat("a")  # selected now: a metadata-only MODIFIED
+        server.uncordon("a")
+
+    task = asyncio.create_task(changes())
+    _, text = await raw(http, "/api/v1/nodes", PARTIAL, watch="true", fieldSelector="spec.unschedulable=true",
+                        resourceVersion=listed["metadata"]["resourceVersion"], timeoutSeconds="1")
+    await task
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in map(json.loads, text.splitlines())] == [
+        ("ADDED", "a"), ("MODIFIED", "a"), ("DELETED", "a")]
+
+
+async def test_a_list_from_the_watch_cache_ignores_limit(server: ApiServerStandin, http: Http) -> None:
+    for i in range(5):
+        server.add_node(f"n{i}")
+    _, cached = await http.get("/api/v1/nodes", limit="2", resourceVersion="0")
+    _, consistent = await http.get("/api/v1/nodes", limit="2")
+    assert len(cached["items"]) == 5 and "continue" not in cached["metadata"]
+    assert len(consistent["items"]) == 2 and consistent["metadata"]["continue"]
+
+
+async def test_realistic_nodes_and_heartbeats_at_a_chosen_rate(http: Http) -> None:
+    server = ApiServerStandin(realistic_nodes=True, bookmark_interval=3600)
+    for i in range(100):
+        server.add_node(f"n{i}")
+    await server.start()
+    try:
+        node = server.node("n1") or {}
+        size = len(json.dumps(node, separators=(",", ":")))
+        assert 5_000 < size < 20_000, size
+        assert len(node["status"]["images"]) >= 40 and len(node["status"]["conditions"]) >= 8
+        rv = server.resource_version
+        # Every node every 2 s plus 10% flapping every 0.5 s: 50 + 40 updates a second.
+        server.start_heartbeats(period=2.0, flapping=0.1, flap_period=0.5)
+        await asyncio.sleep(1.0)
+        server.stop_heartbeats()
+        updates = server.resource_version - rv
+        assert 60 <= updates <= 120, updates
+
+        def flapping(obj: dict[str, Any]) -> str:
+            return next(c["status"] for c in obj["status"]["conditions"] if c["type"] == "FrequentContainerdRestart")
+
+        changes = server._store.changes_since(rv) or []
+        flips = sum(1 for c in changes if c.old is not None and flapping(c.old.obj) != flapping(c.new.obj))
+        assert 10 <= flips <= 40, flips  # 10 nodes turning it over twice a second
+    finally:
+        await server.stop()
+
+
+async def test_bytes_and_events_sent_are_counted_per_client(server: ApiServerStandin, http: Http) -> None:
+    server.add_node("a")
+    headers = {**http.headers(), "User-Agent": "counted"}
+    async with http.session.get(server.url + "/api/v1/nodes", ssl=http.ssl, headers=headers) as resp:
+        body = await resp.read()
+    assert server.sent_bytes["counted"] == len(body) and server.sent_events["counted"] == 0
+    async with http.session.get(server.url + "/api/v1/nodes", ssl=http.ssl, headers=headers,
+                                params={"watch": "1", "timeoutSeconds": "1"}) as resp:
+        lines = await resp.read()
+    assert server.sent_bytes["counted"] == len(body) + len(lines) and server.sent_events["counted"] == 1
+    assert server.requests[-1].user_agent == "counted"
+
+
+async def test_faults_short_watches_and_gone_after_list(server: ApiServerStandin, http: Http) -> None:
+    server.add_node("a")
+    _, listed = await http.get("/api/v1/nodes")
+    rv = listed["metadata"]["resourceVersion"]
+    server.fault = "short_watches"
+    started = time.monotonic()
+    events = await http.stream("/api/v1/nodes", watch="1", resourceVersion=rv, allowWatchBookmarks="true")
+    assert [e["type"] for e in events] == ["BOOKMARK"] and time.monotonic() - started < 1
+    server.fault = "gone_after_list"
+    events = await http.stream("/api/v1/nodes", watch="1", resourceVersion=rv)
+    assert [(e["type"], e["object"]["code"]) for e in events] == [("ERROR", 410)]
+    with pytest.raises(ValueError):
+        server.fault = "unknown"
+
+
+async def test_runs_as_a_process_with_realistic_nodes_and_heartbeats(tmp_path: Path) -> None:
+    sa = tmp_path / "sa"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "probe.standin", "--serviceaccount-dir", str(sa), "--nodes", "4",
+        "--realistic-nodes", "--heartbeat-period", "0.2", "--flapping", "0",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        url = (await asyncio.wait_for(proc.stdout.readline(), 15)).decode().strip()
+        ctx = ssl.create_default_context(cafile=str(sa / "ca.crt"))
+        headers = {"Authorization": f"Bearer {(sa / 'token').read_text()}"}
+        async with aiohttp.ClientSession() as session:
+            versions = []
+            for _ in range(2):
+                async with session.get(url + "/api/v1/nodes", ssl=ctx, headers=headers) as resp:
+                    body = await resp.json()
+                versions.append(int(body["metadata"]["resourceVersion"]))
+                await asyncio.sleep(1.0)
+        assert len(body["items"][0]["status"]["images"]) >= 40
+        assert versions[1] - versions[0] >= 10  # 4 nodes x 5 updates a second, loosely
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()

@@ -13,6 +13,7 @@ The HTTP is plain aiohttp with raw JSON: the callers decode only the fields they
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -35,6 +36,9 @@ USER_AGENT = "kubenurse-otel/discovery"
 TOKEN_MAX_AGE = 60.0
 #: Longest watch event line accepted (a pod is at most ~1.5 MiB in etcd).
 MAX_LINE = 16 * 1024 * 1024
+#: Largest list page accepted: 500 realistic Nodes are ~10 MB. A server that ignores
+#: `limit` and sends more fails the list with a clear error instead of filling memory.
+MAX_BODY = 64 * 1024 * 1024
 
 
 class ConfigError(Exception):
@@ -273,19 +277,51 @@ def locate(settings: Settings) -> Credentials | str:
     return "KUBERNETES_SERVICE_HOST not set (not in a cluster) and KUBECONFIG not set"
 
 
-class KubeClient:
-    """GETs and watch streams against the API server, every request with a deadline."""
+class TokenBucket:
+    """At most `rate` requests a second on average, `burst` at once (client-go's QPS/burst)."""
 
-    def __init__(self, credentials: Credentials, *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, rate: float, burst: int) -> None:
+        self._rate, self._burst = rate, float(max(burst, 1))
+        self._tokens, self._at = self._burst, time.monotonic()
+
+    def delay(self) -> float:
+        """Take a token; how long to wait before using it."""
+        now = time.monotonic()
+        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
+        self._at = now
+        self._tokens -= 1
+        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
+
+
+class KubeClient:
+    """GETs and watch streams against the API server, every request with a deadline and
+    paced by a token bucket."""
+
+    def __init__(
+        self,
+        credentials: Credentials,
+        *,
+        connect_timeout: float = 10.0,
+        user_agent: str = USER_AGENT,
+        qps: float = 5.0,
+        burst: int = 40,
+        max_body: int = MAX_BODY,
+    ) -> None:
         self.credentials = credentials
         self._connect_timeout = connect_timeout
+        self._user_agent = user_agent
+        self._bucket = TokenBucket(qps, burst)
+        self._max_body = max_body
         self._session: aiohttp.ClientSession | None = None
+        #: Requests sent, for /alive and tests.
+        self.requests = 0
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=8, enable_cleanup_closed=True),
-                headers={"Accept": "application/json", "User-Agent": USER_AGENT},
+                # One connection per open watch (HTTP/1.1), plus room for lists.
+                connector=aiohttp.TCPConnector(limit=64, enable_cleanup_closed=True),
+                headers={"Accept": "application/json", "User-Agent": self._user_agent},
             )
         return self._session
 
@@ -294,8 +330,11 @@ class KubeClient:
             await self._session.close()
             self._session = None
 
-    async def _request_kwargs(self) -> dict[str, Any]:
-        headers = {}
+    async def _request_kwargs(self, accept: str) -> dict[str, Any]:
+        if (wait := self._bucket.delay()) > 0:
+            await asyncio.sleep(wait)
+        self.requests += 1
+        headers = {"Accept": accept}
         if auth := await self.credentials.authorization():
             headers["Authorization"] = auth
         # The token goes to the API server only: never follow a redirect with it.
@@ -315,23 +354,34 @@ class KubeClient:
             self.credentials.rejected()
         raise ApiError.from_status(response.status, body)
 
-    async def get(self, path: str, params: Mapping[str, str], *, timeout: float) -> bytes:
-        """The body of a 200 answer; ApiError otherwise. `timeout` bounds the whole request."""
-        kwargs = await self._request_kwargs()
+    async def get(
+        self, path: str, params: Mapping[str, str], *, timeout: float, accept: str = "application/json"
+    ) -> bytearray:
+        """The body of a 200 answer; ApiError otherwise. `timeout` bounds the whole request;
+        a body over `max_body` bytes is refused (ApiError TooLarge) without being held."""
+        kwargs = await self._request_kwargs(accept)
         client_timeout = aiohttp.ClientTimeout(total=timeout, connect=min(self._connect_timeout, timeout))
         async with self._open_session().get(
             self.credentials.server + path, params=params, timeout=client_timeout, **kwargs
         ) as response:
             await self._check(response)
-            return await response.read()
+            too_large = ApiError(0, "TooLarge", f"{path}: response larger than {self._max_body} bytes")
+            if (response.content_length or 0) > self._max_body:
+                raise too_large
+            body = bytearray()
+            async for chunk in response.content.iter_any():
+                body += chunk
+                if len(body) > self._max_body:
+                    raise too_large
+            return body  # not copied again: the caller decodes it once
 
     @asynccontextmanager
     async def stream(
-        self, path: str, params: Mapping[str, str], *, total: float, idle: float
+        self, path: str, params: Mapping[str, str], *, total: float, idle: float, accept: str = "application/json"
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """A watch: yields an iterator over its lines. The stream fails with a timeout when
         no byte arrives for `idle` seconds (a half-dead connection) or after `total`."""
-        kwargs = await self._request_kwargs()
+        kwargs = await self._request_kwargs(accept)
         client_timeout = aiohttp.ClientTimeout(
             total=total, connect=min(self._connect_timeout, total), sock_read=idle
         )

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
 import ipaddress
 import json
 import os
+import random
 import re
 import secrets
 import socket
 import ssl
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ class RequestRecord:
     name: str | None
     authorized: bool
     time: float  # time.monotonic()
+    user_agent: str = ""
 
     @property
     def is_watch(self) -> bool:
@@ -87,6 +90,7 @@ def _describe(request: web.Request, authorized: bool) -> RequestRecord:
         name=match["name"] if match else None,
         authorized=authorized,
         time=time.monotonic(),
+        user_agent=request.headers.get("User-Agent", ""),
     )
 
 
@@ -120,6 +124,7 @@ class ApiServerStandin:
         bookmark_interval: float = 1.0,
         max_watch_seconds: float = 1800.0,
         request_log_size: int = 100_000,
+        realistic_nodes: bool = False,
     ) -> None:
         self.host = host
         self._port = port
@@ -133,7 +138,13 @@ class ApiServerStandin:
         self._tokens = {self.token}
         self._serviceaccount_dirs: list[Path] = []
         self._store = Store(history_size)
-        self._api = Api(self._store, WatchSettings(bookmark_interval, max_watch_seconds))
+        self._watch_settings = WatchSettings(bookmark_interval, max_watch_seconds)
+        self._api = Api(self._store, self._watch_settings, self._meter)
+        #: Body bytes and watch events sent, by the client's User-Agent.
+        self.sent_bytes: Counter[str] = Counter()
+        self.sent_events: Counter[str] = Counter()
+        self._realistic = realistic_nodes
+        self._heartbeats: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._site: web.SockSite | None = None
         # Bounded so a long sandbox run cannot grow without limit; tests see everything.
@@ -173,6 +184,7 @@ class ApiServerStandin:
         await self.up()
 
     async def stop(self) -> None:
+        self.stop_heartbeats()
         self._store.end_watches()
         if self._runner is not None:
             await self._runner.cleanup()
@@ -221,6 +233,63 @@ class ApiServerStandin:
     def watch_count(self) -> int:
         """Watch streams open right now."""
         return self._store.watcher_count
+
+    @property
+    def fault(self) -> str | None:
+        """A misbehaviour to act out on watches: None, "short_watches" (each sends one
+        bookmark, or its first events, then ends) or "gone_after_list" (each resumed watch
+        answers 410 Expired at once)."""
+        return self._watch_settings.fault
+
+    @fault.setter
+    def fault(self, value: str | None) -> None:
+        if value not in (None, "short_watches", "gone_after_list"):
+            raise ValueError(f"unknown fault {value!r}")
+        self._watch_settings.fault = value
+
+    def _meter(self, request: web.Request, size: int, events: int) -> None:
+        agent = request.headers.get("User-Agent", "")
+        self.sent_bytes[agent] += size
+        self.sent_events[agent] += events
+
+    # Heartbeats --------------------------------------------------------------------------
+
+    def heartbeat(self, name: str, *, flap: str | None = None) -> Obj:
+        """What a kubelet's status update does: every condition's lastHeartbeatTime moves
+        (a MODIFIED event); `flap` also turns that condition over."""
+        return self.update_node(name, lambda node: objects.heartbeat(node, flap))
+
+    def start_heartbeats(
+        self, *, period: float = 300.0, flapping: float = 0.01, flap_period: float = 10.0, seed: int = 1
+    ) -> None:
+        """Kubelet-like status updates from now on: every node once per `period` (spread
+        evenly), and a `flapping` fraction of the nodes turning a condition over every
+        `flap_period` on top."""
+        self.stop_heartbeats()
+        self._heartbeats = asyncio.create_task(self._beat(period, flapping, flap_period, seed))
+
+    def stop_heartbeats(self) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
+            self._heartbeats = None
+
+    async def _beat(self, period: float, flapping: float, flap_period: float, seed: int) -> None:
+        rng = random.Random(seed)
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        names = list(self._store.keys("nodes"))
+        due: list[tuple[float, int, str, bool]] = []
+        for i, name in enumerate(names):
+            heapq.heappush(due, (start + rng.random() * period, i, name, False))
+        for i, name in enumerate(rng.sample(names, round(len(names) * flapping))):
+            heapq.heappush(due, (start + rng.random() * flap_period, len(names) + i, name, True))
+        while due:
+            at, i, name, flaps = heapq.heappop(due)
+            if (wait := at - loop.time()) > 0:
+                await asyncio.sleep(wait)
+            if self._store.get("nodes", name) is not None:
+                self.heartbeat(name, flap=objects.FLAPPING_CONDITION if flaps else None)
+            heapq.heappush(due, (at + (flap_period if flaps else period), i, name, flaps))
 
     # Authentication --------------------------------------------------------------------
 
@@ -334,7 +403,10 @@ class ApiServerStandin:
         self._node_count += 1
         n = self._node_count
         ip = internal_ip or f"10.128.{n // 250 % 256}.{n % 250 + 1}"
-        return self._store.create("nodes", name, objects.new_node(name, unschedulable, taints, labels, ip))
+        node = objects.new_node(name, unschedulable, taints, labels, ip)
+        if self._realistic:
+            objects.make_realistic(node, seed=n)
+        return self._store.create("nodes", name, node)
 
     def node(self, name: str) -> Obj | None:
         stored = self._store.get("nodes", name)

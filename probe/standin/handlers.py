@@ -88,20 +88,54 @@ def with_kind(kind: str, body: bytes) -> bytes:
     return b'{"kind":"%s","apiVersion":"v1",%s' % (KIND_NAMES[kind].encode(), body[1:])
 
 
-def event_line(kind: str, type_: str, obj: Stored) -> bytes:
-    return b'{"type":"%s","object":%s}\n' % (type_.encode(), with_kind(kind, obj.body))
+#: The metadata-only representation (`Accept: application/json;as=PartialObjectMetadata...`).
+PARTIAL = "PartialObjectMetadata"
+_PARTIAL_HEAD = b'{"kind":"PartialObjectMetadata","apiVersion":"meta.k8s.io/v1","metadata":'
 
 
-def bookmark_line(kind: str, rv: int) -> bytes:
-    meta = {"kind": KIND_NAMES[kind], "apiVersion": "v1", "metadata": {"resourceVersion": str(rv)}}
+def partial(obj: Obj) -> bytes:
+    """An object as PartialObjectMetadata: its metadata only (managedFields included)."""
+    return _PARTIAL_HEAD + json.dumps(obj["metadata"], separators=(",", ":")).encode() + b"}"
+
+
+def event_line(kind: str, type_: str, obj: Stored, metadata_only: bool = False) -> bytes:
+    body = partial(obj.obj) if metadata_only else with_kind(kind, obj.body)
+    return b'{"type":"%s","object":%s}\n' % (type_.encode(), body)
+
+
+def bookmark_line(kind: str, rv: int, metadata_only: bool = False) -> bytes:
+    head = {"kind": PARTIAL, "apiVersion": "meta.k8s.io/v1"} if metadata_only else {
+        "kind": KIND_NAMES[kind], "apiVersion": "v1"}
+    meta = {**head, "metadata": {"resourceVersion": str(rv)}}
     return json.dumps({"type": "BOOKMARK", "object": meta}, separators=(",", ":")).encode() + b"\n"
+
+
+def metadata_only(request: web.Request, watch: bool) -> bool:
+    """Whether the client asked for PartialObjectMetadata(List), as the API server reads
+    `Accept`: the first acceptable media type wins; none acceptable is 406."""
+    want = PARTIAL if watch else PARTIAL + "List"
+    offered = [part.strip() for part in request.headers.get("Accept", "application/json").split(",")]
+    for media in offered:
+        kind, *raw = (p.strip() for p in media.split(";"))
+        params = dict(p.partition("=")[::2] for p in raw)
+        if kind not in ("application/json", "application/*", "*/*"):
+            continue
+        if "as" not in params:
+            return False
+        if params == {"as": want, "g": "meta.k8s.io", "v": "v1"}:
+            return True
+    raise ApiError(
+        406,
+        "NotAcceptable",
+        f"only the following media types are accepted: application/json, application/json;as={want};g=meta.k8s.io;v=v1",
+    )
 
 
 def error_line(error: ApiError) -> bytes:
     return json.dumps({"type": "ERROR", "object": error.status()}, separators=(",", ":")).encode() + b"\n"
 
 
-def event_for(change: Change, accepts: Callable[[Obj], bool]) -> bytes | None:
+def event_for(change: Change, accepts: Callable[[Obj], bool], metadata_only: bool = False) -> bytes | None:
     """What one watcher sees of a change, given its namespace and selectors.
 
     As in the API server's watch cache: an object that starts matching is ADDED, one that
@@ -109,14 +143,14 @@ def event_for(change: Change, accepts: Callable[[Obj], bool]) -> bytes | None:
     """
     new_ok = accepts(change.new.obj)
     if change.type != "MODIFIED":
-        return event_line(change.kind, change.type, change.new) if new_ok else None
+        return event_line(change.kind, change.type, change.new, metadata_only) if new_ok else None
     old_ok = change.old is not None and accepts(change.old.obj)
     if old_ok and new_ok:
-        return event_line(change.kind, "MODIFIED", change.new)
+        return event_line(change.kind, "MODIFIED", change.new, metadata_only)
     if new_ok:
-        return event_line(change.kind, "ADDED", change.new)
+        return event_line(change.kind, "ADDED", change.new, metadata_only)
     if old_ok and change.old is not None:
-        return event_line(change.kind, "DELETED", change.old.stamped(change.rv))
+        return event_line(change.kind, "DELETED", change.old.stamped(change.rv), metadata_only)
     return None
 
 
@@ -136,18 +170,26 @@ def _decode_continue(token: str) -> tuple[int, str]:
         raise bad_request(f"continue key is not valid: {exc}") from None
 
 
-@dataclass(frozen=True)
+@dataclass
 class WatchSettings:
     bookmark_interval: float
     max_watch_seconds: float
+    #: A fault to act out: "short_watches" (every watch sends one bookmark, or its first
+    #: events, and ends), "gone_after_list" (every resumed watch answers 410 at once).
+    fault: str | None = None
+
+
+#: Told what each request was sent: (request, body bytes, watch events).
+Meter = Callable[[web.Request, int, int], None]
 
 
 class Api:
     """aiohttp handlers over a Store. Authentication is the caller's middleware."""
 
-    def __init__(self, store: Store, settings: WatchSettings) -> None:
+    def __init__(self, store: Store, settings: WatchSettings, meter: Meter | None = None) -> None:
         self._store = store
         self._settings = settings
+        self._meter: Meter = meter or (lambda _request, _size, _events: None)
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/version", self.version)
@@ -198,7 +240,11 @@ class Api:
     def _list(self, request: web.Request) -> web.Response:
         kind = _kind_of(request)
         accepts, selective = self._filter(request, kind)
+        partial_only = metadata_only(request, watch=False)
         limit = _parse_int(request.query, "limit") or 0
+        if request.query.get("resourceVersion") == "0" and "continue" not in request.query:
+            # Served from the watch cache, which (kube-apiserver 1.32) ignores `limit`.
+            limit = 0
         rv, start = self._store.rv, ""
         if token := request.query.get("continue"):
             rv, start = _decode_continue(token)
@@ -219,21 +265,23 @@ class Api:
             index += 1
             if stored is None or not accepts(stored.obj):
                 continue
-            bodies.append(stored.body)
+            bodies.append(partial(stored.obj) if partial_only else stored.body)
             if len(bodies) == limit and index < hi:
                 meta["continue"] = _encode_continue(rv, keys[index - 1])
                 if not selective:
                     meta["remainingItemCount"] = hi - index
                 break
-        head = json.dumps(
-            {"kind": KIND_NAMES[kind] + "List", "apiVersion": "v1", "metadata": meta}, separators=(",", ":")
-        )
+        list_kind = {"kind": PARTIAL + "List", "apiVersion": "meta.k8s.io/v1"} if partial_only else {
+            "kind": KIND_NAMES[kind] + "List", "apiVersion": "v1"}
+        head = json.dumps({**list_kind, "metadata": meta}, separators=(",", ":"))
         body = b'%s,"items":[%s]}' % (head[:-1].encode(), b",".join(bodies))
+        self._meter(request, len(body), 0)
         return web.Response(body=body, content_type="application/json")
 
     async def _watch(self, request: web.Request) -> web.StreamResponse:
         kind = _kind_of(request)
         accepts, _ = self._filter(request, kind)
+        partial_only = metadata_only(request, watch=True)
         bookmarks = parse_bool(request.query, "allowWatchBookmarks")
         timeout = _parse_int(request.query, "timeoutSeconds") or 0
         # Like the real server, the server-side limit applies when the client sets none.
@@ -244,13 +292,20 @@ class Api:
         # Subscribing and reading the history happen without an await in between, so no
         # change is lost or sent twice.
         watcher = self._store.subscribe(kind)
+        fault = self._settings.fault
         try:
-            first, resumable = self._first_events(kind, since, accepts)
+            if fault == "gone_after_list" and since:
+                first, resumable = [error_line(too_old(since, self._store.rv))], False
+            else:
+                first, resumable = self._first_events(kind, since, accepts, partial_only)
             await response.prepare(request)
             for line in first:
-                await response.write(line)
-            if resumable:
-                await self._stream(response, watcher, accepts, bookmarks, duration)
+                await self._write(request, response, line)
+            if fault == "short_watches":
+                if bookmarks:
+                    await self._write(request, response, bookmark_line(kind, self._store.rv, partial_only))
+            elif resumable:
+                await self._stream(request, response, watcher, accepts, bookmarks, duration, partial_only)
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client went away; nothing more to send
@@ -258,26 +313,35 @@ class Api:
             self._store.unsubscribe(watcher)
         return response
 
-    def _first_events(self, kind: str, since: int, accepts: Callable[[Obj], bool]) -> tuple[list[bytes], bool]:
+    async def _write(self, request: web.Request, response: web.StreamResponse, line: bytes) -> None:
+        self._meter(request, len(line), 1)
+        await response.write(line)
+
+    def _first_events(
+        self, kind: str, since: int, accepts: Callable[[Obj], bool], partial_only: bool
+    ) -> tuple[list[bytes], bool]:
         """The events a new watch starts with, and whether it goes on after them."""
         if since == 0:
             # No resourceVersion (or "0"): the current state as synthetic ADDED events.
             stored = (self._store.get(kind, key) for key in self._store.keys(kind))
-            return [event_line(kind, "ADDED", s) for s in stored if s is not None and accepts(s.obj)], True
+            lines = [event_line(kind, "ADDED", s, partial_only) for s in stored if s is not None and accepts(s.obj)]
+            return lines, True
         changes = self._store.changes_since(since)
         if changes is None:
             # Like the real server: a 200 stream with one ERROR event, then the end.
             return [error_line(too_old(since, self._store.floor))], False
-        lines = (event_for(change, accepts) for change in changes if change.kind == kind)
-        return [line for line in lines if line is not None], True
+        events = (event_for(change, accepts, partial_only) for change in changes if change.kind == kind)
+        return [line for line in events if line is not None], True
 
     async def _stream(
         self,
+        request: web.Request,
         response: web.StreamResponse,
         watcher: Watcher,
         accepts: Callable[[Obj], bool],
         bookmarks: bool,
         duration: float,
+        partial_only: bool,
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration
@@ -296,13 +360,13 @@ class Api:
                 # Only bookmark with nothing queued: the bookmark's version must not pass
                 # an event this watcher has not been sent yet.
                 if bookmarks and loop.time() >= next_bookmark and watcher.queue.empty():
-                    await response.write(bookmark_line(watcher.kind, self._store.rv))
+                    await self._write(request, response, bookmark_line(watcher.kind, self._store.rv, partial_only))
                     next_bookmark = loop.time() + interval
                 continue
             if change is None:
                 return  # end_watches()
-            if (line := event_for(change, accepts)) is not None:
-                await response.write(line)
+            if (line := event_for(change, accepts, partial_only)) is not None:
+                await self._write(request, response, line)
 
 
 def _kind_of(request: web.Request) -> str:

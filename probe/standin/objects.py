@@ -166,3 +166,75 @@ def fields(kind: str, obj: Obj) -> dict[str, str]:
 
 def supported_fields(kind: str) -> frozenset[str]:
     return NODE_FIELDS if kind == "nodes" else POD_FIELDS
+
+
+# Realistic nodes and kubelet heartbeats ------------------------------------------------
+
+#: The condition a flapping node turns over (node-problem-detector's, as seen in real clusters).
+FLAPPING_CONDITION = "FrequentContainerdRestart"
+_CONDITIONS = (
+    ("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+    ("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+    ("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+    ("NetworkUnavailable", "False", "RouteCreated", "RouteController created a route"),
+    ("KernelDeadlock", "False", "KernelHasNoDeadlock", "kernel has no deadlock"),
+    ("ReadonlyFilesystem", "False", "FilesystemIsNotReadOnly", "Filesystem is not read-only"),
+    ("FrequentKubeletRestart", "False", "NoFrequentKubeletRestart", "kubelet is functioning properly"),
+    ("FrequentContainerdRestart", "False", "NoFrequentContainerdRestart", "containerd is functioning properly"),
+    ("CorruptDockerOverlay2", "False", "NoCorruptDockerOverlay2", "docker overlay2 is functioning properly"),
+)
+
+
+def make_realistic(node: Obj, *, seed: int, images: int = 45) -> None:
+    """Fill a node the way a kubelet and the cloud controller do: many conditions, ~45
+    images with digests and tags, capacity, nodeInfo, annotations and managedFields
+    (about 12 KB of JSON, in the 5-20 KB range of real nodes)."""
+    stamp = now()
+    meta, status = node["metadata"], node["status"]
+    meta["labels"].update({
+        "beta.kubernetes.io/arch": "amd64", "kubernetes.io/arch": "amd64",
+        "node.kubernetes.io/instance-type": "m6i.2xlarge", "topology.kubernetes.io/region": "eu-west-1",
+        "topology.kubernetes.io/zone": f"eu-west-1{'abc'[seed % 3]}", "node-role.kubernetes.io/worker": "",
+    })
+    meta["annotations"] = {
+        "node.alpha.kubernetes.io/ttl": "0",
+        "volumes.kubernetes.io/controller-managed-attach-detach": "true",
+        "csi.volume.kubernetes.io/nodeid": f'{{"ebs.csi.aws.com":"i-{seed:017x}"}}',
+    }
+    meta["managedFields"] = [
+        {"manager": manager, "operation": "Update", "apiVersion": "v1", "time": stamp, "fieldsType": "FieldsV1",
+         "fieldsV1": {"f:status": {"f:conditions": {f'k:{{"type":"{c[0]}"}}': {".": {}, "f:lastHeartbeatTime": {},
+                                                     "f:status": {}} for c in _CONDITIONS[:4]}}}}
+        for manager in ("kubelet", "node-problem-detector", "kube-controller-manager")
+    ]
+    status["conditions"] = [
+        {"type": t, "status": v, "reason": r, "message": m, "lastHeartbeatTime": stamp, "lastTransitionTime": stamp}
+        for t, v, r, m in _CONDITIONS
+    ] + status["conditions"]
+    status["capacity"] = {"cpu": "8", "memory": "32386220Ki", "pods": "110", "ephemeral-storage": "104845292Ki"}
+    status["allocatable"] = {"cpu": "7910m", "memory": "31369388Ki", "pods": "110",
+                             "ephemeral-storage": "95551679124"}
+    status["daemonEndpoints"] = {"kubeletEndpoint": {"Port": 10250}}
+    status["nodeInfo"] = {
+        "machineID": f"{seed:032x}", "systemUUID": f"ec2{seed:05x}-0000-0000-0000-000000000000",
+        "bootID": f"{seed:08x}-1111-2222-3333-444455556666", "kernelVersion": "6.1.119-129.201.amzn2023.x86_64",
+        "osImage": "Amazon Linux 2023.6.20241212", "containerRuntimeVersion": "containerd://1.7.23",
+        "kubeletVersion": "v1.32.0", "kubeProxyVersion": "v1.32.0", "operatingSystem": "linux",
+        "architecture": "amd64",
+    }
+    status["images"] = [
+        {"names": [f"registry.example.com/team-{i % 7}/service-{i}@sha256:{(seed * 7919 + i):064x}",
+                   f"registry.example.com/team-{i % 7}/service-{i}:v1.{i}.{seed % 10}"],
+         "sizeBytes": 10_000_000 + i * 1_234_567}
+        for i in range(images)
+    ]
+
+
+def heartbeat(node: Obj, flap: str | None = None) -> None:
+    """A kubelet status update: heartbeat times move; `flap` turns that condition over."""
+    stamp = now()
+    for condition in node["status"].get("conditions", []):
+        condition["lastHeartbeatTime"] = stamp
+        if condition["type"] == flap:
+            condition["status"] = "True" if condition["status"] == "False" else "False"
+            condition["lastTransitionTime"] = stamp
