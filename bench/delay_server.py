@@ -5,8 +5,8 @@ Every answer is sent DELAY after its request arrived. What the server reports as
 is measured, not assumed: from the kernel's receive timestamp of the request (SO_TIMESTAMPNS)
 to right after the `send` of the answer, so its own scheduling lateness is in the figure
 (it is real time the client waited) and a client's only extra is the loopback itself. Over
-TLS it also reports the handshake: from the kernel receive time of the ClientHello to right
-after the `send` of its reply flight, which, plus one loopback round trip (microseconds), is
+TLS it also reports the handshake: from the kernel receive time of the ClientHello to the
+`send` of its reply flight, which, plus one loopback round trip (microseconds), is
 what the client waited for.
 
 One thread, a selector and a heap of due answers: nothing here waits on anything else.
@@ -75,8 +75,8 @@ class DelayServer:
             now = time.perf_counter_ns()
             while self.due and self.due[0][0] <= now:
                 _, _, conn, answer, arrived, request_id = heapq.heappop(self.due)
-                self._send(conn, answer)
-                hold = (time.perf_counter_ns() - arrived) / 1e9
+                sent = self._send(conn, answer)
+                hold = (sent - arrived) / 1e9
                 self._close(conn)
                 if request_id is None:
                     continue  # a control request
@@ -128,8 +128,8 @@ class DelayServer:
                 self._close(conn)
                 return
             flushed = self._flush(conn)
-            if conn.tls_ns is None and flushed:
-                conn.tls_ns = time.perf_counter_ns() - conn.hello_at
+            if conn.tls_ns is None and flushed is not None:
+                conn.tls_ns = flushed - conn.hello_at
             if not conn.handshaken:
                 return
         plain = bytearray()
@@ -170,31 +170,32 @@ class DelayServer:
         head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
         heapq.heappush(self.due, (0, next(self.seq), conn, head + body, 0, None))
 
-    def _send(self, conn: Conn, payload: bytes) -> None:
+    def _send(self, conn: Conn, payload: bytes) -> int:
+        """Send `payload`; the moment the send began."""
         if conn.tls is not None:
             try:
                 conn.tls.write(payload)
             except ssl.SSLError:
-                return
-            self._flush(conn)
-            return
-        self._sendall(conn, payload)
+                return time.perf_counter_ns()
+            return self._flush(conn) or time.perf_counter_ns()
+        return self._sendall(conn, payload)
 
-    def _flush(self, conn: Conn) -> bool:
+    def _flush(self, conn: Conn) -> int | None:
+        """Send what TLS has to send; the moment the send began, None if nothing was due."""
         assert conn.outgoing is not None
         pending = conn.outgoing.read()
-        if pending:
-            self._sendall(conn, pending)
-        return bool(pending)
+        return self._sendall(conn, pending) if pending else None
 
-    def _sendall(self, conn: Conn, payload: bytes) -> None:
+    def _sendall(self, conn: Conn, payload: bytes) -> int:
         conn.sock.setblocking(True)  # answers are tiny: a blocking send never waits here
+        started = time.perf_counter_ns()
         try:
             conn.sock.sendall(payload)
         except OSError:
             pass
         finally:
             conn.sock.setblocking(False)
+        return started
 
     def _close(self, conn: Conn) -> None:
         with contextlib.suppress(KeyError, ValueError):

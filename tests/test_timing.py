@@ -192,3 +192,4 @@ async def test_a_reused_connection_times_the_request_that_uses_it(
     assert second.events[names.WROTE_REQUEST] < 0.001
     if second.timing_source == kernel.KERNEL:
         assert SERVER_DELAY <= second.duration < SERVER_DELAY + 0.030, second.events
+

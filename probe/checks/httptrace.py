@@ -171,6 +171,13 @@ class TimedSocket(socket.socket):
     _request_started_ns: int | None = None
     _request_sent_ns: int | None = None
     _answered = False
+    #: Bytes received so far on this connection.
+    _rx_total = 0
+    #: After a TLS handshake: (end offset, first byte's arrival) of each record received.
+    _records: list[tuple[int, int]] | None = None
+    _record_left = 0
+    _record_header = b""
+    _record_started: tuple[int, int] = (0, 0)
 
     def setup(self, timeline: Timeline) -> None:
         self.timeline = timeline
@@ -267,7 +274,10 @@ class TimedSocket(socket.socket):
             if n:
                 now = time.perf_counter_ns()
                 self._received(now, now)
+                self._rx_total += n
             return n
+        if self._records is not None:
+            return self._recv_record(view, flags)
         # A read that finds several segments queued (the loop was busy) is stamped with the
         # last one's arrival. One byte first gets the first segment's own stamp: the answer's
         # first byte, not its last (a body held back by Nagle arrives 40 ms after the head).
@@ -275,6 +285,8 @@ class TimedSocket(socket.socket):
         if not n:
             return 0
         first = kernel.rx_timestamp_ns(ancdata)
+        if first is None:
+            self._unstamped()
         last = first
         if len(view) > 1:
             try:
@@ -286,7 +298,46 @@ class TimedSocket(socket.socket):
                 last = kernel.rx_timestamp_ns(ancdata) or first
         now = time.perf_counter_ns()
         self._received(first or now, last or now)
+        self._rx_total += n
         return n
+
+    def _recv_record(self, view: memoryview, flags: int) -> int:
+        """After a TLS handshake: read no further than the end of the current TLS record, so
+        every record's first byte gets its own arrival stamp. A session ticket that arrived
+        just before the answer, both read at once by a busy loop, must not pass for the
+        answer's first byte; which record decrypted to the answer is known at `tls_app_read`.
+        """
+        assert self._records is not None
+        header = self._record_header
+        want = 5 - len(header) if self._record_left == 0 else self._record_left
+        n, ancdata, _, _ = self.recvmsg_into([view[: min(len(view), want)]], kernel.ANCILLARY_SIZE, flags)
+        if not n:
+            return 0
+        at = kernel.rx_timestamp_ns(ancdata)
+        if at is None:
+            self._unstamped()
+            at = time.perf_counter_ns()
+        if self._record_left == 0:
+            if not header:
+                self._record_started = (self._rx_total, at)
+            header += bytes(view[:n])
+            if len(header) == 5:
+                length = int.from_bytes(header[3:5], "big")
+                start, started_at = self._record_started
+                self._records.append((start + 5 + length, started_at))
+                self._record_left, self._record_header = length, b""
+            else:
+                self._record_header = header
+        else:
+            self._record_left -= n
+        self.first_received_ns = at
+        self._rx_total += n
+        return n
+
+    def _unstamped(self) -> None:
+        """Data came without a kernel stamp: this figure is the loop's, and says so."""
+        if self.timeline is not None:
+            self.timeline.source = kernel.LOOP
 
     def _timing(self) -> bool:
         """Still something to time: the handshake or the answer's first byte."""
@@ -319,8 +370,11 @@ class TimedSocket(socket.socket):
     def tls_begin(self) -> None:
         self._tls = self._handshaking = True
 
-    def tls_done(self) -> None:
+    def tls_done(self, unread: int) -> None:
+        """The handshake completed with `unread` received bytes not yet consumed by TLS."""
         self._handshaking = False
+        if unread == 0 and self._kernel_rx:
+            self._records = []  # from here, TLS records begin at a known offset
         timeline = self.timeline
         if timeline is None or self._tls_started_ns is None or not self._flights:
             return
@@ -335,10 +389,20 @@ class TimedSocket(socket.socket):
             self._rebind(timeline)
         self._app_write = True
 
-    def tls_app_read(self) -> None:
+    def tls_app_read(self, unread: int) -> None:
+        """Application data decrypted; `unread` received bytes are not yet consumed by TLS,
+        so the record that carried it ends at offset `_rx_total - unread`."""
         timeline = self.timeline
-        if timeline is not None and not self._answered:
-            self._first_byte(timeline, getattr(self, "first_received_ns", time.perf_counter_ns()))
+        if timeline is None or self._answered:
+            return
+        at = getattr(self, "first_received_ns", time.perf_counter_ns())
+        if self._records:
+            consumed = self._rx_total - unread
+            carried = [started for end, started in self._records if end <= consumed]
+            if carried:
+                at = carried[-1]
+        self._records = None
+        self._first_byte(timeline, at)
 
 
 def socket_factory(addr_info: AddrInfoType) -> socket.socket:
@@ -358,11 +422,15 @@ class TimedSSLObject(ssl.SSLObject):
     """Tells its socket when the handshake completed and when application data arrived."""
 
     _timed_socket: TimedSocket | None = None
+    _incoming: ssl.MemoryBIO | None = None
+
+    def _unread(self) -> int:
+        return self._incoming.pending if self._incoming is not None else -1
 
     def do_handshake(self) -> None:
         super().do_handshake()  # raises SSLWantReadError until the server's flight is in
         if self._timed_socket is not None:
-            self._timed_socket.tls_done()
+            self._timed_socket.tls_done(self._unread())
 
     def write(self, data: Any) -> int:
         if self._timed_socket is not None:
@@ -372,7 +440,7 @@ class TimedSSLObject(ssl.SSLObject):
     def read(self, len: int = 1024, buffer: Any = None) -> Any:  # ssl's own signature
         data = super().read(len, buffer)
         if data and self._timed_socket is not None:
-            self._timed_socket.tls_app_read()
+            self._timed_socket.tls_app_read(self._unread())
         return data
 
 
@@ -394,6 +462,8 @@ class TimedSSLContext(ssl.SSLContext):
             sock = timeline.sock
             if isinstance(obj, TimedSSLObject) and sock is not None:
                 obj._timed_socket = sock
+                incoming = args[0] if args else kwargs.get("incoming")
+                obj._incoming = incoming if isinstance(incoming, ssl.MemoryBIO) else None
                 sock.tls_begin()
         return obj
 

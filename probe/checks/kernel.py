@@ -84,11 +84,22 @@ class Capabilities:
         return f"event-loop marks ({', '.join(missing)} not available here): figures include the probe's own delays"
 
 
+#: A socket with receive timestamps on, kept open for the life of the process. The kernel
+#: turns timestamping on for the whole host only when a socket asks for it, and does so
+#: lazily (a deferred work item): without a keeper, every check's first packets would race
+#: that switch and could arrive unstamped, and the capability probe itself could fail.
+_keeper: socket.socket | None = None
+
+
 @functools.cache
 def capabilities() -> Capabilities:
-    """Try both sources once on a loopback connection."""
+    """Try both sources once on a loopback connection (and keep timestamping switched on)."""
+    global _keeper
     rx = info = False
     try:
+        if _keeper is None:
+            _keeper = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            enable_rx_timestamps(_keeper)
         with socket.socket() as server:
             server.bind(("127.0.0.1", 0))
             server.listen(1)
@@ -97,10 +108,14 @@ def capabilities() -> Capabilities:
                 with peer:
                     info = tcp_rtt_ns(client) is not None
                     if enable_rx_timestamps(client):
-                        peer.sendall(b"x")
                         client.settimeout(2)
-                        _, ancdata, _, _ = client.recvmsg(1, ANCILLARY_SIZE)
-                        rx = rx_timestamp_ns(ancdata) is not None
+                        for _ in range(20):  # the kernel switches timestamping on lazily
+                            peer.sendall(b"x")
+                            _, ancdata, _, _ = client.recvmsg(1, ANCILLARY_SIZE)
+                            rx = rx_timestamp_ns(ancdata) is not None
+                            if rx:
+                                break
+                            time.sleep(0.005)
     except OSError:
         pass
     return Capabilities(rx_timestamps=rx, tcp_info=info)
