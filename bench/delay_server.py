@@ -70,8 +70,12 @@ class DelayServer:
             for key, _ in self.selector.select(timeout):
                 if key.fileobj is self.listener:
                     self._accept()
-                else:
+                    continue
+                try:
                     self._readable(key.data)
+                except Exception as e:  # one bad client must not take the target down
+                    print(f"delay server: dropped a connection: {e!r}", file=sys.stderr)
+                    self._close(key.data)
             now = time.perf_counter_ns()
             while self.due and self.due[0][0] <= now:
                 _, _, conn, answer, arrived, request_id = heapq.heappop(self.due)
@@ -187,14 +191,14 @@ class DelayServer:
         return self._sendall(conn, pending) if pending else None
 
     def _sendall(self, conn: Conn, payload: bytes) -> int:
-        conn.sock.setblocking(True)  # answers are tiny: a blocking send never waits here
         started = time.perf_counter_ns()
         try:
+            conn.sock.setblocking(True)  # answers are tiny: a blocking send never waits here
+            started = time.perf_counter_ns()
             conn.sock.sendall(payload)
-        except OSError:
-            pass
-        finally:
             conn.sock.setblocking(False)
+        except OSError:
+            pass  # the client went away (a probe stopped with answers still due)
         return started
 
     def _close(self, conn: Conn) -> None:

@@ -270,15 +270,19 @@ async def test_a_hanging_check_never_overlaps_itself_and_others_keep_their_caden
 
 
 def test_start_offsets_are_deterministic_and_spread_over_part_of_the_interval() -> None:
-    from probe.checks.rounds import SPREAD, start_offset
+    from probe.checks.rounds import SLOT_SIZE, SPREAD, slots_for, start_offset
 
+    assert slots_for(14) == 1  # a default round (4 built-in + 10 neighbours) starts as one
     types = [f"path_node-{i}" for i in range(200)]
-    offsets = [start_offset(t, 5.0) for t in types]
-    assert offsets == [start_offset(t, 5.0) for t in types]  # the same phase every interval
+    slots = slots_for(len(types))
+    assert slots == -(-200 // SLOT_SIZE)
+    offsets = [start_offset(t, 5.0, slots) for t in types]
+    assert offsets == [start_offset(t, 5.0, slots) for t in types]  # the same phase every interval
     assert all(0 <= o < SPREAD * 5.0 for o in offsets)
-    # Spread, not bunched: every tenth of the spread window gets some checks.
-    buckets = {int(o / (SPREAD * 5.0) * 10) for o in offsets}
-    assert buckets == set(range(10))
+    # Every slot is used, and none holds far more than its share.
+    per_slot = {o: offsets.count(o) for o in set(offsets)}
+    assert len(per_slot) == slots
+    assert max(per_slot.values()) <= 2 * SLOT_SIZE
 
 
 def test_skipped_checks_say_why() -> None:
