@@ -279,8 +279,8 @@ class TimedSocket(socket.socket):
         if self._records is not None:
             return self._recv_record(view, flags)
         # A read that finds several segments queued (the loop was busy) is stamped with the
-        # last one's arrival. One byte first gets the first segment's own stamp: the answer's
-        # first byte, not its last (a body held back by Nagle arrives 40 ms after the head).
+        # last one's arrival. One byte first gets the first segment's own stamp, where the
+        # kernel kept the segments apart (it merges small ones and keeps the latest stamp).
         n, ancdata, _, _ = self.recvmsg_into([view[:1]], kernel.ANCILLARY_SIZE, flags)
         if not n:
             return 0
