@@ -52,6 +52,13 @@ def test_nothing_wrong_is_one_ok_verdict() -> None:
     assert "20 paths" in found[0].evidence[0]
 
 
+def test_no_path_checked_yet_is_an_unsure_ok() -> None:
+    evidence = mesh()
+    found = judge(Evidence(evidence.nodes, (), evidence.checks))
+    assert kinds(found) == [("ok", "cluster", "unsure")]
+    assert "no path" in found[0].summary
+
+
 def test_a_stopped_node_is_unreachable_for_sure() -> None:
     found = judge(mesh(down={"n3"}))
     assert kinds(found) == [("node_unreachable", "n3", "sure")]

@@ -551,4 +551,8 @@ def _all_well(evidence: Evidence, paths: Sequence[PathView]) -> Verdict:
     not_ready = sorted(n.node for n in evidence.nodes if not n.ready)
     if not_ready:
         facts.append(f"not ready (cordoned or shutting down, so not checked): {_names(not_ready)}")
+    if not paths and len(evidence.nodes) > 1:
+        # Probes that just started have checked nothing yet: no failure is not "all well".
+        return Verdict(OK, "cluster", UNSURE, "Nothing fails, but no path between nodes has been checked yet.",
+                       tuple(facts))
     return Verdict(OK, "cluster", SURE, "Nothing is wrong: every probe reaches every node it checks.", tuple(facts))
