@@ -7,7 +7,6 @@ Everything runs on loopback against real servers and a real probe process.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import socket
@@ -21,7 +20,6 @@ from contextlib import contextmanager
 
 import aiohttp
 
-DELAY = 0.020  # the target's known server-side delay
 Row = tuple[str, str]
 
 
@@ -74,10 +72,6 @@ def delay_server(delay: float) -> Iterator[str]:
     port = url.rsplit(":", 1)[1]
     with running([sys.executable, "-m", "bench.delay_server", port, str(delay)], f"{url}/reset"):
         yield url
-
-
-def served(url: str) -> list[float]:
-    return [float(x) for x in json.loads(fetch(f"{url}/served"))]
 
 
 def cpu_seconds(pid: int) -> float:

@@ -194,7 +194,6 @@ class DelayServer:
         started = time.perf_counter_ns()
         try:
             conn.sock.setblocking(True)  # answers are tiny: a blocking send never waits here
-            started = time.perf_counter_ns()
             conn.sock.sendall(payload)
             conn.sock.setblocking(False)
         except OSError:

@@ -207,19 +207,18 @@ class TimedSocket(socket.socket):
     def send(self, data: Any, *args: Any) -> int:
         before = time.perf_counter_ns()
         sent = super().send(data, *args)
-        self._sent(before, time.perf_counter_ns())
+        self._sent(before)
         return sent
 
     def sendmsg(self, *args: Any) -> int:
         before = time.perf_counter_ns()
         sent = super().sendmsg(*args)
-        self._sent(before, time.perf_counter_ns())
+        self._sent(before)
         return sent
 
-    def _sent(self, before: int, after: int) -> None:
+    def _sent(self, before: int) -> None:
         # The bytes left when the syscall began: on loopback the peer gets them inside the
         # syscall and may even answer before it returns, so the syscall's end is no start.
-        del after
         # A reused connection carries the request of whichever task writes to it now.
         timeline = _current.get() or self.timeline
         if timeline is None:

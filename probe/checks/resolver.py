@@ -4,8 +4,9 @@ inside the call and kept off the event loop's shared executor.
 aiohttp's default resolver runs getaddrinfo on the loop's default executor, which the
 server's `/metrics` and the shutdown share: a black-holed DNS server (5 s per attempt)
 then stalls both. Here every lookup runs on a daemon thread of its own, at most
-MAX_LOOKUPS at once: a stuck lookup holds one thread and nothing else, and never holds up
-the process's exit. The DNS phase is timed in that thread around the call itself, so time a
+MAX_LOOKUPS awaited at once (a lookup whose check gave up keeps its thread until glibc
+returns, and no more): a stuck lookup holds one thread and nothing else, and never holds
+up the process's exit. The DNS phase is timed in that thread around the call itself, so time a
 lookup waited for a free thread or for the loop is not DNS time.
 """
 
@@ -23,7 +24,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from probe import names
 from probe.checks import httptrace
 
-#: Lookups in flight at once; more wait (untimed) for a free slot.
+#: Lookups awaited at once; more wait (untimed) for a free slot.
 MAX_LOOKUPS = 8
 _NUMERIC = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
 _Infos = list[tuple[Any, Any, int, str, Any]]
