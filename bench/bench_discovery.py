@@ -79,7 +79,7 @@ def _serve_standin(folder: str, size: int, kubelets: bool = False) -> None:
     """Child process: a stand-in with `size` probe pods on `size` nodes, plus node-me;
     one JSON command per stdin line, one JSON answer per stdout line. `kubelets`: realistic
     nodes (~14 KB each), heartbeats as real kubelets send them, bookmarks every minute."""
-    from probe.standin import ApiServerStandin
+    from kubenurse_sandbox.standin import ApiServerStandin
 
     def pod(api: ApiServerStandin, name: str, node: str, ip: str) -> None:
         api.add_pod(name, namespace=NS, node_name=node, pod_ip=ip, labels=LABELS)

@@ -23,8 +23,16 @@ def _mesh(args: list[str]) -> int:
 
 
 def _sandbox(args: list[str]) -> int:
-    from probe.sandbox import main as sandbox
-
+    # The sandbox (and its API-server stand-in) is a separate package that the image does
+    # not ship: it is installed with the `sandbox` extra.
+    try:
+        from kubenurse_sandbox import main as sandbox
+    except ImportError as e:
+        print(
+            f"kubenurse sandbox: not installed ({e.name}); install it with: pip install -e '.[sandbox]'",
+            file=sys.stderr,
+        )
+        return 2
     return sandbox(args)
 
 

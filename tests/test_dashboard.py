@@ -1,6 +1,6 @@
 """The Grafana dashboard, and the alert rules, against a real Prometheus scraping real probes.
 
-A small cluster on loopback: the Kubernetes API-server stand-in (probe.standin) with two
+A small cluster on loopback: the Kubernetes API-server stand-in (kubenurse_sandbox.standin) with two
 nodes and a probe pod on each, labelled as k8s/base labels them; two real probes
 (`python -m probe`), one per "node" address (127.0.0.2, 127.0.0.3) on the same port, that
 discover each other through the stand-in with the manifest's neighbour filter and check the
@@ -247,7 +247,7 @@ class Cluster:
     """The API-server stand-in on its own event loop thread: two nodes, a probe pod on each."""
 
     def __init__(self, directory: Path, pods: dict[str, str]) -> None:
-        from probe.standin import ApiServerStandin
+        from kubenurse_sandbox.standin import ApiServerStandin
 
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="standin", daemon=True)

@@ -22,8 +22,8 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
+from kubenurse_sandbox.standin.selectors import parse_label_selector
 from probe.settings import KNOWN_VARIABLES, Settings, load_settings
-from probe.standin.selectors import parse_label_selector
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

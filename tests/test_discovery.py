@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from kubenurse_sandbox.standin import ApiServerStandin
 from probe.app import Probe
 from probe.discovery import Fixed, make_discovery
 from probe.discovery.cache import Reflector, Timing, iter_list
@@ -26,7 +27,6 @@ from probe.discovery.kube import ApiError, KubeClient, Kubeconfig, ServiceAccoun
 from probe.discovery.source import KubeDiscovery, node_info, pod_info
 from probe.neighbours import StaticNeighbours, ring_hash
 from probe.settings import ExtraCheck, Settings
-from probe.standin import ApiServerStandin
 
 NS = "kubenurse"
 LABELS = {"app.kubernetes.io/name": "kubenurse"}

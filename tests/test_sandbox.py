@@ -507,7 +507,7 @@ async def test_stopping_a_slowed_proxy_mid_request_logs_nothing(caplog: pytest.L
     import asyncio
     import logging
 
-    from probe.sandbox.proxy import DelayProxy
+    from kubenurse_sandbox.proxy import DelayProxy
 
     async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(1024):

@@ -638,8 +638,8 @@ def test_help_exits_0() -> None:
     ["a>5", "a<3", "a > -1", "a>x", "a>", "a=b", "a in (x, y)", "!a", "a", "a=b=c", "a b", "a>5.5", "x/y=z"],
 )
 def test_selectors_are_accepted_as_the_api_server_stand_in_accepts_them(text: str) -> None:
-    from probe.standin.selectors import SelectorError as ApiError
-    from probe.standin.selectors import parse_label_selector
+    from kubenurse_sandbox.standin.selectors import SelectorError as ApiError
+    from kubenurse_sandbox.standin.selectors import parse_label_selector
 
     try:
         parse_label_selector(text)

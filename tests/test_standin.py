@@ -19,8 +19,8 @@ import pytest
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from probe.standin import ApiServerStandin
-from probe.standin.selectors import SelectorError, parse_field_selector, parse_label_selector
+from kubenurse_sandbox.standin import ApiServerStandin
+from kubenurse_sandbox.standin.selectors import SelectorError, parse_field_selector, parse_label_selector
 
 NS = "ns"
 
@@ -745,7 +745,7 @@ async def test_runs_as_a_process(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "probe.standin",
+        "kubenurse_sandbox.standin",
         "--serviceaccount-dir",
         str(sa),
         "--namespace",
@@ -932,7 +932,7 @@ async def test_faults_short_watches_and_gone_after_list(server: ApiServerStandin
 async def test_runs_as_a_process_with_realistic_nodes_and_heartbeats(tmp_path: Path) -> None:
     sa = tmp_path / "sa"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "probe.standin", "--serviceaccount-dir", str(sa), "--nodes", "4",
+        sys.executable, "-m", "kubenurse_sandbox.standin", "--serviceaccount-dir", str(sa), "--nodes", "4",
         "--realistic-nodes", "--heartbeat-period", "0.2", "--flapping", "0",
         stdout=asyncio.subprocess.PIPE,
     )

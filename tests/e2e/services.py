@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from probe.standin import ApiServerStandin
+from kubenurse_sandbox.standin import ApiServerStandin
 from tests.e2e.netns import SESSION_ENV, session_id, which
 
 T = TypeVar("T")

@@ -12,9 +12,9 @@ import time
 
 from aiohttp import web
 
-from probe.sandbox.cluster import Sandbox, reason
-from probe.sandbox.control import HELP, Commands, control_app, read_lines
-from probe.sandbox.options import Options, SandboxError
+from kubenurse_sandbox.cluster import Sandbox, reason
+from kubenurse_sandbox.control import HELP, Commands, control_app, read_lines
+from kubenurse_sandbox.options import Options, SandboxError
 
 #: Waiting for the first all-ok rounds is reported after this long at most.
 HEALTHY_WITHIN = 20.0

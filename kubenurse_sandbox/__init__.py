@@ -18,8 +18,8 @@ import argparse
 import asyncio
 import sys
 
-from probe.sandbox.control import HELP, send
-from probe.sandbox.options import DEFAULT_PORT, MAX_NODES, Options
+from kubenurse_sandbox.control import HELP, send
+from kubenurse_sandbox.options import DEFAULT_PORT, MAX_NODES, Options
 
 USAGE = """\
 kubenurse sandbox [--nodes N] [--port P] [--interval D] [--neighbour-limit K] [--no-prometheus]
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         prometheus=not args.no_prometheus,
     )
     try:
-        from probe.sandbox.session import run
+        from kubenurse_sandbox.session import run
     except ModuleNotFoundError as e:
         if e.name != "trustme":
             raise

@@ -13,7 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 
-log = logging.getLogger("probe.sandbox")
+log = logging.getLogger("kubenurse_sandbox")
 
 Address = tuple[str, int]
 #: Upstreams to try, in order, for one new connection (empty: refuse it by closing).

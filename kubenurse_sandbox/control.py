@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from probe.sandbox.options import SandboxError
+from kubenurse_sandbox.options import SandboxError
 from probe.settings import parse_duration
 
 if TYPE_CHECKING:
-    from probe.sandbox.cluster import Sandbox
+    from kubenurse_sandbox.cluster import Sandbox
 
 HELP = """\
 commands (NODE is node-2 or just 2):

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import aiohttp
 
-from probe.sandbox import children
-from probe.sandbox.options import MAX_NODES, Options, SandboxError
-from probe.sandbox.proxy import Address, DelayProxy
+from kubenurse_sandbox import children
+from kubenurse_sandbox.options import MAX_NODES, Options, SandboxError
+from kubenurse_sandbox.proxy import Address, DelayProxy
+from kubenurse_sandbox.standin import ApiServerStandin
 from probe.settings import KNOWN_VARIABLES
-from probe.standin import ApiServerStandin
 
 NAMESPACE = "kubenurse"
 APP_LABEL = {"app.kubernetes.io/name": "kubenurse"}

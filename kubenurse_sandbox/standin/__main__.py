@@ -1,4 +1,4 @@
-"""`python -m probe.standin`: run the API-server stand-in as a process (for the sandbox).
+"""`python -m kubenurse_sandbox.standin`: run the API-server stand-in as a process (for the sandbox).
 
 Prints one line, the server URL, once it serves and the credential files are written;
 stops cleanly on SIGTERM or SIGINT.
@@ -15,7 +15,7 @@ from .apiserver import ApiServerStandin
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m probe.standin", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m kubenurse_sandbox.standin", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--serviceaccount-dir", type=Path, help="write token, ca.crt and namespace here")
