@@ -67,6 +67,10 @@ REQUESTS = "kubenurse_httpclient_requests"
 ERRORS = "kubenurse_errors"
 INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
 #: Gauge, Unix seconds; the exporter appends `_seconds` (unit "s").
+TCP_RETRANSMITS = "kubenurse_tcp_retransmits"
+UDP_PACKETS_SENT = "kubenurse_udp_packets_sent"
+UDP_PACKETS_LOST = "kubenurse_udp_packets_lost"
+UDP_RTT = "kubenurse_udp_rtt"
 TLS_CERT_EXPIRY = "kubenurse_tls_certificate_expiry_timestamp"
 #: Served from the /metrics registry only (version and Python; OTLP has service.version).
 BUILD_INFO = "kubenurse_build_info"
@@ -88,6 +92,7 @@ ATTR_NEIGHBOUR_NODE = "kubenurse.neighbour.node"
 ATTR_NEIGHBOUR_POD = "kubenurse.neighbour.pod"
 ATTR_ERROR_EVENT = "kubenurse.error.event"
 #: Where the phase timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+ATTR_TCP_RETRANSMITS = "kubenurse.tcp.retransmits"
 ATTR_TIMING_SOURCE = "kubenurse.timing.source"
 #: The request duration the metrics recorded (network time, seconds).
 ATTR_NETWORK_DURATION = "kubenurse.request.duration"

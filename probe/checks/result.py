@@ -52,6 +52,9 @@ class CheckResult:
     cert_not_after: float | None = None
     #: Low-cardinality class of the failure (span `error.type`), e.g. "NXDOMAIN", "timeout".
     error_type: str | None = None
+    #: TCP segments the kernel resent on the check's connections (SYNs included); None
+    #: where the check had no TCP connection or the kernel does not say.
+    retransmits: int | None = None
 
     @property
     def key(self) -> str:

@@ -109,6 +109,10 @@ class Metrics:
         self.errors = meter.create_counter(
             names.ERRORS, description="Kubenurse error counter partitioned by error type"
         )
+        self.tcp_retransmits = meter.create_counter(
+            names.TCP_RETRANSMITS,
+            description="TCP segments the kernel resent on the checks' connections, SYNs included",
+        )
         self.cert_expiry = meter.create_gauge(
             names.TLS_CERT_EXPIRY,
             unit=names.UNIT_SECONDS,
@@ -139,6 +143,8 @@ class Metrics:
         self.requests.add(1, {**check_type, names.LABEL_CODE: code})
         if result.duration is not None:
             self.request_duration.record(result.duration, check_type)
+        if result.retransmits is not None:
+            self.tcp_retransmits.add(result.retransmits, check_type)
         if result.cert_not_after is not None:
             self.cert_expiry.set(result.cert_not_after, check_type)
         if result.error_event:
