@@ -17,6 +17,7 @@ PATH_PREFIX = "path_"
 KIND_HTTP = "http"
 KIND_DNS = "dns"
 KIND_TCP = "tcp"
+KIND_UDP = "udp"
 
 
 def path_type(node_name: str) -> str:
@@ -46,6 +47,8 @@ EVENTS = (
     GOT_FIRST_RESP_BYTE,
 )
 ROUND_TRIP_ERROR = "round_trip_error"
+#: A UDP check's full-size datagrams were lost while small ones came back.
+MTU = "mtu"
 #: `code` of a check without an HTTP status (dns, tcp) that succeeded.
 CODE_OK = "ok"
 
@@ -93,6 +96,9 @@ ATTR_NEIGHBOUR_POD = "kubenurse.neighbour.pod"
 ATTR_ERROR_EVENT = "kubenurse.error.event"
 #: Where the phase timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
 ATTR_TCP_RETRANSMITS = "kubenurse.tcp.retransmits"
+ATTR_UDP_SENT = "kubenurse.udp.sent"
+ATTR_UDP_LOST = "kubenurse.udp.lost"
+ATTR_UDP_MTU = "kubenurse.udp.path_mtu"
 ATTR_TIMING_SOURCE = "kubenurse.timing.source"
 #: The request duration the metrics recorded (network time, seconds).
 ATTR_NETWORK_DURATION = "kubenurse.request.duration"

@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from probe import names, resources
+from probe.checks.result import CheckResult
 from probe.checks.rounds import Round
 from probe.mesh.routes import add_routes as add_mesh_routes
 from probe.neighbours import Neighbour, Neighbourhood
@@ -94,6 +95,16 @@ def _remote_addr(request: web.Request) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _udp_text(result: CheckResult) -> str:
+    """A neighbour's UDP path as /alive shows it: the verdict, then what the train found."""
+    if result.udp_sent is None:
+        return result.summary
+    found = f"{result.udp_lost or 0} of {result.udp_sent} datagrams lost"
+    if result.duration is not None:
+        found += f", median round trip {result.duration * 1e3:.2f} ms"
+    return f"{result.summary} ({found})"
+
+
 def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, object], int]:
     last = state.last_round()
     hood = last.neighbourhood if last else state.neighbourhood()
@@ -104,6 +115,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
             results[check_type] = result.summary
             if result.skip_reason:
                 reasons[check_type] = result.skip_reason
+    udp = {check_type: _udp_text(result) for check_type, result in sorted(last.udp.items())} if last else {}
     results["neighbourhood_state"] = hood.state if not hood.skipped else names.SKIPPED
     if hood.skipped:
         reasons["neighbourhood"] = hood.state.removeprefix("skipped: ")
@@ -116,6 +128,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "remote_addr": _remote_addr(request),
         "last_check_result": results,
         "skipped_checks": reasons,
+        "udp_paths": udp,
         "discovery": {"stale": hood.stale, **hood.details},
         "incoming_checks": state.incoming.count(),
         **state.extra(),

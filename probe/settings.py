@@ -61,6 +61,8 @@ class Settings:
     check_me_ingress: bool = True
     check_me_service: bool = True
     check_neighbourhood: bool = True
+    #: Also send each neighbour a UDP train a round (loss, round trips, MTU).
+    check_neighbourhood_udp: bool = True
     check_dns_cluster: bool = True
     check_interval: float = 5.0
     check_timeout: float = 6.0
@@ -205,6 +207,9 @@ def parse_check_url(text: str) -> tuple[str, str]:
         return kind, text.strip()
     if kind == names.KIND_TCP:
         checkurls.parse_tcp_url(text)
+        return kind, text.strip()
+    if kind == names.KIND_UDP:
+        checkurls.parse_udp_url(text)
         return kind, text.strip()
     return kind, parse_url(text)
 
@@ -362,6 +367,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_CHECK_ME_INGRESS": ("check_me_ingress", parse_bool),
     "KUBENURSE_CHECK_ME_SERVICE": ("check_me_service", parse_bool),
     "KUBENURSE_CHECK_NEIGHBOURHOOD": ("check_neighbourhood", parse_bool),
+    "KUBENURSE_CHECK_NEIGHBOURHOOD_UDP": ("check_neighbourhood_udp", parse_bool),
     "KUBENURSE_CHECK_DNS_CLUSTER": ("check_dns_cluster", parse_bool),
     "KUBENURSE_CHECK_INTERVAL": ("check_interval", parse_positive_duration),
     "KUBENURSE_CHECK_TIMEOUT": ("check_timeout", parse_positive_duration),

@@ -75,4 +75,7 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
             host = f"[{n.pod_ip}]" if ":" in n.pod_ip else n.pod_ip
             url = f"{scheme}://{host}:{port}/alwayshappy"
             targets.append(Target(names.path_type(n.node_name), url, headers=origin, neighbour=n))
+            if settings.check_neighbourhood_udp:  # the echo listens on the HTTP port number
+                udp = f"udp://{host}:{settings.http_port}"
+                targets.append(Target(names.path_type(n.node_name), udp, neighbour=n, kind=names.KIND_UDP))
     return Plan(tuple(targets), tuple(skipped))

@@ -113,6 +113,19 @@ class Metrics:
             names.TCP_RETRANSMITS,
             description="TCP segments the kernel resent on the checks' connections, SYNs included",
         )
+        self.udp_sent = meter.create_counter(
+            names.UDP_PACKETS_SENT, description="Datagrams the UDP checks sent to probes' UDP echo"
+        )
+        self.udp_lost = meter.create_counter(
+            names.UDP_PACKETS_LOST,
+            description="Datagrams of the UDP checks that did not come back within the check timeout",
+        )
+        self.udp_rtt = meter.create_histogram(
+            names.UDP_RTT,
+            unit=names.UNIT_SECONDS,
+            description="Round trips of the UDP checks' datagrams (kernel send to kernel receive)",
+            explicit_bucket_boundaries_advisory=list(buckets),
+        )
         self.cert_expiry = meter.create_gauge(
             names.TLS_CERT_EXPIRY,
             unit=names.UNIT_SECONDS,
@@ -134,6 +147,16 @@ class Metrics:
         if result.skipped:
             return
         check_type = {names.LABEL_TYPE: result.check_type}
+        if result.udp_sent is not None:
+            # A UDP train is no HTTP request: a neighbour's UDP path shares its type with the
+            # HTTP check of that neighbour, whose httpclient series it must not touch.
+            self.udp_sent.add(result.udp_sent, check_type)
+            self.udp_lost.add(result.udp_lost or 0, check_type)
+            for rtt in result.udp_rtts:
+                self.udp_rtt.record(rtt, check_type)
+            if result.error_event:
+                self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
+            return
         for event, offset in result.events.items():
             self.trace_duration.record(offset, {**check_type, names.LABEL_EVENT: event})
         if result.status_code is not None:
