@@ -36,6 +36,9 @@ EXPECTED_ALERTS = {
     "KubenurseChecksStalled",
     "KubenurseClusterDNSFailing",
     "KubenurseTLSCertificateExpiring",
+    "KubenursePathLossy",
+    "KubenursePathMTU",
+    "KubenurseTCPRetransmits",
 }
 
 
@@ -106,6 +109,8 @@ def contract_series() -> set[str]:
     series = {f"{h}{suffix}" for h in histograms for suffix in ("_bucket", "_sum", "_count")}
     series |= {f"{names.REQUESTS}_total", f"{names.ERRORS}_total", names.INCOMING_CHECKS}
     series.add(f"{names.TLS_CERT_EXPIRY}_seconds")
+    series |= {f"{names.TCP_RETRANSMITS}_total", f"{names.UDP_PACKETS_SENT}_total", f"{names.UDP_PACKETS_LOST}_total"}
+    series |= {f"{names.UDP_RTT}_seconds{suffix}" for suffix in ("_bucket", "_sum", "_count")}
     return series
 
 
