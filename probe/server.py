@@ -94,6 +94,14 @@ def _remote_addr(request: web.Request) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _discovery(hood: Neighbourhood) -> dict[str, object]:
+    """What /alive says about discovery. With none running (no API server configured) there
+    is nothing to be stale: say that it is off and why, rather than `"stale": false`."""
+    if hood.skipped and not hood.details:
+        return {"running": False, "reason": hood.state.removeprefix("skipped: ")}
+    return {"running": True, "stale": hood.stale, **hood.details}
+
+
 def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, object], int]:
     last = state.last_round()
     hood = last.neighbourhood if last else state.neighbourhood()
@@ -116,7 +124,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "remote_addr": _remote_addr(request),
         "last_check_result": results,
         "skipped_checks": reasons,
-        "discovery": {"stale": hood.stale, **hood.details},
+        "discovery": _discovery(hood),
         "incoming_checks": state.incoming.count(),
         **state.extra(),
     }

@@ -139,6 +139,10 @@ def _events(items: Iterable[PathView | CheckView]) -> str:
     return ", ".join(f"{event} x{n}" for event, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _share(part: int, whole: int) -> str:
     return f"{part} of {whole}"
 
@@ -540,7 +544,8 @@ def _other_checks(checks: Mapping[str, Mapping[str, CheckView]], explained: set[
 
 def _all_well(evidence: Evidence, paths: Sequence[PathView]) -> Verdict:
     facts = [
-        f"{len(evidence.nodes)} probes, {len(paths)} paths and {len(evidence.checks)} other checks, all ok",
+        f"{_count(len(evidence.nodes), 'probe')}, {_count(len(paths), 'path')} and "
+        f"{_count(len(evidence.checks), 'other check')}, all ok",
     ]
     timed = [p.latency for p in paths if p.latency is not None]
     if timed:
