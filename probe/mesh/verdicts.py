@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from probe import names
 
-# Verdict kinds (CONTRACT.md, "Mesh").
+# Verdict kinds (docs/mesh.md, "Reading the verdicts").
 OK = "ok"
 NODE_UNREACHABLE = "node_unreachable"
 NODE_ISOLATED = "node_isolated"
