@@ -126,7 +126,7 @@ def sandbox_like() -> Iterator[int]:
     document = json.dumps(one_probe_document()).encode()
 
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             self.send_response(200 if self.path == "/mesh.json" else 404)
             self.send_header("Content-Type", "application/json")
             self.end_headers()
