@@ -75,14 +75,14 @@ def help_text() -> str:
 def _printing(command: Callable[[], int]) -> int:
     """Run a command that prints: a reader that goes away early (`kubenurse --help | head -3`)
     is not an error, so no traceback."""
+    status = 0
     try:
         status = command()
-        sys.stdout.flush()
-        return status
+        sys.stdout.flush()  # most output is still buffered here: a closed pipe shows now
     except BrokenPipeError:
         # Python flushes stdout again at exit; point it at /dev/null so that is quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+    return status
 
 
 def _say(text: str) -> int:
