@@ -28,13 +28,26 @@ OUTSIDE = re.compile(
 )
 
 
-def tracked_text_files() -> list[Path]:
+SKIPPED_DIRS = {".git", ".venv", "node_modules", "__pycache__", ".mypy_cache", ".ruff_cache", "test-artefacts"}
+
+
+def repository_files() -> list[str]:
+    """The repository's files (git's view when there is one, else a walk of the tree)."""
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=ROOT, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True,
+    )
+    if listed.returncode == 0:
+        return [name for name in listed.stdout.decode().split("\0") if name]
+    return [
+        str(path.relative_to(ROOT))
+        for path in ROOT.rglob("*")
+        if path.is_file() and not SKIPPED_DIRS & set(path.relative_to(ROOT).parts)
+    ]
+
+
+def tracked_text_files() -> list[Path]:
     files = []
-    for name in filter(None, listed):
+    for name in repository_files():
         path = ROOT / name
         if not path.is_file():
             continue
