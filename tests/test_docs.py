@@ -120,6 +120,10 @@ def test_every_docs_page_is_reachable_from_the_readme() -> None:
     assert not unreached, f"docs pages the README does not link to: {unreached}"
 
 
+#: docs page -> what it documents (both arrive in the same change).
+COMPANION = {"helm.md": "charts/kubenurse", "real-components.md": ".ci/components"}
+
+
 def _heading_anchors(path: Path) -> set[str]:
     anchors = set()
     for heading in re.findall(r"^#+ (.+)$", path.read_text(), re.M):
@@ -136,8 +140,8 @@ def test_every_relative_link_leads_somewhere() -> None:
                 continue
             target, _, anchor = link.partition("#")
             path = (page.parent / target).resolve() if target else page
-            # docs/helm.md is written together with the Helm chart: required once charts/kubenurse exists.
-            if path.name == "helm.md" and not (ROOT / "charts" / "kubenurse").exists():
+            # Pages written together with what they describe: required once that exists.
+            if path.name in COMPANION and not (ROOT / COMPANION[path.name]).exists():
                 continue
             if not path.exists():
                 broken.append(f"{page.name}: {link}")
