@@ -1,6 +1,6 @@
 """Every externally visible name in one place: check types, events, metrics, spans.
 
-The contract (CONTRACT.md) pins these byte for byte; dashboards and alerts depend on them.
+docs/reference.md lists them; kubenurse's dashboards and alerts depend on them byte for byte.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ OK = "ok"
 SKIPPED = "skipped"
 
 # Instruments. The Prometheus exporter appends `_seconds` (unit "s") and `_total` (counters),
-# so these land on kubenurse's series names (NOTES.md).
+# so these land on kubenurse's series names (the exporter has no switch to turn that off).
 METER_NAME = "kubenurse"
 REQUEST_DURATION = "kubenurse_httpclient_request_duration"
 TRACE_REQUEST_DURATION = "kubenurse_httpclient_trace_request_duration"

@@ -105,6 +105,14 @@ def _udp_text(result: CheckResult) -> str:
     return f"{result.summary} ({found})"
 
 
+def _discovery(hood: Neighbourhood) -> dict[str, object]:
+    """What /alive says about discovery. With none running (no API server configured) there
+    is nothing to be stale: say that it is off and why, rather than `"stale": false`."""
+    if hood.skipped and not hood.details:
+        return {"running": False, "reason": hood.state.removeprefix("skipped: ")}
+    return {"running": True, "stale": hood.stale, **hood.details}
+
+
 def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, object], int]:
     last = state.last_round()
     hood = last.neighbourhood if last else state.neighbourhood()
@@ -129,7 +137,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "last_check_result": results,
         "skipped_checks": reasons,
         "udp_paths": udp,
-        "discovery": {"stale": hood.stale, **hood.details},
+        "discovery": _discovery(hood),
         "incoming_checks": state.incoming.count(),
         **state.extra(),
     }

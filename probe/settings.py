@@ -25,6 +25,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 DEFAULT_SERVICE_DNS = "kubernetes.default.svc.cluster.local"
 DEFAULT_SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 LOG_FORMATS = ("json", "logfmt")
+#: As users write them; any case is accepted.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -391,7 +393,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", _nonempty),
     "KUBECONFIG": ("kubeconfig", parse_kubeconfig),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
-    "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
+    "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of(*LOG_LEVELS)(t.lower()).upper()),
     "KUBENURSE_TRACE_URL_TEMPLATE": ("trace_url_template", parse_trace_url_template),
     "KUBENURSE_NODE_EVENTS": ("node_events", parse_bool),
 }

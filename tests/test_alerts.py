@@ -104,7 +104,7 @@ def test_unit_tests_catch_a_broken_alert(alert: str, mutation: str, tmp_path: Pa
 
 
 def contract_series() -> set[str]:
-    """Series names the probe exposes (CONTRACT.md), built from the probe's own names."""
+    """Series names the probe exposes (docs/reference.md), built from the probe's own names."""
     histograms = [f"{names.REQUEST_DURATION}_seconds", f"{names.TRACE_REQUEST_DURATION}_seconds"]
     series = {f"{h}{suffix}" for h in histograms for suffix in ("_bucket", "_sum", "_count")}
     series |= {f"{names.REQUESTS}_total", f"{names.ERRORS}_total", names.INCOMING_CHECKS}

@@ -18,7 +18,7 @@ phase is therefore timed where it happens:
   (`SO_TIMESTAMPNS` via `recvmsg`; for TLS, of the segment that decrypted to the first
   application data, so session tickets arriving first do not count).
 
-The hooks are public ones (NOTES.md): the connector's `socket_factory` gives a socket
+The hooks are public ones (aiohttp 3.14, asyncio): the connector's `socket_factory` gives a socket
 subclass whose `connect`/`send`/`recv`/`recv_into` asyncio calls directly, and an
 `SSLContext` subclass whose `sslobject_class` sees the handshake end and the first
 decrypted bytes. aiohttp's trace signals remain as the fallback marks where the kernel

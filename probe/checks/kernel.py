@@ -1,6 +1,6 @@
 """What the kernel can tell about a TCP socket's timing, with a fallback where it cannot.
 
-Two sources (checked on Linux 6.x, NOTES.md):
+Two sources (checked on Linux 6.x; docs/measurement.md says what each figure spans):
 
 - `SO_TIMESTAMPNS`: every `recvmsg` returns the kernel's receive time of the data
   (CLOCK_REALTIME), however late the event loop reads it.

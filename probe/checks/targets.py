@@ -62,7 +62,7 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
     if not s.check_dns_cluster:
         skipped.append(CheckResult.skip(names.DNS_CLUSTER, "disabled by KUBENURSE_CHECK_DNS_CLUSTER"))
     elif not s.in_cluster and s.kubernetes_service_dns is None:
-        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "KUBERNETES_SERVICE_HOST not set (not in a cluster)"))
     elif is_ip(s.api_server_dns_name):
         skipped.append(CheckResult.skip(names.DNS_CLUSTER, "KUBERNETES_SERVICE_DNS is an IP: nothing to resolve"))
     else:

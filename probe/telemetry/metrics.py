@@ -89,7 +89,8 @@ class Metrics:
             self.provider._disabled = False
         meter = self.provider.get_meter(names.METER_NAME)
         # Buckets come from the advisory, not a View, so an OTLP reader may still choose
-        # exponential histograms while /metrics keeps these explicit bounds (NOTES.md).
+        # exponential histograms while /metrics keeps these explicit bounds (Views would apply
+        # to every reader).
         self.request_duration = meter.create_histogram(
             names.REQUEST_DURATION,
             unit=names.UNIT_SECONDS,
