@@ -32,6 +32,7 @@ from probe.neighbours import (
     known_eligible,
     ring_front,
     select_neighbours,
+    takes_checks,
 )
 from probe.settings import Settings
 
@@ -130,7 +131,7 @@ class KubeDiscovery:
             self._skip(str(e))
             return
         s = self.settings
-        self.own_namespace = s.pod_namespace or self.credentials.namespace or s.namespace
+        self.own_namespace = s.namespaces(self.credentials.namespace).own
         hood = self.kube_neighbours if self.kube_neighbours is not None and self.kube_neighbours.begin() else None
         if hood is not None or self.nodes.mode != "front":  # no neighbours: no cordoned-node watch
             self.nodes.start()
@@ -262,7 +263,7 @@ class KubeReadiness:
         known, node = d.nodes.known(d.own_node)
         if not known:
             return True  # not listed yet, or never reachable: the same
-        return node is not None and node.schedulable
+        return takes_checks(node)
 
 
 class KubeNeighbours:
@@ -292,7 +293,7 @@ class KubeNeighbours:
 
     def begin(self) -> bool:
         d, s = self._d, self._d.settings
-        self.namespace = s.namespace or s.pod_namespace or d.credentials.namespace
+        self.namespace = s.namespaces(d.credentials.namespace).neighbours
         if not self.namespace:
             reason = (
                 "KUBENURSE_NAMESPACE not set and this pod's namespace is unknown "
