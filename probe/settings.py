@@ -140,7 +140,8 @@ class Settings:
 
 # --- value parsers: each raises ValueError with a short reason --------------------------
 
-_BOOL = {
+#: Go's strconv.ParseBool, which kubenurse and the API server's query parameters use.
+GO_BOOLS = {
     **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
     **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
 }
@@ -151,7 +152,7 @@ _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 def parse_bool(text: str) -> bool:
     """Go's strconv.ParseBool, which kubenurse uses."""
     try:
-        return _BOOL[text.strip()]
+        return GO_BOOLS[text.strip()]
     except KeyError:
         raise ValueError("not a boolean (use true or false)") from None
 
