@@ -76,6 +76,13 @@ class Neighbourhood:
     stale: bool = False
     #: Free-form facts for /alive (last sync, errors ...).
     details: Mapping[str, object] = field(default_factory=dict)
+    #: With `skipped`: why, as /alive's `skipped_checks` shows it.
+    skip_reason: str | None = None
+
+    @classmethod
+    def skip(cls, reason: str, details: Mapping[str, object] | None = None) -> Neighbourhood:
+        """No neighbourhood, and why."""
+        return cls(state=f"skipped: {reason}", skipped=True, details=details or {}, skip_reason=reason)
 
 
 class NeighbourSource(Protocol):
@@ -115,7 +122,7 @@ class StaticNeighbours:
 
     @classmethod
     def unavailable(cls, reason: str) -> StaticNeighbours:
-        return cls(Neighbourhood(state=f"skipped: {reason}", skipped=True))
+        return cls(Neighbourhood.skip(reason))
 
     async def start(self) -> None:
         pass

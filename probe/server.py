@@ -92,7 +92,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
                 reasons[check_type] = result.skip_reason
     results["neighbourhood_state"] = hood.state if not hood.skipped else names.SKIPPED
     if hood.skipped:
-        reasons["neighbourhood"] = hood.state.removeprefix("skipped: ")
+        reasons["neighbourhood"] = hood.skip_reason or ""
     results["neighbourhood"] = [n.as_alive() for n in hood.neighbours]
     document: dict[str, object] = {
         "hostname": socket.gethostname(),

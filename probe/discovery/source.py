@@ -244,7 +244,7 @@ class ReadinessOnly:
         details: dict[str, object] = {"node": self._d.own_node, "node_watches": self._d.nodes.watching()}
         if retrying := _retrying(self._d.nodes.reflectors()):
             details["retrying"] = retrying
-        return Neighbourhood(state=f"skipped: {reason}", skipped=True, details=details)
+        return Neighbourhood.skip(reason, details)
 
 
 class KubeReadiness:
@@ -300,7 +300,7 @@ class KubeNeighbours:
                 "(no POD_NAMESPACE, no namespace in the service account or kubeconfig)"
             )
             log.warning("neighbour discovery skipped", extra={"reason": reason})
-            self._skipped = Neighbourhood(state=f"skipped: {reason}", skipped=True)
+            self._skipped = Neighbourhood.skip(reason)
             return False
         self.pods = Reflector(
             d.client,
@@ -333,7 +333,7 @@ class KubeNeighbours:
     def current(self) -> Neighbourhood:
         d = self._d
         if d.skipped is not None:
-            return Neighbourhood(state=f"skipped: {d.skipped}", skipped=True)
+            return Neighbourhood.skip(d.skipped)
         if self._skipped is not None:
             return self._skipped
         pods = self.pods
