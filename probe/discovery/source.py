@@ -357,13 +357,20 @@ class KubeNeighbours:
             self._snapshot_key = key if d.nodes.revision == key[1] else None
         return self._snapshot
 
+    @property
+    def _own_pod(self) -> str:
+        """This pod's name when it is listed among the candidates (same namespace): the
+        selection leaves it out. In another namespace a pod of the same name is someone else."""
+        d = self._d
+        return d.settings.pod_name if d.own_namespace == self.namespace else ""
+
     def _neighbours(self, pods: Reflector[PodInfo]) -> tuple[Neighbour, ...]:
         d, s = self._d, self._d.settings
         nodes = d.nodes
         key = (pods.data_revision, nodes.revision, d.own_node)
         if key == self._selection_key:
             return self._selection
-        own_pod = s.pod_name if d.own_namespace == self.namespace else ""
+        own_pod = self._own_pod
         if nodes.mode == "front":
             front = ring_front(
                 pods.items.values(),
@@ -398,7 +405,7 @@ class KubeNeighbours:
             return _NO_NEIGHBOURS
         key = (pods.data_revision, d.nodes.revision, d.own_node)
         if key != self._eligible_key:
-            own_pod = s.pod_name if d.own_namespace == self.namespace else ""
+            own_pod = self._own_pod
             if d.nodes.mode == "front":
                 self._eligible = known_eligible(
                     pods.items.values(), cordoned=d.nodes.cordoned(), facts=d.nodes.facts(),
