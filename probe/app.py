@@ -169,7 +169,7 @@ def node_event_reporter(
     if not settings.node_events:
         return None
     credentials = locate(settings)
-    namespace = settings.pod_namespace or settings.namespace
+    namespace = settings.own_namespace  # the credentials are not loaded yet: settings alone
     if isinstance(credentials, str) or not namespace:
         reason = credentials if isinstance(credentials, str) else "POD_NAMESPACE and KUBENURSE_NAMESPACE unset"
         log.warning("node events off", extra={"reason": reason})

@@ -17,7 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from probe import checkurls, names
-from probe.labels import SelectorError, parse_selector
+from probe.labels import SelectorError, parse_label_selector
 
 T = TypeVar("T")
 
@@ -45,6 +45,16 @@ class ExtraCheck:
     url: str
     #: names.KIND_HTTP, KIND_DNS or KIND_TCP, from the URL's scheme.
     kind: str = names.KIND_HTTP
+
+
+@dataclass(frozen=True)
+class Namespaces:
+    """Which namespace is meant (`Settings.namespaces`); None where nothing names one."""
+
+    #: This pod's: where its own pod object and its Events live.
+    own: str | None
+    #: Where the neighbour pods are listed.
+    neighbours: str | None
 
 
 @dataclass(frozen=True)
@@ -105,7 +115,23 @@ class Settings:
 
     @property
     def own_namespace(self) -> str | None:
-        return self.pod_namespace or self.namespace
+        """This pod's namespace as far as the settings alone tell (see `namespaces`)."""
+        return self.namespaces().own
+
+    def namespaces(self, found: str | None = None) -> Namespaces:
+        """The one rule for which namespace is meant, wherever one is needed.
+
+        This pod's own namespace: POD_NAMESPACE (the downward API), else `found`, the
+        namespace the discovery credentials name (the service account's `namespace` file,
+        which the kubelet writes for this very pod; outside a cluster the kubeconfig
+        context's), else KUBENURSE_NAMESPACE. Before the credentials are read (`found` is
+        None: the telemetry resource, the Events) that is POD_NAMESPACE, else
+        KUBENURSE_NAMESPACE, the documented default.
+        The neighbours' namespace: KUBENURSE_NAMESPACE (kubenurse's "namespace in which to
+        look for the neighbour kubenurses"), else this pod's own.
+        """
+        own = self.pod_namespace or found or self.namespace
+        return Namespaces(own=own, neighbours=self.namespace or own)
 
     @property
     def in_cluster(self) -> bool:
@@ -118,7 +144,8 @@ class Settings:
 
 # --- value parsers: each raises ValueError with a short reason --------------------------
 
-_BOOL = {
+#: Go's strconv.ParseBool, which kubenurse and the API server's query parameters use.
+GO_BOOLS = {
     **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
     **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
 }
@@ -129,7 +156,7 @@ _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 def parse_bool(text: str) -> bool:
     """Go's strconv.ParseBool, which kubenurse uses."""
     try:
-        return _BOOL[text.strip()]
+        return GO_BOOLS[text.strip()]
     except KeyError:
         raise ValueError("not a boolean (use true or false)") from None
 
@@ -259,7 +286,7 @@ def parse_limit(text: str) -> int:
 
 def parse_selector_text(text: str) -> str:
     try:
-        parse_selector(text)
+        parse_label_selector(text)
     except SelectorError as e:
         raise ValueError(str(e)) from None
     return text.strip()

@@ -216,6 +216,32 @@ def test_pod_namespace_defaults_to_kubenurse_namespace() -> None:
     assert both.own_namespace == "monitoring"
 
 
+@pytest.mark.parametrize(
+    ("pod_namespace", "namespace", "found", "own", "neighbours"),
+    [
+        # POD_NAMESPACE, KUBENURSE_NAMESPACE, the credentials' -> this pod's, the neighbours'
+        (None, None, None, None, None),
+        (None, None, "sa", "sa", "sa"),
+        (None, "kn", None, "kn", "kn"),
+        (None, "kn", "sa", "sa", "kn"),
+        ("pod", None, None, "pod", "pod"),
+        ("pod", None, "sa", "pod", "pod"),
+        ("pod", "kn", None, "pod", "kn"),
+        ("pod", "kn", "sa", "pod", "kn"),
+    ],
+)
+def test_one_namespace_rule(
+    pod_namespace: str | None, namespace: str | None, found: str | None, own: str | None, neighbours: str | None
+) -> None:
+    """Every place that needs a namespace asks Settings.namespaces: this pod's is
+    POD_NAMESPACE, then the credentials', then KUBENURSE_NAMESPACE; the neighbours' is
+    KUBENURSE_NAMESPACE, then this pod's."""
+    settings = Settings(pod_namespace=pod_namespace, namespace=namespace)
+    got = settings.namespaces(found)
+    assert (got.own, got.neighbours) == (own, neighbours)
+    assert settings.own_namespace == settings.namespaces().own
+
+
 # --- durations (Go's time.ParseDuration) -------------------------------------------------
 
 
