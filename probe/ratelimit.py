@@ -1,8 +1,8 @@
 """The one token bucket: at most `rate` a second on average, `burst` at once.
 
 Two ways to spend it: `take` when the work can be left undone (the server continues an
-incoming trace only while the budget lasts; the UDP echo answers while a source's bytes last), `delay` when it must be done, later
-(discovery paces its API-server requests like client-go's QPS/burst).
+incoming trace only while the budget lasts; the UDP echo answers while a source's bytes
+last), `delay` when it must be done, later (discovery paces its API-server requests like client-go's QPS/burst).
 """
 
 from __future__ import annotations

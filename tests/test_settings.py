@@ -115,6 +115,7 @@ TABLE: list[Row] = [
     Row("KUBENURSE_CHECK_ME_INGRESS", "FALSE", "check_me_ingress", False, "disabled"),
     Row("KUBENURSE_CHECK_ME_SERVICE", "0", "check_me_service", False, "fals"),
     Row("KUBENURSE_CHECK_NEIGHBOURHOOD", "False", "check_neighbourhood", False, "2"),
+    Row("KUBENURSE_CHECK_NEIGHBOURHOOD_UDP", "false", "check_neighbourhood_udp", False, "nope"),
     Row("KUBENURSE_CHECK_DNS_CLUSTER", "false", "check_dns_cluster", False, "nein"),
     Row("KUBENURSE_CHECK_INTERVAL", "1m30s", "check_interval", 90.0, "5"),
     Row("KUBENURSE_CHECK_TIMEOUT", "2s", "check_timeout", 2.0, "0"),
