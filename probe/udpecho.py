@@ -19,7 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from probe.checks.udp import MAX_BIG
+from probe.checks.udp import MAX_BIG, train_of
 from probe.ratelimit import TokenBucket
 
 log = logging.getLogger("probe.udpecho")
@@ -34,6 +34,9 @@ BYTES_PER_SECOND = 4 * 1024 * 1024
 BURST = 8 * 1024 * 1024
 #: Source addresses whose budget is remembered (the oldest is forgotten beyond this).
 MAX_SOURCES = 8192
+#: Trains remembered per source: what arrived of each, so the sender can tell which way a
+#: datagram was lost (there, or on the way back).
+TRAINS_PER_SOURCE = 10
 
 
 @dataclass
@@ -64,6 +67,8 @@ class UdpEcho(asyncio.DatagramProtocol):
         self._clock = clock
         self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
         self._all = TokenBucket(BYTES_PER_SECOND, BURST, clock)
+        #: source address -> train id -> datagrams of it that arrived (the latest trains).
+        self._arrived: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -77,6 +82,7 @@ class UdpEcho(asyncio.DatagramProtocol):
         if port < 1024 or port == self.own_port:
             self.stats.refused_source += 1
             return
+        self._note_arrival(host, data)
         budget = self._sources.get(host)
         if budget is None:
             budget = TokenBucket(BYTES_PER_SECOND_PER_SOURCE, BURST_PER_SOURCE, self._clock)
@@ -92,6 +98,23 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.transport.sendto(data, addr)
         self.stats.echoed += 1
         self.stats.echoed_bytes += len(data)
+
+    def _note_arrival(self, host: str, data: bytes) -> None:
+        train = train_of(data)
+        if train is None:
+            return
+        trains = self._arrived.get(host)
+        if trains is None:
+            trains = self._arrived[host] = OrderedDict()
+            if len(self._arrived) > MAX_SOURCES:
+                self._arrived.popitem(last=False)
+        trains[train] = trains.get(train, 0) + 1
+        if len(trains) > TRAINS_PER_SOURCE:
+            trains.popitem(last=False)
+
+    def arrived(self, host: str) -> dict[int, int]:
+        """Of the latest trains from `host`: train id -> datagrams that arrived here."""
+        return dict(self._arrived.get(host, {}))
 
     def error_received(self, exc: Exception) -> None:
         self.stats.errors += 1  # an ICMP error for an earlier echo: nothing to do

@@ -202,3 +202,14 @@ async def test_a_probe_answers_udp_and_checks_it(tmp_path: object) -> None:
     assert alive["udp_echo"]["state"] == "on" and alive["udp_echo"]["echoed"] >= 2 * udp.TRAIN
     assert 'kubenurse_udp_packets_sent_total{type="self_udp"}' in text
     assert 'kubenurse_udp_packets_lost_total{type="self_udp"} 0.0' in text
+
+
+async def test_the_echo_counts_what_arrived_of_each_train(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    first = await udp.send_train("127.0.0.1", port, 1.0)
+    second = await udp.send_train("127.0.0.1", port, 1.0)
+    arrived = protocol.arrived("127.0.0.1")
+    assert arrived == {first.train_id: udp.TRAIN, second.train_id: udp.TRAIN}
+    assert protocol.arrived("127.0.0.2") == {}
+    protocol.datagram_received(b"not a train", ("127.0.0.1", 40000))
+    assert protocol.arrived("127.0.0.1") == arrived

@@ -40,6 +40,14 @@ MAX_BIG = 9000
 SMALL = 64
 _MAGIC = b"KNUE"
 _HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
+
+
+def train_of(datagram: bytes) -> int | None:
+    """The train id a check's datagram carries; None for any other datagram."""
+    if len(datagram) < _HEADER.size:
+        return None
+    magic, train_id, _ = _HEADER.unpack_from(datagram)
+    return int(train_id) if magic == _MAGIC else None
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 IP_MTU = getattr(socket, "IP_MTU", 14)
@@ -54,6 +62,8 @@ class Train:
 
     address: str
     port: int
+    #: The id every datagram of this train carries: the echo counts what it received by it.
+    train_id: int = 0
     mtu: int = 0
     big_size: int = 0
     small_sent: int = 0
@@ -108,8 +118,8 @@ def _where(address: str, port: int) -> str:
 async def send_train(address: str, port: int, timeout: float, count: int = TRAIN) -> Train:
     """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them."""
     v6 = ":" in address
-    train = Train(address, port)
     train_id = int.from_bytes(os.urandom(8), "big")
+    train = Train(address, port, train_id)
     sent_ns: dict[int, int] = {}
     back: dict[int, int] = {}
     loop = asyncio.get_running_loop()
