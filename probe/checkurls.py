@@ -1,13 +1,17 @@
-"""What an extra check's URL asks for: its kind (by scheme) and, for DNS and TCP, the parts.
+"""What a check's URL asks for: one typed target per check kind, chosen by the URL's scheme.
 
-Pure functions: settings validates with them at start, and the DNS and TCP checkers read
-their targets with the same ones, so what was accepted is what gets checked.
+Pure functions, below settings: settings parses every extra check's URL here once, keeps the
+typed target, and the check of that kind (probe/checks/<kind>.py) reads it as it is: what was
+accepted is what gets checked. A new kind adds its target type, its parser and its schemes.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import dns.rdatatype
@@ -15,7 +19,15 @@ import dns.rdatatype
 from probe import names
 
 DNS_PORT = 53
-SCHEMES = {"http": names.KIND_HTTP, "https": names.KIND_HTTP, "dns": names.KIND_DNS, "tcp": names.KIND_TCP}
+
+
+@dataclass(frozen=True)
+class HttpGet:
+    """A GET of the URL; the service-account token only where `send_token` (the API server)."""
+
+    kind: ClassVar[str] = names.KIND_HTTP
+    send_token: bool = False
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True)
@@ -26,10 +38,12 @@ class DnsQuery:
     rdtype: str = "A"
     #: (address, port) to ask directly; None: the pod's resolver (/etc/resolv.conf).
     server: tuple[str, int] | None = None
+    kind: ClassVar[str] = names.KIND_DNS
 
 
 @dataclass(frozen=True)
 class TcpEndpoint:
+    kind: ClassVar[str] = names.KIND_TCP
     host: str
     port: int
 
@@ -46,12 +60,12 @@ def is_ip(text: str) -> bool:
     return True
 
 
-def kind_of(url: str) -> str:
-    """The check kind of a URL; ValueError for a scheme no kind has."""
+def parse(url: str) -> Spec:
+    """The typed target of a check URL, by its scheme; ValueError saying what is wrong."""
     scheme = urlsplit(url.strip()).scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use http, https, dns or tcp")
-    return SCHEMES[scheme]
+        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use {', '.join(SCHEMES)}")
+    return SCHEMES[scheme](url)
 
 
 def _check_name(name: str) -> str:
@@ -107,3 +121,19 @@ def parse_tcp_url(url: str) -> TcpEndpoint:
     if parts.path.strip("/") or parts.query:
         raise ValueError("takes no path or query (tcp://HOST:PORT)")
     return TcpEndpoint(parts.hostname, port)
+
+
+def parse_http_url(_url: str) -> HttpGet:
+    """A plain GET (settings checks the URL itself: probe.settings.parse_url)."""
+    return HttpGet()
+
+
+#: What a check performs, one type per kind.
+Spec = HttpGet | DnsQuery | TcpEndpoint
+#: URL scheme -> the parser of its kind's target. One line per scheme of each kind.
+SCHEMES: Mapping[str, Callable[[str], Spec]] = {
+    "http": parse_http_url,
+    "https": parse_http_url,
+    "dns": parse_dns_url,
+    "tcp": parse_tcp_url,
+}

@@ -141,8 +141,8 @@ class Metrics:
             self.request_duration.record(result.duration, check_type)
         if result.cert_not_after is not None:
             self.cert_expiry.set(result.cert_not_after, check_type)
-        if result.error_event:
-            self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
+        if result.failure is not None:
+            self.errors.add(1, {**check_type, names.LABEL_EVENT: result.failure.event})
 
     def forget(self, check_types: set[str]) -> int:
         """Drop every series of these check types (a node left the neighbourhood).
