@@ -110,12 +110,9 @@ class Timeline:
         return self.offsets().get(names.GOT_FIRST_RESP_BYTE)
 
     def last_phase_started(self) -> str | None:
-        """The `*_done` event of the phase that started but did not finish, if any."""
-        for start, done in (
-            (names.TLS_HANDSHAKE_START, names.TLS_HANDSHAKE_DONE),
-            (names.CONNECT_START, names.CONNECT_DONE),
-            (names.DNS_START, names.DNS_DONE),
-        ):
+        """The `*_done` event of the connection phase (dns, connect, tls) that started but did
+        not finish, if any."""
+        for _, start, done in reversed(PHASES[:3]):
             if start in self.marks and done not in self.marks:
                 return done
         return None
