@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 
 from probe import names
@@ -140,7 +140,7 @@ class CheckResult(Outcome):
 
     @classmethod
     def of(cls, target: Target, outcome: Outcome, *, trace_id: str | None = None) -> CheckResult:
-        measured = {name: getattr(outcome, name) for name in Outcome.__dataclass_fields__}
+        measured = {f.name: getattr(outcome, f.name) for f in fields(Outcome)}
         return cls(check_type=target.check_type, target=target, trace_id=trace_id, **measured)
 
     @property
