@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass
 from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -27,7 +26,8 @@ class HttpGet:
 
     kind: ClassVar[str] = names.KIND_HTTP
     send_token: bool = False
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: (name, value) pairs sent with the request.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)

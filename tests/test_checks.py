@@ -308,7 +308,7 @@ def test_neighbour_targets_use_pod_ip_port_and_origin_header() -> None:
     plan = plan_round(Settings(pod_name="pod-a", http_port=8080), hood)
     (target,) = plan.targets
     assert (target.check_type, target.url) == ("path_node-b", "http://10.0.0.7:8080/alwayshappy")
-    assert target.spec == HttpGet(headers={names.NEIGHBOUR_ORIGIN_HEADER: "pod-a"})
+    assert target.spec == HttpGet(headers=((names.NEIGHBOUR_ORIGIN_HEADER, "pod-a"),))
     assert target.neighbour == hood.neighbours[0]
     tls = plan_round(Settings(pod_name="pod-a", use_tls=True, https_port=9443), hood)
     assert tls.targets[0].url == "https://10.0.0.7:9443/alwayshappy"

@@ -77,7 +77,7 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
     targets.extend(Target(check.name, check.url, check.target) for check in settings.extra_checks)
     if settings.check_neighbourhood and not neighbourhood.skipped:
         scheme, port = ("https", settings.https_port) if settings.use_tls else ("http", settings.http_port)
-        origin = HttpGet(headers={names.NEIGHBOUR_ORIGIN_HEADER: settings.pod_name})
+        origin = HttpGet(headers=((names.NEIGHBOUR_ORIGIN_HEADER, settings.pod_name),))
         for n in neighbourhood.neighbours:
             host = f"[{n.pod_ip}]" if ":" in n.pod_ip else n.pod_ip
             url = f"{scheme}://{host}:{port}/alwayshappy"
