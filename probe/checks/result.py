@@ -113,8 +113,8 @@ class Status(enum.Enum):
     SKIPPED = names.SKIPPED
 
 
-class Skip(enum.Enum):
-    """Why a check is not performed; the text names the variable (`variable`)."""
+class Why(enum.Enum):
+    """Why a check is not performed, as a sentence about a variable."""
 
     DISABLED = "disabled by {}"
     NOT_SET = "{} not set"
@@ -122,21 +122,26 @@ class Skip(enum.Enum):
     NOTHING_TO_RESOLVE = "{} is an IP: nothing to resolve"
 
 
+@dataclass(frozen=True)
+class Skip:
+    why: Why
+    #: The setting that decided it.
+    variable: str
+
+    @property
+    def reason(self) -> str:
+        return self.why.value.format(self.variable)
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckResult(Outcome):
     check_type: str
     target: Target | None = None
     skip: Skip | None = None
-    #: The variable the skip names.
-    skip_variable: str = ""
     #: Trace id (32 hex digits) of the check's span when it was sampled.
     trace_id: str | None = None
     #: How many pods share this check type (two probe pods on one node during a rolling update).
     pods_of_type: int = 1
-
-    @classmethod
-    def skipped_because(cls, check_type: str, skip: Skip, variable: str) -> CheckResult:
-        return cls(check_type=check_type, skip=skip, skip_variable=variable)
 
     @classmethod
     def of(cls, target: Target, outcome: Outcome, *, trace_id: str | None = None) -> CheckResult:
@@ -171,7 +176,7 @@ class CheckResult(Outcome):
 
     @property
     def skip_reason(self) -> str | None:
-        return self.skip.value.format(self.skip_variable) if self.skip is not None else None
+        return self.skip.reason if self.skip is not None else None
 
     @property
     def summary(self) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from probe import names
-from probe.checks.result import CheckResult, Skip, Target
+from probe.checks.result import CheckResult, Skip, Target, Why
 from probe.checkurls import DnsQuery, HttpGet, is_ip
 from probe.neighbours import Neighbourhood
 from probe.settings import Settings
@@ -13,8 +13,8 @@ from probe.settings import Settings
 _TOKEN = HttpGet(send_token=True)
 
 
-def _skip(check_type: str, why: Skip, variable: str) -> CheckResult:
-    return CheckResult.skipped_because(check_type, why, variable)
+def _skip(check_type: str, why: Why, variable: str) -> CheckResult:
+    return CheckResult(check_type=check_type, skip=Skip(why, variable))
 
 
 @dataclass(frozen=True)
@@ -28,17 +28,17 @@ def _api_server_targets(settings: Settings) -> tuple[list[Target], list[CheckRes
     skipped: list[CheckResult] = []
     port = settings.kubernetes_service_port
     if not settings.check_api_server_direct:
-        skipped.append(_skip(names.API_SERVER_DIRECT, Skip.DISABLED, "KUBENURSE_CHECK_API_SERVER_DIRECT"))
+        skipped.append(_skip(names.API_SERVER_DIRECT, Why.DISABLED, "KUBENURSE_CHECK_API_SERVER_DIRECT"))
     elif not settings.kubernetes_service_host:
-        skipped.append(_skip(names.API_SERVER_DIRECT, Skip.NOT_IN_CLUSTER, "KUBERNETES_SERVICE_HOST"))
+        skipped.append(_skip(names.API_SERVER_DIRECT, Why.NOT_IN_CLUSTER, "KUBERNETES_SERVICE_HOST"))
     else:
         host = settings.kubernetes_service_host
         host = f"[{host}]" if ":" in host else host
         targets.append(Target(names.API_SERVER_DIRECT, f"https://{host}:{port}/version", _TOKEN))
     if not settings.check_api_server_dns:
-        skipped.append(_skip(names.API_SERVER_DNS, Skip.DISABLED, "KUBENURSE_CHECK_API_SERVER_DNS"))
+        skipped.append(_skip(names.API_SERVER_DNS, Why.DISABLED, "KUBENURSE_CHECK_API_SERVER_DNS"))
     elif not settings.in_cluster and settings.kubernetes_service_dns is None:
-        skipped.append(_skip(names.API_SERVER_DNS, Skip.NOT_IN_CLUSTER, "KUBERNETES_SERVICE_HOST"))
+        skipped.append(_skip(names.API_SERVER_DNS, Why.NOT_IN_CLUSTER, "KUBERNETES_SERVICE_HOST"))
     else:
         url = f"https://{settings.api_server_dns_name}:{port}/version"
         targets.append(Target(names.API_SERVER_DNS, url, _TOKEN))
@@ -47,9 +47,9 @@ def _api_server_targets(settings: Settings) -> tuple[list[Target], list[CheckRes
 
 def _url_target(check_type: str, enabled: bool, url: str | None, variable: str) -> Target | CheckResult:
     if not enabled:
-        return _skip(check_type, Skip.DISABLED, f"KUBENURSE_CHECK_{check_type.upper()}")
+        return _skip(check_type, Why.DISABLED, f"KUBENURSE_CHECK_{check_type.upper()}")
     if not url:
-        return _skip(check_type, Skip.NOT_SET, variable)
+        return _skip(check_type, Why.NOT_SET, variable)
     return Target(check_type, f"{url}/alwayshappy")
 
 
@@ -66,11 +66,11 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
         else:
             skipped.append(item)
     if not s.check_dns_cluster:
-        skipped.append(_skip(names.DNS_CLUSTER, Skip.DISABLED, "KUBENURSE_CHECK_DNS_CLUSTER"))
+        skipped.append(_skip(names.DNS_CLUSTER, Why.DISABLED, "KUBENURSE_CHECK_DNS_CLUSTER"))
     elif not s.in_cluster and s.kubernetes_service_dns is None:
-        skipped.append(_skip(names.DNS_CLUSTER, Skip.NOT_IN_CLUSTER, "KUBERNETES_SERVICE_HOST"))
+        skipped.append(_skip(names.DNS_CLUSTER, Why.NOT_IN_CLUSTER, "KUBERNETES_SERVICE_HOST"))
     elif is_ip(s.api_server_dns_name):
-        skipped.append(_skip(names.DNS_CLUSTER, Skip.NOTHING_TO_RESOLVE, "KUBERNETES_SERVICE_DNS"))
+        skipped.append(_skip(names.DNS_CLUSTER, Why.NOTHING_TO_RESOLVE, "KUBERNETES_SERVICE_DNS"))
     else:
         name = s.api_server_dns_name
         targets.append(Target(names.DNS_CLUSTER, f"dns://{name}", DnsQuery(name.rstrip("."))))
