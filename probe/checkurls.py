@@ -34,15 +34,18 @@ class HttpGet:
 class DnsQuery:
     """`dns://NAME` (the pod's resolver) or `dns://SERVER[:PORT]/NAME` (that server)."""
 
+    kind: ClassVar[str] = names.KIND_DNS
+
     name: str
     rdtype: str = "A"
     #: (address, port) to ask directly; None: the pod's resolver (/etc/resolv.conf).
     server: tuple[str, int] | None = None
-    kind: ClassVar[str] = names.KIND_DNS
 
 
 @dataclass(frozen=True)
 class TcpEndpoint:
+    """`tcp://HOST:PORT`: connect, then close."""
+
     kind: ClassVar[str] = names.KIND_TCP
     host: str
     port: int
@@ -64,7 +67,8 @@ def parse(url: str) -> Spec:
     """The typed target of a check URL, by its scheme; ValueError saying what is wrong."""
     scheme = urlsplit(url.strip()).scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use {', '.join(SCHEMES)}")
+        *others, last = SCHEMES
+        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use {', '.join(others)} or {last}")
     return SCHEMES[scheme](url)
 
 
