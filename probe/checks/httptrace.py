@@ -55,7 +55,6 @@ _START_OF = {done: start for _, start, done in PHASES}
 class Timeline:
     """One request's phases: when each event happened and how much network time each took."""
 
-    start_ns: int = field(default_factory=time.perf_counter_ns)
     #: event -> perf_counter_ns of the moment it happened (the best source available).
     marks: dict[str, int] = field(default_factory=dict)
     #: done event -> network duration (ns) of the phase that ends with it.
