@@ -83,9 +83,10 @@ def _remote_addr(request: web.Request) -> str:
 
 def _udp_text(result: CheckResult) -> str:
     """A neighbour's UDP path as /alive shows it: the verdict, then what the train found."""
-    if result.udp_sent is None:
+    udp = result.facts.udp
+    if udp is None:
         return result.summary
-    found = f"{result.udp_lost or 0} of {result.udp_sent} datagrams lost"
+    found = f"{udp.lost} of {udp.sent} datagrams lost"
     if result.duration is not None:
         found += f", median round trip {result.duration * 1e3:.2f} ms"
     return f"{result.summary} ({found})"

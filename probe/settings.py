@@ -45,6 +45,11 @@ class ExtraCheck:
     url: str
     #: names.KIND_HTTP, KIND_DNS or KIND_TCP, from the URL's scheme.
     kind: str = names.KIND_HTTP
+    #: What the check performs: the URL parsed by its kind, here, once (never again per check).
+    target: checkurls.Spec = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", checkurls.parse(self.url))
 
 
 @dataclass(frozen=True)
@@ -230,17 +235,8 @@ _BUILTIN_CHECKS = frozenset(
 
 def parse_check_url(text: str) -> tuple[str, str]:
     """(kind, url) of one extra check's URL, by scheme; ValueError saying what is wrong."""
-    kind = checkurls.kind_of(text)
-    if kind == names.KIND_DNS:
-        checkurls.parse_dns_url(text)
-        return kind, text.strip()
-    if kind == names.KIND_TCP:
-        checkurls.parse_tcp_url(text)
-        return kind, text.strip()
-    if kind == names.KIND_UDP:
-        checkurls.parse_udp_url(text)
-        return kind, text.strip()
-    return kind, parse_url(text)
+    kind = checkurls.parse(text).kind
+    return kind, parse_url(text) if kind == names.KIND_HTTP else text.strip()
 
 
 def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:

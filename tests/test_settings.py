@@ -16,7 +16,6 @@ import pytest
 import trustme
 
 import probe
-from probe import names
 from probe.checks.result import CheckResult
 from probe.settings import (
     DEFAULT_BUCKETS,
@@ -313,7 +312,7 @@ def test_buckets_keep_integers_integral() -> None:
 def test_integral_bucket_prints_as_le_1() -> None:
     metrics = Metrics(buckets=parse_buckets("0.5,1,2"), incoming=lambda: 0)
     try:
-        metrics.record(CheckResult("extra", names.OK, status_code=200, duration=0.7))
+        metrics.record(CheckResult(check_type="extra", status_code=200, duration=0.7))
         body, _ = metrics.exposition("")
     finally:
         metrics.shutdown()
