@@ -214,3 +214,17 @@ async def test_the_echo_counts_what_arrived_of_each_train(echo: tuple[int, UdpEc
     assert protocol.arrived("127.0.0.2") == {}
     protocol.datagram_received(b"not a train", ("127.0.0.1", 40000))
     assert protocol.arrived("127.0.0.1") == arrived
+
+
+async def test_a_path_keeps_its_recent_trains(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    url = f"udp://127.0.0.1:{port}"
+    checker = Pipeline(Settings(check_timeout=1.0))
+    target = Target("echo", url, parse_udp_url(url))
+    results = [await checker.check(target) for _ in range(udp.WINDOW + 2)]
+    last = results[-1].facts.udp
+    assert last is not None and len(last.trains) == udp.WINDOW
+    assert last.window == (udp.WINDOW * udp.TRAIN, 0)
+    ids = [t[0] for t in last.trains]
+    assert ids == [r.facts.udp.trains[-1][0] for r in results[2:]]  # type: ignore[union-attr]
+    assert set(ids) <= set(protocol.arrived("127.0.0.1"))

@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import time
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +36,9 @@ BIG_EVERY = 5
 #: 64 KiB MTU would otherwise ask for 64 KiB datagrams). The echo accepts up to this.
 MAX_BIG = 9000
 SMALL = 64
+#: Trains of a path kept for its loss over time (the mesh's loss verdicts), and paths kept.
+WINDOW = 10
+MAX_PATHS = 10_000
 _MAGIC = b"KNUE"
 _HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
 
@@ -210,14 +214,17 @@ async def send_train(address: str, port: int, timeout: float, count: int = TRAIN
 # --- the check -----------------------------------------------------------------------------
 
 
-def outcome_of(train: Train, started_ns: int, resolution: dns.Resolution | None = None) -> Outcome:
+def outcome_of(
+    train: Train, started_ns: int, resolution: dns.Resolution | None = None,
+    history: tuple[tuple[int, int, int], ...] = (),
+) -> Outcome:
     """ok while anything came back and full-size datagrams are not the ones going missing."""
     rtts = sorted(train.rtts_ns)
     phases = [dns.dns_phase(resolution)] if resolution is not None else []
     end = started_ns + rtts[-1] if rtts else None
     phases.append(Phase("udp_train", names.ROUND_TRIP_ERROR, started_ns, end, train.source, label="udp train"))
     facts = Facts(
-        udp=UdpLoss(train.sent, train.lost, tuple(ns / 1e9 for ns in train.rtts_ns)),
+        udp=UdpLoss(train.sent, train.lost, tuple(ns / 1e9 for ns in train.rtts_ns), history, train.mtu),
         attributes={names.ATTR_UDP_MTU: train.mtu},
     )
     return Outcome(
@@ -252,6 +259,16 @@ class UdpKind(Kind):
     def __init__(self, settings: Settings, *, resolv_conf: str = dns.RESOLV_CONF) -> None:
         self._timeout = settings.check_timeout
         self._resolv_conf = resolv_conf
+        #: Target key -> its last WINDOW trains (id, sent, came back), for the mesh's loss verdicts.
+        self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
+
+    def _remember(self, key: str, train: Train) -> tuple[tuple[int, int, int], ...]:
+        trains = self._history.pop(key, None) or deque(maxlen=WINDOW)
+        trains.append((train.train_id, train.sent, train.sent - train.lost))
+        self._history[key] = trains
+        while len(self._history) > MAX_PATHS:  # departed neighbours are forgotten, oldest first
+            self._history.popitem(last=False)
+        return tuple(trains)
 
     def attributes(self, target: Target) -> Mapping[str, AttributeValue]:
         assert isinstance(target.spec, UdpEndpoint)
@@ -271,4 +288,4 @@ class UdpKind(Kind):
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
         train = await send_train(address, endpoint.port, max(remaining, 0.001))
-        return outcome_of(train, sent_ns, resolution)
+        return outcome_of(train, sent_ns, resolution, self._remember(target.key, train) if train.sent else ())
