@@ -26,9 +26,12 @@ log = logging.getLogger("probe.udpecho")
 
 #: The largest datagram echoed: the checks' full-size datagrams are at most MAX_BIG.
 MAX_DATAGRAM = MAX_BIG
-#: Per source address: bytes a second and the burst (room for a few trains at once).
-BYTES_PER_SECOND_PER_SOURCE = 64 * 1024
-BURST_PER_SOURCE = 128 * 1024
+#: Per source address: bytes a second and the burst. A probe sends each neighbour one train
+#: a round (3.5 KB on a 1,500-byte path, 18 KB on jumbo frames or loopback); this leaves room
+#: for short intervals and for several pods behind one address, and bounds what a spoofed
+#: source can have sent to it.
+BYTES_PER_SECOND_PER_SOURCE = 256 * 1024
+BURST_PER_SOURCE = 512 * 1024
 #: All sources together.
 BYTES_PER_SECOND = 4 * 1024 * 1024
 BURST = 8 * 1024 * 1024

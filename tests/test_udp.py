@@ -24,7 +24,7 @@ from probe.checks.targets import plan_round
 from probe.checkurls import parse_udp_url
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import Settings, load_settings
-from probe.udpecho import BURST, BURST_PER_SOURCE, MAX_DATAGRAM, UdpEcho, start_echo
+from probe.udpecho import BURST, BURST_PER_SOURCE, BYTES_PER_SECOND_PER_SOURCE, MAX_DATAGRAM, UdpEcho, start_echo
 from tests.conftest import free_port
 from tests.kind_helpers import Spans, new_metrics, series
 
@@ -153,7 +153,7 @@ async def test_a_flood_from_a_thousand_ports_gets_a_bounded_answer(echo: tuple[i
             sock.close()
     sent = 3000 * size
     # One source address: its budget, plus what refilled meanwhile, and never more than came in.
-    bound = BURST_PER_SOURCE + elapsed * 64 * 1024 + size
+    bound = BURST_PER_SOURCE + elapsed * BYTES_PER_SECOND_PER_SOURCE + size
     assert received <= bound, (received, bound)
     assert received == protocol.stats.echoed_bytes
     assert protocol.stats.over_budget > 0
