@@ -74,7 +74,7 @@ async def test_a_train_comes_back_whole(echo: tuple[int, UdpEcho]) -> None:
         'kubenurse_udp_packets_lost_total{type="echo"}': 0,
         'kubenurse_udp_rtt_seconds_count{type="echo"}': udp.TRAIN,
     }
-    (span,) = spans.named("check echo")
+    (span,) = spans.named("check echo (udp)")
     attrs = dict(span.attributes or {})
     assert attrs[names.ATTR_UDP_SENT] == udp.TRAIN and attrs[names.ATTR_UDP_LOST] == 0
     assert attrs["network.transport"] == "udp"
@@ -95,7 +95,7 @@ async def test_full_size_lost_small_back_is_mtu() -> None:
     assert seen['kubenurse_errors_total{event="mtu",type="echo"}'] == 1
     assert seen['kubenurse_udp_packets_lost_total{type="echo"}'] == big
     assert "don't fragment" in result.summary  # type: ignore[attr-defined]
-    (span,) = spans.named("check echo")
+    (span,) = spans.named("check echo (udp)")
     assert span.status.status_code == StatusCode.ERROR
 
 
