@@ -89,7 +89,7 @@ def test_stopped_node_is_unreachable(sandbox: Sandbox) -> None:
         assert all(p["error_event"] for p in failing)
         result = kubenurse_mesh(sandbox.nodes["node-2"])
         assert result.returncode == 1
-        assert "node_unreachable node-3" in result.stdout and "(no answer)" in result.stdout
+        assert "node_unreachable node-3" in result.stdout and "(no answer: connection refused" in result.stdout
     finally:
         sandbox.command("start", "node-3")
     until(sandbox.nodes["node-1"], [("ok", "cluster")], timeout=20)
@@ -123,6 +123,12 @@ def test_cordoned_node_is_not_a_fault(sandbox: Sandbox) -> None:
             return "node-2" not in {p["to"] for p in document["paths"]}, document["paths"]
 
         eventually(unchecked, TWO_ROUNDS + SLACK, "node-2 no longer checked")
+        # Still shown in every probe's view, with the reason, and the columns keep their places.
+        seen_from_node_1 = mesh(sandbox.nodes["node-1"])
+        (shown,) = [n for n in seen_from_node_1["nodes"] if n["node"] == "node-2"]
+        assert shown["ready"] is False and shown["checked"] is False
+        assert "cordoned" in shown["not_ready_reason"]
+        assert [n["node"] for n in seen_from_node_1["nodes"]] == ["node-1", "node-2", "node-3", "node-4"]
         until(sandbox.nodes["node-1"], [("ok", "cluster")], TWO_ROUNDS + SLACK)
         seen_from_node_2 = mesh(sandbox.nodes["node-2"])
         assert verdicts(seen_from_node_2) == [("ok", "cluster")]
@@ -160,7 +166,8 @@ def test_report_is_compact_and_bad_requests_leave_the_probe_serving(sandbox: San
     status, body = get(f"{base}/mesh/report")
     report = json.loads(body)
     assert status == 200 and report["node"] == "node-1"
-    assert {n["node"] for n in report["neighbours"]} == {"node-2", "node-3", "node-4"}
+    assert set(report) == {"node", "pod", "ready", "not_ready", "round_age_seconds", "results"}
+    assert {r["to"] for r in report["results"] if "to" in r} == {"node-2", "node-3", "node-4"}
     assert "\n" not in body
     assert get(f"{base}/mesh.json?x=" + "a" * 2000)[0] == 200
     status, gzipped = _gzip_get(f"{base}/mesh.json")
