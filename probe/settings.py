@@ -524,7 +524,9 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     values.update(_otlp_settings(env))
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_tls_pair(settings)
-    if settings.mesh_port in (settings.http_port, settings.https_port):
+    if settings.mesh_port is not None and settings.mesh_port in (
+        settings.http_port, *([settings.https_port] if settings.use_tls else []),
+    ):
         raise SettingsError(
             "KUBENURSE_MESH_PORT", str(settings.mesh_port),
             "must differ from KUBENURSE_HTTP_PORT and KUBENURSE_HTTPS_PORT (empty: the mesh on those ports)",

@@ -261,7 +261,15 @@ async def test_a_liar_changes_only_its_own_row(pods) -> None:  # type: ignore[no
     answer["body"] = report(2, [1, 3]).encode()
     honest = await document()
     assert [v["kind"] for v in honest["verdicts"]] == ["ok"]
-    lies = {name: (lambda f: (lambda: (r := good(2), f(r), json.dumps(r).encode())[2]))(f) for name, f in FORGERIES.items()}
+    def forged_body(forge: Callable[[dict[str, Any]], object]) -> Callable[[], bytes]:
+        def body() -> bytes:
+            r = good(2)
+            forge(r)
+            return json.dumps(r).encode()
+
+        return body
+
+    lies = {name: forged_body(forge) for name, forge in FORGERIES.items()}
     # Valid reports that lie: every path of n2 fails, towards nodes that work, and towards
     # names discovery does not list.
     lies["says n1 and n3 are down"] = lambda: report(2, [1, 3], failing={1, 3}).encode()

@@ -286,8 +286,8 @@ def test_2000_nodes_render_within_1280px_and_keep_a_single_fault_visible(browser
         assert box["width"] <= 900
         # The dead node's column shows red somewhere in its block.
         red = page.locator("#matrix-canvas").evaluate(
-            """c => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;
-                      let n = 0; for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 80) n++; return n; }"""
+            """c => { const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data; let n = 0;
+                      for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 80) n++; return n; }"""
         )
         assert red > 0
         print(f"2,000 nodes rendered in {rendered:.1f} s")

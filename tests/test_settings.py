@@ -595,6 +595,8 @@ def run_probe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
         ("KUBENURSE_NEIGHBOUR_FILTER", "app in (a"),
         ("KUBENURSE_EXTRA_CA", "/nonexistent/ca.pem"),
         ("KUBENURSE_HTTPS_PORT", "http"),
+        ("KUBENURSE_MESH_PORT", "mesh"),
+        ("KUBENURSE_MESH_PORT", "70000"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url"),
         ("OTEL_TRACES_EXPORTER", "console"),
