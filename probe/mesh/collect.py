@@ -8,7 +8,8 @@ a size cap, and parsed against the report's schema; a probe whose answer is not 
 its own node counts as not answering (`reached: false`, with this probe's words for why).
 
 One view serves every viewer for `max_age`: the document is encoded once (plain and
-gzip) off the event loop, and every `/mesh.json` in that time sends the same bytes.
+gzip) off the event loop, and every `/mesh.json` in that time sends the same bytes. An older
+view is still served while the next is being built: only the very first viewer waits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import gzip
 import ipaddress
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ from probe.mesh.report import (
     results_by_kind,
 )
 from probe.mesh.verdicts import CheckView, Evidence, NodeView, PathView, SlowRule, Verdict, assess
+
+log = logging.getLogger("probe.mesh")
 
 REPORT_PATH = "/mesh/report"
 #: Per probe: the whole request. An answer slower than this is as good as none for a live view.
@@ -318,16 +322,22 @@ class MeshView:
         return self._view
 
     async def view(self) -> View:
-        if self._view and time.monotonic() - self._view.built_at < self._max_age:
-            return self._view
-        if self._pending is None:
+        """The current view. Once there is one, nobody waits for the next: an older view starts
+        a new round of asking and is served meanwhile (its `generated_at` says how old it is)."""
+        fresh = self._view is not None and time.monotonic() - self._view.built_at < self._max_age
+        if not fresh and self._pending is None:
             self._pending = asyncio.ensure_future(self._build())
-        pending = self._pending
-        try:
-            return await asyncio.shield(pending)
-        finally:
-            if pending.done() and self._pending is pending:
-                self._pending = None
+            self._pending.add_done_callback(self._built)
+        if self._view is not None:
+            return self._view
+        assert self._pending is not None
+        return await asyncio.shield(self._pending)
+
+    def _built(self, pending: asyncio.Future[View]) -> None:
+        if self._pending is pending:
+            self._pending = None
+        if not pending.cancelled() and pending.exception() is not None:
+            log.warning("mesh view failed", extra={"error": type(pending.exception()).__name__})
 
     async def document(self) -> dict[str, object]:
         """The document as a value (tests, tools); the server sends `view()`'s bytes."""
