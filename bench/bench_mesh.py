@@ -75,6 +75,9 @@ async def serve_probe(port: int, nodes: int) -> None:
     from probe.settings import Settings
     from probe.telemetry.metrics import Metrics
 
+    from probe.app import SWITCH_INTERVAL
+
+    sys.setswitchinterval(SWITCH_INTERVAL)  # as `serve` sets it
     settings = Settings(listen_host=ip(0), http_port=port, pod_name="kubenurse-0", node_name="node-0")
     peers = tuple(Neighbour(f"kubenurse-{j}", ip(j), "", f"node-{j}") for j in range(1, nodes))
     state = ServerState(last_round=lambda: None, neighbourhood=Neighbourhood, eligible=lambda: peers)
