@@ -70,12 +70,11 @@ async def serve_peers(port: int, nodes: int) -> None:
 
 
 async def serve_probe(port: int, nodes: int) -> None:
+    from probe.app import SWITCH_INTERVAL
     from probe.neighbours import Neighbour, Neighbourhood
     from probe.server import ServerState, build_app, start_servers
     from probe.settings import Settings
     from probe.telemetry.metrics import Metrics
-
-    from probe.app import SWITCH_INTERVAL
 
     sys.setswitchinterval(SWITCH_INTERVAL)  # as `serve` sets it
     settings = Settings(listen_host=ip(0), http_port=port, pod_name="kubenurse-0", node_name="node-0")
