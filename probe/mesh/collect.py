@@ -268,9 +268,10 @@ def mesh_document(
         ],
         "verdicts": [v.as_json() for v in verdicts],
         "slowness": {
-            "baseline_seconds": rule.baseline,
-            "limit_seconds": None if rule.baseline is None else rule.limit,
-            "release_seconds": None if rule.baseline is None else rule.release,
+            "median_path_seconds": rule.baseline,
+            "spread_seconds": rule.spread,
+            "slow_when_late_by_seconds": rule.limit,
+            "slow_until_late_by_less_than_seconds": rule.release,
         },
         "capped": capped,
     }

@@ -63,14 +63,14 @@ SURE, LIKELY, UNSURE = "sure", "likely", "unsure"
 #: Check types that resolve a name through cluster DNS.
 DNS_CHECKS = frozenset({names.API_SERVER_DNS, "dns_cluster"})
 
-#: A path is slow when its latency is above the baseline (the median of every timed path,
-#: at least BASELINE_FLOOR) by SLOW_MARGIN and by the baseline again: slower by a margin a
-#: person would notice, and at least twice the usual. Load on the probes raises every
-#: path, the baseline with them, so a node 200 ms late stays above the limit under load
-#: (a 4x factor stopped firing once a loaded median passed 70 ms).
+#: A path is slow when it takes longer than its source's usual path by SLOW_MARGIN (a delay
+#: a person notices; loopback and LAN paths take about a millisecond), or by SPREAD_FACTOR
+#: times the cluster's usual spread where paths jitter more (`SlowRule`). Under load the
+#: old rule, "4x the median path", stopped firing once a loaded median passed 70 ms.
 SLOW_MARGIN_SECONDS = 0.1
+SPREAD_FACTOR = 3.0
 BASELINE_FLOOR_SECONDS = 0.001
-#: A node judged slow stays slow until its paths fall below this share of the margin.
+#: A node judged slow stays slow until its paths are less late than this share of the limit.
 SLOW_RELEASE = 0.5
 
 OK_STATE, SLOW_STATE, FAILING_STATE = "ok", "slow", "failing"
@@ -406,39 +406,58 @@ def _broken_path(p: PathView, graph: _Graph) -> Verdict:
 
 @dataclass(frozen=True, slots=True)
 class SlowRule:
-    """The one slowness rule. `limit` marks a path slow; a node that was slow in the view
-    before (`held`) is measured against the lower `release` limit, so it leaves the verdict
-    only once clearly back. The page and the terminal read each path's state from the
-    document (`path_states`) instead of applying a rule of their own."""
+    """The one slowness rule. A path is slow when it takes longer than its source's usual
+    path (the median of the source's paths; the cluster's median for a source with fewer
+    than three) by more than `limit`: SLOW_MARGIN, or SPREAD_FACTOR times the cluster's usual
+    spread (the median of every path's distance from its source's usual) when the paths
+    jitter more than that. Load on a probe delays all its paths alike, so comparing a path
+    with its own source's others keeps a loaded cluster's baseline from hiding a node 200 ms
+    late, and the spread keeps a jittery one from calling every path slow.
+
+    A node that was slow in the view before (`held`) is measured against the lower
+    `release`, so it leaves the verdict only once clearly back. The page and the terminal
+    read each path's state from the document (`state`) instead of applying a rule of their own."""
 
     baseline: float | None
+    spread: float = 0.0
+    usual: Mapping[str, float] = field(default_factory=dict)
     held: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, paths: Sequence[PathView], held: Collection[str] = ()) -> SlowRule:
-        timed = [p.latency for p in paths if p.ok and p.latency is not None]
-        baseline = max(statistics.median(timed), BASELINE_FLOOR_SECONDS) if timed else None
-        return cls(baseline, frozenset(held))
+        timed = [p for p in paths if p.ok and p.latency is not None and p.source != p.target]
+        if not timed:
+            return cls(None, held=frozenset(held))
+        baseline = max(statistics.median(p.latency for p in timed if p.latency is not None), BASELINE_FLOOR_SECONDS)
+        by_source: dict[str, list[float]] = {}
+        for p in timed:
+            assert p.latency is not None
+            by_source.setdefault(p.source, []).append(p.latency)
+        usual = {s: statistics.median(xs) if len(xs) >= 3 else baseline for s, xs in by_source.items()}
+        spread = statistics.median(abs(p.latency - usual[p.source]) for p in timed if p.latency is not None)
+        return cls(baseline, spread, usual, frozenset(held))
 
     @property
     def limit(self) -> float:
-        if self.baseline is None:
-            return float("inf")
-        return self.baseline + max(SLOW_MARGIN_SECONDS, self.baseline)
+        """How much longer than its source's usual a path may take before it is slow."""
+        return max(SLOW_MARGIN_SECONDS, SPREAD_FACTOR * self.spread)
 
     @property
     def release(self) -> float:
-        if self.baseline is None:
-            return float("inf")
-        return self.baseline + SLOW_RELEASE * max(SLOW_MARGIN_SECONDS, self.baseline)
+        return SLOW_RELEASE * self.limit
 
     def limit_for(self, target: str) -> float:
         return self.release if target in self.held else self.limit
 
+    def excess(self, p: PathView) -> float:
+        if p.latency is None or self.baseline is None:
+            return 0.0
+        return p.latency - self.usual.get(p.source, self.baseline)
+
     def state(self, p: PathView) -> str:
         if not p.ok:
             return FAILING_STATE
-        return SLOW_STATE if p.latency is not None and p.latency > self.limit_for(p.target) else OK_STATE
+        return SLOW_STATE if self.excess(p) > self.limit_for(p.target) else OK_STATE
 
 
 def path_states(paths: Sequence[PathView], rule: SlowRule) -> list[str]:
@@ -455,9 +474,10 @@ def _slow(graph: _Graph, rule: SlowRule) -> list[Verdict]:
             continue
         limit = rule.limit_for(target)
         slow = [p for p in timed if rule.state(p) == SLOW_STATE]
-        mine = statistics.median(p.latency for p in timed if p.latency is not None)
-        if 2 * len(slow) <= len(timed) or mine <= limit:
+        late = statistics.median(rule.excess(p) for p in timed)
+        if 2 * len(slow) <= len(timed) or late <= limit:
             continue
+        mine = statistics.median(p.latency for p in timed if p.latency is not None)
         witnesses = {p.source for p in slow}
         # One probe's word is not enough: it may be loaded itself, or lying.
         if len(witnesses) < 2:
@@ -467,15 +487,19 @@ def _slow(graph: _Graph, rule: SlowRule) -> list[Verdict]:
         else:
             confidence = LIKELY
         evidence = [
-            f"median latency towards it {_ms(mine)} over {len(timed)} paths",
-            f"the cluster's median path {_ms(rule.baseline)}; slow above {_ms(limit)}",
-            f"{_share(len(slow), len(timed))} paths towards it are slow, seen by {len(witnesses)} probes",
+            f"paths towards it take {_ms(late)} longer than their probes' other paths (median of {len(timed)})",
+            f"median latency towards it {_ms(mine)}; the cluster's median path {_ms(rule.baseline)}",
+            f"{_share(len(slow), len(timed))} paths towards it are over {_ms(limit)} late, "
+            f"seen by {len(witnesses)} probes",
         ]
         if target in rule.held:
-            evidence.append(f"slow in the view before too; it stays slow until below {_ms(rule.release)}")
+            evidence.append(f"slow in the view before too: it stays slow until less than {_ms(rule.release)} late")
         if len(witnesses) < 2:
             evidence.append("only one probe sees it: that probe may be loaded itself")
-        summary = f"{target} answers slowly: {_ms(mine)} against {_ms(rule.baseline)} for the cluster's median path."
+        summary = (
+            f"{target} answers slowly: {_ms(late)} later than the other nodes "
+            f"({_ms(mine)} against {_ms(rule.baseline)})."
+        )
         verdicts.append(Verdict(NODE_SLOW, target, confidence, summary, tuple(evidence)))
     return verdicts
 
