@@ -103,6 +103,8 @@ def test_page_renders_every_node_and_names_a_stopped_node(sandbox: Sandbox, brow
     shot = ARTEFACTS / "mesh-node-stopped.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+    if os.environ.get("KUBENURSE_DOCS_SCREENSHOTS") == "1":
+        shutil.copy(shot, REPO / "docs" / "mesh-node-stopped.png")
     print(f"verdict on the page {elapsed:.1f} s after `stop` returned; screenshot {shot}")
 
     # Filtering: only the nodes with problems, then by name.
