@@ -343,12 +343,6 @@ class MeshView:
         if not pending.cancelled() and pending.exception() is not None:
             log.warning("mesh view failed", extra={"error": type(pending.exception()).__name__})
 
-    async def document(self) -> dict[str, object]:
-        """The document as a value (tests, tools); the server sends `view()`'s bytes."""
-        value = json.loads((await self.view()).plain)
-        assert isinstance(value, dict)
-        return value
-
     async def _build(self) -> View:
         if self._session is None or self._session.closed:
             # No proxy from the environment, no cookies, nothing inflated: probe to probe only.

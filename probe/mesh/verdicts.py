@@ -20,7 +20,7 @@ The rules, in the order they explain failures away:
 6. One path broken: a failing path whose source reaches others and whose destination is
    reached by others.
 7. A node slow: most paths towards it are slow by the one slowness rule (`SlowRule`), which
-   also gives every path its state (`path_states`) for the page and the terminal.
+   also gives every path its state (`SlowRule.state`) for the page and the terminal.
 8. The Service and the ingress: `me_service` / `me_ingress` fail on probes not otherwise
    explained; the ingress only where the Service works (it forwards to the Service). A
    minority of Service failures while a node is down is that node's doing: evidence in the
@@ -458,10 +458,6 @@ class SlowRule:
         if not p.ok:
             return FAILING_STATE
         return SLOW_STATE if self.excess(p) > self.limit_for(p.target) else OK_STATE
-
-
-def path_states(paths: Sequence[PathView], rule: SlowRule) -> list[str]:
-    return [rule.state(p) for p in paths]
 
 
 def _slow(graph: _Graph, rule: SlowRule) -> list[Verdict]:
