@@ -136,6 +136,7 @@ TABLE: list[Row] = [
     Row("KUBENURSE_LISTEN_HOST", "127.0.0.1", "listen_host", "127.0.0.1", None),
     Row("KUBENURSE_HTTP_PORT", "18080", "http_port", 18080, "0"),
     Row("KUBENURSE_HTTPS_PORT", "18443", "https_port", 18443, "65536"),
+    Row("KUBENURSE_MESH_PORT", "18081", "mesh_port", 18081, "0"),
     Row("KUBENURSE_SERVICEACCOUNT_DIR", "/tmp/sa", "serviceaccount_dir", "/tmp/sa", None),
     Row("KUBECONFIG", "{kubeconfig}", "kubeconfig", "{kubeconfig}", "{empty}"),
     Row("KUBENURSE_LOG_FORMAT", "logfmt", "log_format", "logfmt", "text"),
