@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from bench.core import free_port, percentile
@@ -128,14 +129,14 @@ def child(*args: str) -> subprocess.Popen[str]:
     return process
 
 
-async def view(base: str, pid: int) -> dict[str, Any]:
-    """Load /mesh.json from CONCURRENCY clients for LOAD_SECONDS; sample the probe's RSS."""
+async def view(base: str, pid: int, seconds: float) -> dict[str, Any]:
+    """Load /mesh.json from CONCURRENCY clients for `seconds`; sample the probe's RSS."""
     import aiohttp
 
     statuses: dict[int, int] = {}
     size = 0
     peak = rss_mb(pid)
-    end = time.monotonic() + LOAD_SECONDS
+    end = time.monotonic() + seconds
 
     async def viewer(session: aiohttp.ClientSession, gzip: bool) -> None:
         nonlocal size
@@ -173,7 +174,23 @@ def first_view(base: str) -> tuple[float, int]:
     return time.perf_counter() - started, len(body)
 
 
-def measure(nodes: int) -> list[tuple[str, str]]:
+@dataclass
+class Figures:
+    nodes: int
+    first_seconds: float
+    size: int
+    statuses: dict[int, int]
+    #: /alwayshappy times under load, and how many failed.
+    pings: list[float]
+    ping_failures: int
+    rss_idle: float
+    rss_first: float
+    rss_peak: float
+    rss_after: float
+
+
+def load(nodes: int, seconds: float = LOAD_SECONDS) -> Figures:
+    """The figures for one cluster size (also used by tests/test_mesh_routes.py)."""
     peers_port = free_port()
     peers = child("--peers", str(peers_port), str(nodes))
     probe = child("--probe", str(peers_port), str(nodes))
@@ -182,8 +199,8 @@ def measure(nodes: int) -> list[tuple[str, str]]:
         idle_rss = rss_mb(probe.pid)
         first, size = first_view(base)
         before = rss_mb(probe.pid)
-        pinger = child("--ping", base, str(LOAD_SECONDS))
-        loaded = asyncio.run(view(base, probe.pid))
+        pinger = child("--ping", base, str(seconds))
+        loaded = asyncio.run(view(base, probe.pid, seconds))
         out, _ = pinger.communicate(timeout=120)
         pings = json.loads(out)
         time.sleep(3.0)
@@ -192,18 +209,22 @@ def measure(nodes: int) -> list[tuple[str, str]]:
         for p in (probe, peers):
             p.terminate()
             p.wait()
-    times = pings["times"]
-    statuses = loaded["statuses"]
-    label = f"{nodes} peers"
+    return Figures(nodes, first, size, loaded["statuses"], pings["times"], pings["failures"],
+                   idle_rss, before, loaded["peak"], after)
+
+
+def measure(nodes: int) -> list[tuple[str, str]]:
+    f = load(nodes)
+    times, label = f.pings, f"{nodes} peers"
     return [
-        (f"{label}: first /mesh.json (asks {nodes - 1})", f"{first * 1000:.0f} ms, {size / 1024:.0f} KB"),
+        (f"{label}: first /mesh.json (asks {nodes - 1})", f"{f.first_seconds * 1000:.0f} ms, {f.size / 1024:.0f} KB"),
         (f"{label}: /mesh.json answers in {LOAD_SECONDS:.0f} s from {CONCURRENCY} viewers",
-         ", ".join(f"{'error' if k == 0 else k} x{v}" for k, v in sorted(statuses.items()))),
+         ", ".join(f"{'error' if k == 0 else k} x{v}" for k, v in sorted(f.statuses.items()))),
         (f"{label}: /alwayshappy under that load, p50 / p99 / max of {len(times)}",
          f"{percentile(times, 0.5) * 1000:.1f} / {percentile(times, 0.99) * 1000:.1f} / {max(times) * 1000:.1f} ms"
-         + (f", {pings['failures']} failed" if pings["failures"] else "")),
+         + (f", {f.ping_failures} failed" if f.ping_failures else "")),
         (f"{label}: probe RSS idle / after first view / peak under load / 3 s after",
-         f"{idle_rss:.0f} / {before:.0f} / {loaded['peak']:.0f} / {after:.0f} MB"),
+         f"{f.rss_idle:.0f} / {f.rss_first:.0f} / {f.rss_peak:.0f} / {f.rss_after:.0f} MB"),
     ]
 
 

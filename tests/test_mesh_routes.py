@@ -7,6 +7,7 @@ import asyncio
 import time
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from probe.mesh.routes import MAX_RESPONSES, add_routes
@@ -77,8 +78,6 @@ async def test_mesh_port_serves_the_mesh_and_nothing_else(run_probe: RunProbe) -
 
 
 def test_mesh_port_must_be_its_own() -> None:
-    import pytest
-
     from probe.settings import SettingsError, load_settings
 
     assert load_settings({}).mesh_port is None
@@ -86,3 +85,21 @@ def test_mesh_port_must_be_its_own() -> None:
     assert load_settings({"KUBENURSE_MESH_PORT": "8081"}).mesh_port == 8081
     with pytest.raises(SettingsError, match=r"KUBENURSE_MESH_PORT.*9000"):
         load_settings({"KUBENURSE_HTTP_PORT": "9000", "KUBENURSE_MESH_PORT": "9000"})
+
+
+@pytest.mark.timeout(180)
+def test_200_viewers_at_300_peers_leave_alwayshappy_under_a_second() -> None:
+    """The probe's own server with 300 peers, 200 clients asking /mesh.json back to back for
+    5 s (the benchmark's machinery, in processes of their own); a neighbour's /alwayshappy,
+    timed every 50 ms meanwhile, answers within a second every time, and RSS stays bounded."""
+    from bench.bench_mesh import load
+
+    figures = load(300, seconds=5.0)
+    assert figures.statuses.get(200, 0) > 200, figures.statuses
+    assert set(figures.statuses) <= {200, 429}, figures.statuses
+    assert figures.pings and not figures.ping_failures
+    worst = max(figures.pings)
+    print(f"/alwayshappy max {worst * 1000:.0f} ms over {len(figures.pings)}; RSS {figures.rss_idle:.0f} -> "
+          f"{figures.rss_peak:.0f} MB peak; answers {figures.statuses}")
+    assert worst < 1.0, f"/alwayshappy took {worst:.2f} s under load"
+    assert figures.rss_peak - figures.rss_first < 100, "RSS grew by more than 100 MB under load"
