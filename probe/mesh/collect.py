@@ -44,6 +44,8 @@ ASK_TIMEOUT_SECONDS = 2.0
 ASK_CONCURRENCY = 32
 #: A view is built again no sooner than this many times as long as the last one took.
 BUILD_SHARE = 3.0
+#: The view before counts for hysteresis (`judge`'s `previous`) only when younger than this.
+HYSTERESIS_SECONDS = 120.0
 #: At most this many probes are asked for one view.
 ASK_CAP = 5000
 #: What a probe left out of the checks (its node cordoned or unschedulable) is, in words.
@@ -356,7 +358,9 @@ class MeshView:
         gathered = await gather_reports(
             self._own(), self._session, port=self._port, timeout=self._timeout, peers=self._peers()
         )
-        previous = self._view.verdicts if self._view else ()
+        # Hysteresis holds a verdict from one view to the next, not from a view long gone.
+        recent = self._view is not None and time.monotonic() - self._view.built_at < HYSTERESIS_SECONDS
+        previous = self._view.verdicts if self._view is not None and recent else ()
         view = await asyncio.to_thread(self._finish, gathered, previous)
         self._view = view
         # Asking takes the loop's time (a few ms per probe): at most 1/BUILD_SHARE of it, so
