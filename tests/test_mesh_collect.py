@@ -217,7 +217,7 @@ FORGERIES: dict[str, Callable[[dict[str, Any]], object]] = {
     "trace id not hex": lambda r: r["results"][0].update(trace_id="x" * 32),
     "trace id too short": lambda r: r["results"][0].update(trace_id="ab" * 8),
     "trace id as a URL": lambda r: r["results"][0].update(trace_id="0af7651916cd43dd8448eb211c80319c/../x"),
-    "unknown field": lambda r: r.update(neighbours=[{"node": "n9", "pod": "x", "pod_ip": "127.9.9.9"}]),
+    "too many fields": lambda r: r["results"][0].update({f"x{i}": i for i in range(40)}),
     "string ok": lambda r: r["results"][0].update(ok="true"),
     "not an object": lambda r: r["results"].__setitem__(0, ["path_n1"]),
 }
@@ -244,6 +244,7 @@ async def test_a_liar_changes_only_its_own_row(pods) -> None:  # type: ignore[no
     await pods(2, liar)
     for i in (3, 4):
         await pods(i, serving(report(i, checks[i])))
+    await pods(9, serving(report(9, [])))  # not listed: must never be asked
 
     async def document() -> dict[str, Any]:
         gathered = await gather(report(1, checks[1]), listed(2, 3, 4), pods.port)
@@ -278,6 +279,11 @@ async def test_a_liar_changes_only_its_own_row(pods) -> None:  # type: ignore[no
         ReportResult("path_127.9.9.9", False, None, "connect_done"),
     )).encode()
     lies["claims to be n3"] = lambda: report(3, [1]).encode()
+    # Fields this version does not read (a newer probe's) are left unread: no neighbour list
+    # of a peer's is ever an address to ask.
+    lies["lists a neighbour to ask"] = forged_body(
+        lambda r: r.update(neighbours=[{"node": "n9", "pod": "x", "pod_ip": ip(9)}], version="9")
+    )
     for name, lie in lies.items():
         answer["body"] = lie()
         forged = await document()
