@@ -292,4 +292,6 @@ def test_2000_nodes_render_within_1280px_and_keep_a_single_fault_visible(browser
                       for (let i = 0; i < d.length; i += 4) if (d[i] > 200 && d[i + 1] < 80) n++; return n; }"""
         )
         assert red > 0
+        ARTEFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTEFACTS / "mesh-2000-nodes.png"), full_page=False)
         print(f"2,000 nodes rendered in {rendered:.1f} s")
