@@ -103,3 +103,38 @@ def test_200_viewers_at_300_peers_leave_alwayshappy_under_a_second() -> None:
           f"{figures.rss_peak:.0f} MB peak; answers {figures.statuses}")
     assert worst < 1.0, f"/alwayshappy took {worst:.2f} s under load"
     assert figures.rss_peak - figures.rss_first < 100, "RSS grew by more than 100 MB under load"
+
+
+async def test_own_neighbours_are_asked_without_a_whole_cluster_list() -> None:
+    """A discovery that names only this probe's neighbours (no `eligible`/`listed`): they are
+    still asked, and the paths towards them are kept."""
+    from probe.mesh.collect import View
+    from probe.neighbours import Neighbourhood
+    from tests.test_mesh_collect import report
+
+    port = free_port()
+    peer_app = web.Application()
+
+    async def answer(_r: web.Request) -> web.Response:
+        return web.Response(body=report(2, [1]).encode(), content_type="application/json")
+
+    peer_app.router.add_get("/mesh/report", answer)
+    peer_runner = web.AppRunner(peer_app, shutdown_timeout=0.1)
+    await peer_runner.setup()
+    await web.TCPSite(peer_runner, ip(2), port).start()
+    hood = Neighbourhood(neighbours=(Neighbour("pod-2", ip(2), "", "n2"),))
+    app = web.Application()
+    view = add_routes(
+        app, Settings(http_port=port, pod_name="pod-1", node_name="n1"), last_round=lambda: None,
+        neighbourhood=lambda: hood, not_ready=lambda: None,
+    )
+    try:
+        built: View = await view.view()
+    finally:
+        await view.close()
+        await peer_runner.cleanup()
+    import json
+
+    document = json.loads(built.plain)
+    assert [(n["node"], n["reached"]) for n in document["nodes"]] == [("n1", True), ("n2", True)]
+    assert [(p["from"], p["to"]) for p in document["paths"]] == [("n2", "n1")]

@@ -84,9 +84,17 @@ def add_routes(
         )
 
     def peers() -> list[Peer]:
-        if listed is not None:
-            return [peer(n.node_name, n.pod_name, n.pod_ip, checked=checked) for n, checked in listed()]
-        return [peer(n.node_name, n.pod_name, n.pod_ip) for n in eligible()]
+        """Every pod discovery lists: the whole-cluster list, and this probe's own neighbours
+        (a discovery without a whole-cluster list still names those)."""
+        found = (
+            [peer(n.node_name, n.pod_name, n.pod_ip, checked=checked) for n, checked in listed()]
+            if listed is not None
+            else [peer(n.node_name, n.pod_name, n.pod_ip) for n in eligible()]
+        )
+        known = {p.pod for p in found}
+        own = neighbourhood().neighbours
+        found += [peer(n.node_name, n.pod_name, n.pod_ip) for n in own if n.pod_name not in known]
+        return found
 
     view = MeshView(
         report,
