@@ -302,6 +302,9 @@ async def test_an_address_that_is_not_an_ip_is_never_asked(pods) -> None:  # typ
         peer("n3", "pod-3", "localhost"),
         peer("n4", "pod-4", f"{ip(9)}:{pods.port}"),
         peer("n5", "pod-5", f"{ip(9)}#"),
+        peer("n6", "pod-6", "fe80::1%lo/x"),
+        peer("n7", "pod-7", "fe80::1%lo"),
+        peer("n8", "pod-8", ""),
     ]
     gathered = await gather(report(1, []), bad, pods.port)
     assert set(gathered.unreached.values()) == {Unreached.NO_ADDRESS}

@@ -74,6 +74,8 @@ def peer(node: str, pod: str, pod_ip: str, *, checked: bool = True) -> Peer:
         ip: IPAddress | None = ipaddress.ip_address(pod_ip)
     except ValueError:
         ip = None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id:
+        ip = None  # a pod IP has no zone; `%zone` would be text in the URL
     return Peer(node, pod, ip, checked)
 
 
