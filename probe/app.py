@@ -75,6 +75,7 @@ class Probe:
             incoming=self.incoming,
             extra=self._alive_extra,
             eligible=getattr(self.neighbours, "eligible", tuple),
+            listed=getattr(self.neighbours, "listed", None),
         )
         self.app = build_app(settings, self.state, self.metrics, tracer, server_limits)
         self.servers: Servers | None = None

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from probe import names, resources
 from probe.checks.result import CheckResult
 from probe.checks.rounds import Round
+from probe.mesh.report import NotReady
 from probe.mesh.routes import add_routes as add_mesh_routes
 from probe.neighbours import Neighbour, Neighbourhood
 from probe.ratelimit import TokenBucket
@@ -61,6 +62,8 @@ class ServerState:
     extra: Callable[[], dict[str, object]] = dict
     #: Every pod that may be checked, before the limit (the mesh view asks them all).
     eligible: Callable[[], tuple[Neighbour, ...]] = tuple
+    #: Every running pod, and whether it may be checked (the mesh view shows those that may not).
+    listed: Callable[[], tuple[tuple[Neighbour, bool], ...]] | None = None
 
 
 def _headers(request: web.Request) -> dict[str, list[str]]:
@@ -135,6 +138,13 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         }
     healthy = last is not None and last.healthy
     return document, 200 if healthy else 500
+
+
+def not_ready(state: ServerState) -> NotReady | None:
+    """Why /ready answers 503, or None."""
+    if state.shutting_down:
+        return NotReady.SHUTTING_DOWN
+    return None if state.node_schedulable() else NotReady.NODE_UNSCHEDULABLE
 
 
 def build_app(
@@ -214,7 +224,7 @@ def build_app(
     app.router.add_get("/metrics", metrics_handler)
     add_mesh_routes(
         app, settings, last_round=state.last_round, neighbourhood=state.neighbourhood, eligible=state.eligible,
-        ready=lambda: not state.shutting_down and state.node_schedulable(),
+        listed=state.listed, not_ready=lambda: not_ready(state),
     )
     return app
 
@@ -376,7 +386,8 @@ class Servers:
 
 
 async def start_servers(settings: Settings, app: web.Application, limits: ServerLimits | None = None) -> Servers:
-    """Listen on the HTTP port, and the HTTPS port with KUBENURSE_USE_TLS; ListenError if not."""
+    """Listen on the HTTP port, the HTTPS port with KUBENURSE_USE_TLS, and KUBENURSE_MESH_PORT
+    when set; ListenError if not."""
     limits = limits or ServerLimits()
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
@@ -396,7 +407,12 @@ async def start_servers(settings: Settings, app: web.Application, limits: Server
     if settings.use_tls:
         ports.append((settings.https_port, server_ssl_context(settings)))
     listeners: list[asyncio.Server] = []
-    variables = {settings.http_port: "KUBENURSE_HTTP_PORT", settings.https_port: "KUBENURSE_HTTPS_PORT"}
+    if settings.mesh_port:
+        ports.append((settings.mesh_port, None))
+    variables = {
+        settings.http_port: "KUBENURSE_HTTP_PORT", settings.https_port: "KUBENURSE_HTTPS_PORT",
+        settings.mesh_port: "KUBENURSE_MESH_PORT",
+    }
     try:
         for port, context in ports:
             try:

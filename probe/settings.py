@@ -101,6 +101,8 @@ class Settings:
     listen_host: str | None = None
     http_port: int = 8080
     https_port: int = 8443
+    #: None: /mesh, /mesh.json and /mesh/report are served on the HTTP(S) ports; a port: there only.
+    mesh_port: int | None = None
     serviceaccount_dir: str = DEFAULT_SERVICEACCOUNT_DIR
     kubeconfig: str | None = None
     log_format: str = "json"
@@ -413,6 +415,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_LISTEN_HOST": ("listen_host", _nonempty),
     "KUBENURSE_HTTP_PORT": ("http_port", parse_port),
     "KUBENURSE_HTTPS_PORT": ("https_port", parse_port),
+    "KUBENURSE_MESH_PORT": ("mesh_port", parse_port),
     "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", _nonempty),
     "KUBECONFIG": ("kubeconfig", parse_kubeconfig),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
@@ -552,4 +555,11 @@ def load_settings(env: Mapping[str, str]) -> Settings:
     values.update(_otlp_settings(env))
     settings = Settings(**values)  # type: ignore[arg-type]
     _check_tls_pair(settings)
+    if settings.mesh_port is not None and settings.mesh_port in (
+        settings.http_port, *([settings.https_port] if settings.use_tls else []),
+    ):
+        raise SettingsError(
+            "KUBENURSE_MESH_PORT", str(settings.mesh_port),
+            "must differ from KUBENURSE_HTTP_PORT and KUBENURSE_HTTPS_PORT (empty: the mesh on those ports)",
+        )
     return settings

@@ -13,7 +13,7 @@ import trustme
 from aiohttp import web
 
 from probe.discovery.kube import ServiceAccount
-from probe.mesh.collect import mesh_document
+from probe.mesh.collect import View
 from probe.mesh.events import NodeEventReporter, is_reporter, node_events
 from probe.mesh.verdicts import Evidence, NodeView, PathView, Verdict, judge
 
@@ -54,7 +54,7 @@ def test_the_first_three_nodes_by_name_report() -> None:
 class FakeView:
     """A view with node-3 unreachable (hand-written evidence through the real judge)."""
 
-    async def document(self) -> dict[str, object]:
+    async def view(self) -> View:
         nodes = ["node-1", "node-2", "node-3"]
         paths = [
             PathView("node-1", "node-2", True, 0.001), PathView("node-2", "node-1", True, 0.001),
@@ -62,7 +62,7 @@ class FakeView:
             PathView("node-2", "node-3", False, None, "connect_done"),
         ]
         evidence = Evidence([NodeView(n, reached=n != "node-3") for n in nodes], paths, [])
-        return mesh_document(evidence, judge(evidence), source="p1", generated_at=0)
+        return View(tuple(judge(evidence)), b"", b"", 0.0)
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_probe_wiring_needs_the_setting_and_credentials(tmp_path: Path) -> None:
 
     def app_for(settings: Settings) -> web.Application:
         app = web.Application()
-        add_routes(app, settings, last_round=lambda: None, neighbourhood=hood.current, ready=lambda: True)
+        add_routes(app, settings, last_round=lambda: None, neighbourhood=hood.current, not_ready=lambda: None)
         return app
 
     hood = StaticNeighbours.unavailable("test")

@@ -43,7 +43,10 @@ def start(tracer: trace.Tracer, target: Target, clock: Clock, known: Mapping[str
         attributes[names.ATTR_NEIGHBOUR_NODE] = target.neighbour.node_name
         attributes[names.ATTR_NEIGHBOUR_POD] = target.neighbour.pod_name
     return tracer.start_span(
-        span_name(target.check_type, target.kind), kind=SpanKind.CLIENT, attributes=attributes, start_time=clock.wall_start_ns
+        span_name(target.check_type, target.kind),
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
+        start_time=clock.wall_start_ns,
     )
 
 

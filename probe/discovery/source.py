@@ -423,6 +423,23 @@ class KubeNeighbours:
             self._eligible_key = key
         return self._eligible
 
+    def listed(self) -> tuple[tuple[Neighbour, bool], ...]:
+        """Every running pod with an IP (this one aside), and whether it may be checked
+        (`eligible`): the mesh view asks them all, and shows why the others are not checked."""
+        eligible = self.eligible()
+        pods = self.pods
+        if self._d.skipped is not None or self._skipped is not None or pods is None:
+            return ()
+        chosen = {n.pod_name for n in eligible}
+        own_pod = self._d.settings.pod_name if self._d.own_namespace == self.namespace else ""
+        rest = [
+            (Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase), False)
+            for p in pods.items.values()
+            if p.phase == "Running" and not p.terminating and p.pod_ip and p.name != own_pod
+            and p.name not in chosen
+        ]
+        return (*((n, True) for n in eligible), *sorted(rest, key=lambda e: e[0].node_name))
+
     def _build(
         self, pods: Reflector[PodInfo], reflectors: list[Reflector[Any]], last_sync: float, now: float
     ) -> Neighbourhood:

@@ -83,13 +83,6 @@ def node_events(
     return events
 
 
-def verdicts_of(document: Mapping[str, Any]) -> list[Verdict]:
-    return [
-        Verdict(v["kind"], v["subject"], v["confidence"], v["summary"], tuple(v.get("evidence", ())))
-        for v in document.get("verdicts", ())
-    ]
-
-
 class NodeEventReporter:
     """Every PERIOD_SECONDS, on a reporter probe: build the view, post the node events."""
 
@@ -121,9 +114,9 @@ class NodeEventReporter:
         node = self._own_node()
         if not is_reporter(node, self._eligible_nodes()):
             return []
-        document = await self._view.document()
+        view = await self._view.view()
         events = node_events(
-            verdicts_of(document), namespace=self._namespace, reporter_node=node, reporter_pod=self._pod,
+            view.verdicts, namespace=self._namespace, reporter_node=node, reporter_pod=self._pod,
             now=self._clock(),
         )
         created = []
