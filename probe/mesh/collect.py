@@ -230,7 +230,7 @@ def mesh_document(
     trace_url_template: str | None = None,
     capped: bool = False,
 ) -> dict[str, object]:
-    """`/mesh.json` as CONTRACT.md ("Mesh") specifies it, plus: on paths their `state`
+    """`/mesh.json` as docs/reference.md ("/mesh.json") specifies it, plus: on paths their `state`
     (`ok`, `slow`, `failing`: the verdicts' slowness rule, which the page and the terminal
     read) and `trace_id`/`trace_url`; on nodes `not_ready_reason`, `checked` and, for probes
     that did not answer, `unreached_reason` (this probe's words); the rule's figures
