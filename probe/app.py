@@ -75,6 +75,7 @@ class Probe:
             incoming=self.incoming,
             extra=self._alive_extra,
             eligible=getattr(self.neighbours, "eligible", tuple),
+            udp_arrivals=lambda: self.udp_echo.recent() if self.udp_echo is not None else {},
             listed=getattr(self.neighbours, "listed", None),
         )
         self.app = build_app(settings, self.state, self.metrics, tracer, server_limits)

@@ -10,7 +10,7 @@ import re
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -58,6 +58,8 @@ class ServerState:
     node_schedulable: Callable[[], bool] = lambda: True
     incoming: IncomingChecks = field(default_factory=IncomingChecks)
     shutting_down: bool = False
+    #: The UDP echo's recent arrivals (train id -> datagrams), for the mesh report.
+    udp_arrivals: Callable[[], Mapping[int, int]] = dict
     #: More facts for /alive (e.g. OTLP export counts).
     extra: Callable[[], dict[str, object]] = dict
     #: Every pod that may be checked, before the limit (the mesh view asks them all).
@@ -224,7 +226,7 @@ def build_app(
     app.router.add_get("/metrics", metrics_handler)
     add_mesh_routes(
         app, settings, last_round=state.last_round, neighbourhood=state.neighbourhood, eligible=state.eligible,
-        listed=state.listed, not_ready=lambda: not_ready(state),
+        listed=state.listed, not_ready=lambda: not_ready(state), udp_arrivals=lambda: state.udp_arrivals(),
     )
     return app
 

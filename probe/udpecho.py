@@ -115,6 +115,17 @@ class UdpEcho(asyncio.DatagramProtocol):
         if len(trains) > TRAINS_PER_SOURCE:
             trains.popitem(last=False)
 
+    def recent(self, limit: int = 4096) -> dict[int, int]:
+        """Train id -> datagrams that arrived, over the latest trains of every source (the
+        sources heard from last first): what the mesh report tells the senders."""
+        out: dict[int, int] = {}
+        for trains in reversed(self._arrived.values()):
+            for train, count in trains.items():
+                if len(out) >= limit:
+                    return out
+                out[train] = count
+        return out
+
     def arrived(self, host: str) -> dict[int, int]:
         """Of the latest trains from `host`: train id -> datagrams that arrived here."""
         return dict(self._arrived.get(host, {}))

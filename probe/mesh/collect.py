@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from probe import names, resources
+from probe.mesh.loss import UdpPathView, directions
 from probe.mesh.report import (
     MAX_REPORT_BYTES,
     BadReport,
@@ -183,6 +184,7 @@ def evidence_from(gathered: Gathered) -> Evidence:
     nodes: list[NodeView] = []
     paths: list[PathView] = []
     checks: list[CheckView] = []
+    udp: list[UdpPathView] = []
     for node in sorted(known):
         report = gathered.reports.get(node)
         listed = gathered.peers.get(node)
@@ -213,7 +215,22 @@ def evidence_from(gathered: Gathered) -> Evidence:
             if target in known:
                 paths.append(PathView(node, target, r.ok, r.latency, r.error_event, r.trace_id))
         checks.extend(CheckView(node, r.type, r.ok, r.latency, r.error_event, r.trace_id) for r in report_checks)
-    return Evidence(nodes, paths, checks)
+        udp.extend(_udp_paths(node, report, gathered.reports, known))
+    return Evidence(nodes, paths, checks, udp)
+
+
+def _udp_paths(node: str, report: Report, reports: Mapping[str, Report], known: set[str]) -> Iterable[UdpPathView]:
+    """A report's UDP paths, each with which way its datagrams were lost where the target's
+    echo says what reached it (its report's `echo`)."""
+    for u in report.udp:
+        if u.to not in known or u.to == node:
+            continue
+        target = reports.get(u.to)
+        way = directions(u.trains, dict(target.echo)) if target is not None else None
+        yield UdpPathView(
+            node, u.to, u.sent, u.lost, u.mtu_failed, u.mtu,
+            lost_there=None if way is None else way[0], lost_back=None if way is None else way[1],
+        )
 
 
 def _trace_url(template: str | None, trace_id: str | None) -> str | None:

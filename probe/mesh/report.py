@@ -37,6 +37,13 @@ MAX_AGE_SECONDS = 10.0 * 365 * 86400
 MAX_RESULTS = 6000
 #: Fields of one object in a report (this version writes at most 7).
 MAX_FIELDS = 32
+#: UDP paths a probe reports (one per neighbour), the trains of each, and the echo's arrivals.
+MAX_UDP_PATHS = MAX_RESULTS
+MAX_TRAINS = 10
+MAX_ARRIVALS = 4096
+TRAIN_ID = re.compile(r"[0-9a-f]{16}")
+#: A train is ten datagrams; anything beyond this is not a count of ours.
+MAX_DATAGRAMS = 1_000_000
 #: The encoded report of a probe with MAX_RESULTS results stays below this.
 MAX_REPORT_BYTES = 2 * 1024 * 1024
 
@@ -104,6 +111,20 @@ class ReportResult:
 
 
 @dataclass(frozen=True, slots=True)
+class UdpPathReport:
+    """One neighbour's UDP path as its sender saw it over its recent trains."""
+
+    to: str
+    sent: int
+    lost: int
+    #: The last train lost every full-size datagram while small ones came back.
+    mtu_failed: bool = False
+    mtu: int | None = None
+    #: (train id as 16 hex digits, sent, came back) of each recent train.
+    trains: tuple[tuple[str, int, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Report:
     node: str
     pod: str
@@ -111,6 +132,9 @@ class Report:
     not_ready: NotReady | None = None
     round_age: float | None = None
     results: tuple[ReportResult, ...] = ()
+    udp: tuple[UdpPathReport, ...] = ()
+    #: What this probe's UDP echo received of recent trains: (train id, datagrams).
+    echo: tuple[tuple[str, int], ...] = ()
 
     def encode(self) -> bytes:
         return json.dumps(
@@ -121,6 +145,12 @@ class Report:
                 "not_ready": None if self.not_ready is None else self.not_ready.value,
                 "round_age_seconds": self.round_age,
                 "results": [_encode_result(r) for r in self.results],
+                "udp": [
+                    {"to": u.to, "sent": u.sent, "lost": u.lost, "mtu_failed": u.mtu_failed, "mtu": u.mtu,
+                     "trains": [list(t) for t in u.trains]}
+                    for u in self.udp
+                ],
+                "echo": [list(e) for e in self.echo],
             },
             separators=(",", ":"),
             allow_nan=False,
@@ -149,17 +179,31 @@ def _from_result(result: CheckResult) -> ReportResult:
     )
 
 
+def _udp_path(result: CheckResult) -> UdpPathReport | None:
+    udp, target = result.facts.udp, result.target
+    if udp is None or target is None or target.neighbour is None:
+        return None
+    sent, lost = udp.window
+    trains = tuple((f"{train_id:016x}", s, b) for train_id, s, b in udp.trains[-MAX_TRAINS:])
+    return UdpPathReport(target.neighbour.node_name, sent, lost, result.error_event == names.MTU, udp.mtu, trains)
+
+
 def own_report(
-    last: Round | None, *, node: str, pod: str, not_ready: NotReady | None = None, now: float
+    last: Round | None, *, node: str, pod: str, not_ready: NotReady | None = None, now: float,
+    arrivals: Mapping[int, int] | None = None,
 ) -> Report:
-    """This probe's report: who it is, whether it is ready, how its last round went.
-    Skipped checks are left out: they are no evidence."""
+    """This probe's report: who it is, whether it is ready, how its last round went, and
+    what its UDP echo received. Skipped checks are left out: they are no evidence."""
+    echo = tuple((f"{train_id:016x}", n) for train_id, n in list((arrivals or {}).items())[:MAX_ARRIVALS])
     if last is None:
-        return Report(node, pod, not_ready is None, not_ready)
+        return Report(node, pod, not_ready is None, not_ready, echo=echo)
+    udp = (_udp_path(r) for _, r in sorted(last.udp.items()))
     return Report(
         node, pod, not_ready is None, not_ready,
         round_age=round(max(0.0, now - last.finished_at), 3),
         results=tuple(_from_result(r) for _, r in sorted(last.results.items()) if not r.skipped),
+        udp=tuple(u for u in udp if u is not None),
+        echo=echo,
     )
 
 
@@ -193,7 +237,47 @@ def parse(body: bytes) -> Report:
         not_ready=None if not_ready is None else NotReady(not_ready),
         round_age=_number(fields.get("round_age_seconds"), MAX_AGE_SECONDS, "round_age_seconds"),
         results=tuple(_result(r) for r in results),
+        udp=tuple(_udp(u) for u in _list(fields.get("udp", []), MAX_UDP_PATHS, "udp")),
+        echo=tuple(_arrival(e) for e in _list(fields.get("echo", []), MAX_ARRIVALS, "echo")),
     )
+
+
+def _list(value: object, most: int, what: str) -> list[Any]:
+    if not isinstance(value, list) or len(value) > most:
+        raise BadReport(f"{what}: not a list of at most {most}")
+    return value
+
+
+def _count(value: object, most: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+        raise BadReport(f"{what}: not a count")
+    return value
+
+
+def _udp(value: object) -> UdpPathReport:
+    fields = _object(value, "udp path")
+    sent = _count(fields.get("sent"), MAX_DATAGRAMS, "sent")
+    mtu = fields.get("mtu")
+    trains = []
+    for train in _list(fields.get("trains", []), MAX_TRAINS, "trains"):
+        if not isinstance(train, list) or len(train) != 3:
+            raise BadReport("train: not [id, sent, back]")
+        train_id = _optional(train[0], TRAIN_ID, "train id")
+        trains.append((train_id or "", _count(train[1], 1000, "train sent"), _count(train[2], 1000, "train back")))
+    return UdpPathReport(
+        to=_name(fields.get("to"), "to"),
+        sent=sent,
+        lost=min(_count(fields.get("lost"), MAX_DATAGRAMS, "lost"), sent),
+        mtu_failed=_bool(fields.get("mtu_failed", False), "mtu_failed"),
+        mtu=None if mtu is None else _count(mtu, 65535, "mtu"),
+        trains=tuple(t for t in trains if t[0]),
+    )
+
+
+def _arrival(value: object) -> tuple[str, int]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise BadReport("echo: not [id, datagrams]")
+    return _optional(value[0], TRAIN_ID, "train id") or "", _count(value[1], 1000, "datagrams")
 
 
 def _object(value: object, what: str) -> Mapping[str, Any]:

@@ -10,7 +10,7 @@ port only (and only they are), so a NetworkPolicy can allow the page to operator
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from importlib import resources
 
 from aiohttp import web
@@ -76,11 +76,12 @@ def add_routes(
     not_ready: Callable[[], NotReady | None],
     eligible: Callable[[], tuple[Neighbour, ...]] = tuple,
     listed: Callable[[], Iterable[tuple[Neighbour, bool]]] | None = None,
+    udp_arrivals: Callable[[], Mapping[int, int]] = dict,
 ) -> MeshView:
     def report() -> Report:
         return own_report(
             last_round(), node=own_node(settings, neighbourhood()), pod=settings.pod_name,
-            not_ready=not_ready(), now=time.time(),
+            not_ready=not_ready(), now=time.time(), arrivals=udp_arrivals(),
         )
 
     def peers() -> list[Peer]:

@@ -25,7 +25,9 @@ The rules, in the order they explain failures away:
    explained; the ingress only where the Service works (it forwards to the Service). A
    minority of Service failures while a node is down is that node's doing: evidence in the
    node's verdict, not a second verdict.
-9. Nothing else: exactly one `ok` verdict, `unsure` while no path has been checked.
+9. Loss and MTU (loss.py): paths that answer but lose UDP datagrams, or only the full-size
+   ones, towards or from one node (its link) or on one path.
+10. Nothing else: exactly one `ok` verdict, `unsure` while no path has been checked.
 
 A peer's report may lie. Every path is its source's claim, so a lying probe can only make
 its own row fail: a verdict about a node (unreachable, slow) is `sure` or `likely` only on
@@ -43,6 +45,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from probe import names
+from probe.mesh.loss import UdpPathView, judge_loss
+from probe.mesh.verdict import LIKELY, SURE, UNSURE, Verdict
 
 # Verdict kinds (docs/mesh.md, "Reading the verdicts").
 OK = "ok"
@@ -58,7 +62,6 @@ NODE_SLOW = "node_slow"
 PARTITION = "partition"
 CHECK_FAILING = "check_failing"
 
-SURE, LIKELY, UNSURE = "sure", "likely", "unsure"
 
 #: Check types that resolve a name through cluster DNS.
 DNS_CHECKS = frozenset({names.API_SERVER_DNS, "dns_cluster"})
@@ -118,24 +121,8 @@ class Evidence:
     #: Performed paths only (a skipped check is no evidence).
     paths: Sequence[PathView] = ()
     checks: Sequence[CheckView] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    kind: str
-    subject: str
-    confidence: str
-    summary: str
-    evidence: tuple[str, ...] = field(default_factory=tuple)
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "kind": self.kind,
-            "subject": self.subject,
-            "confidence": self.confidence,
-            "summary": self.summary,
-            "evidence": list(self.evidence),
-        }
+    #: The UDP trains' paths (loss, MTU): loss.py judges them.
+    udp: Sequence[UdpPathView] = ()
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -610,6 +597,8 @@ def assess(evidence: Evidence, previous: Iterable[Verdict] = ()) -> Assessment:
         verdicts.append(ingress)
 
     verdicts.extend(_other_checks(checks, isolated | partitioned))
+    # Loss and MTU on paths that still answer (a node that is down or cut off loses everything).
+    verdicts.extend(judge_loss([u for u in evidence.udp if u.source not in explained and u.target not in explained]))
 
     if not verdicts:
         verdicts.append(_all_well(evidence, paths))
