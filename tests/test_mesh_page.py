@@ -117,6 +117,29 @@ def test_page_renders_every_node_and_names_a_stopped_node(sandbox: Sandbox, brow
     sandbox.command("start", "node-4")
 
 
+def test_a_lossy_node_is_named_with_the_way_it_loses(sandbox: Sandbox, browser) -> None:  # type: ignore[no-untyped-def]
+    """`lossy node-5 40%` in the sandbox: the page names node-5's link, with the evidence of
+    every probe that checks it; the screenshot is the one in docs/measurement.md."""
+    page = browser.new_page()
+    base = sandbox.nodes["node-1"]
+    page.goto(base + "/mesh")
+    page.wait_for_selector("#verdicts .verdict", timeout=15_000)
+    sandbox.command("lossy", "node-5", "40%")
+    try:
+        page.wait_for_selector(".verdict[data-kind='node_lossy'][data-subject='node-5']", timeout=40_000)
+        text = page.locator(".verdict[data-kind='node_lossy']").inner_text()
+        assert "node-5 loses packets" in text and "datagrams lost" in text, text
+        assert "both ways" in text, text  # the sandbox's proxy drops in each direction
+        ARTEFACTS.mkdir(parents=True, exist_ok=True)
+        shot = ARTEFACTS / "mesh-node-lossy.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("KUBENURSE_DOCS_SCREENSHOTS") == "1":
+            shutil.copy(shot, REPO / "docs" / "mesh-node-lossy.png")
+    finally:
+        sandbox.command("lossy", "node-5", "0")
+
+
 @contextlib.contextmanager
 def serving(document: dict[str, object], delay: float = 0.0) -> Iterator[str]:
     """The page and a hand-written /mesh.json on a loopback server (no probes needed);
