@@ -26,12 +26,17 @@ def test_only_node_verdicts_we_are_fairly_sure_of_become_events() -> None:
         Verdict("node_unreachable", "node-4", "unsure", "node-4 may be unreachable.", ()),
         Verdict("node_slow", "node-5", "likely", "node-5 answers slowly.", ("median 200 ms",)),
         Verdict("api_server", "api-server", "sure", "The API server is down.", ()),
+        Verdict("node_lossy", "node-6", "sure", "node-6 loses packets.", ("n1 -> node-6: 12 of 100",)),
+        Verdict("path_lossy", "node-1->node-2", "likely", "The path loses packets.", ()),
+        Verdict("node_mtu", "node-7", "likely", "node-7 drops full-size packets.", ()),
         Verdict("ok", "cluster", "sure", "Nothing is wrong.", ()),
     ]
     events = node_events(verdicts, namespace="kubenurse", reporter_node="node-1", reporter_pod="p1", now=6000.0)
     assert [(e["involvedObject"]["name"], e["reason"]) for e in events] == [
         ("node-3", "KubenurseNodeUnreachable"),
         ("node-5", "KubenurseNodeSlow"),
+        ("node-6", "KubenurseNodeLossy"),
+        ("node-7", "KubenurseNodeMTU"),
     ]
     first = events[0]
     # As the kubelet does, so `kubectl describe node` finds it: uid = node name, type Warning.

@@ -24,6 +24,7 @@ import aiohttp
 
 from probe.discovery.kube import ConfigError, Credentials
 from probe.mesh.collect import MeshView
+from probe.mesh.loss import NODE_LOSSY, NODE_MTU
 from probe.mesh.verdicts import LIKELY, NODE_ISOLATED, NODE_SLOW, NODE_UNREACHABLE, SURE, Verdict
 
 log = logging.getLogger("probe.mesh")
@@ -32,6 +33,8 @@ REASONS = {
     NODE_UNREACHABLE: "KubenurseNodeUnreachable",
     NODE_ISOLATED: "KubenurseNodeIsolated",
     NODE_SLOW: "KubenurseNodeSlow",
+    NODE_LOSSY: "KubenurseNodeLossy",
+    NODE_MTU: "KubenurseNodeMTU",
 }
 REPORTERS = 3
 PERIOD_SECONDS = 60.0
