@@ -30,8 +30,8 @@ MAX_DATAGRAM = MAX_BIG
 #: a round (3.5 KB on a 1,500-byte path, 18 KB on jumbo frames or loopback); this leaves room
 #: for short intervals and for several pods behind one address, and bounds what a spoofed
 #: source can have sent to it.
-BYTES_PER_SECOND_PER_SOURCE = 256 * 1024
-BURST_PER_SOURCE = 512 * 1024
+BYTES_PER_SECOND_PER_SOURCE = 1024 * 1024
+BURST_PER_SOURCE = 2 * 1024 * 1024
 #: All sources together.
 BYTES_PER_SECOND = 4 * 1024 * 1024
 BURST = 8 * 1024 * 1024

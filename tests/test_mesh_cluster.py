@@ -168,7 +168,7 @@ def test_report_is_compact_and_bad_requests_leave_the_probe_serving(sandbox: San
     status, body = get(f"{base}/mesh/report")
     report = json.loads(body)
     assert status == 200 and report["node"] == "node-1"
-    assert set(report) == {"node", "pod", "ready", "not_ready", "round_age_seconds", "results"}
+    assert set(report) == {"node", "pod", "ready", "not_ready", "round_age_seconds", "results", "udp", "echo"}
     assert {r["to"] for r in report["results"] if "to" in r} == {"node-2", "node-3", "node-4"}
     assert "\n" not in body
     assert get(f"{base}/mesh.json?x=" + "a" * 2000)[0] == 200

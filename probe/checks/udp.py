@@ -116,8 +116,11 @@ def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-async def send_train(address: str, port: int, timeout: float, count: int = TRAIN) -> Train:
-    """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them."""
+async def send_train(
+    address: str, port: int, timeout: float, count: int = TRAIN, source: str | None = None
+) -> Train:
+    """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them,
+    from `source` (the probe's listen address, so the echo sees the pod's own) if given."""
     v6 = ":" in address
     train_id = int.from_bytes(os.urandom(8), "big")
     train = Train(address, port, train_id)
@@ -135,6 +138,8 @@ async def send_train(address: str, port: int, timeout: float, count: int = TRAIN
         _dont_fragment(sock, v6)
         try:
             # Connected: only the echo is heard, and its ICMP refusals are.
+            if source is not None and (":" in source) == v6:
+                sock.bind((source, 0))
             sock.connect((address, port))
         except OSError as e:
             train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
@@ -259,6 +264,7 @@ class UdpKind(Kind):
     def __init__(self, settings: Settings, *, resolv_conf: str = dns.RESOLV_CONF) -> None:
         self._timeout = settings.check_timeout
         self._resolv_conf = resolv_conf
+        self._source = settings.listen_host
         #: Target key -> its last WINDOW trains (id, sent, came back), for the mesh's loss verdicts.
         self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
 
@@ -287,5 +293,5 @@ class UdpKind(Kind):
             address = resolution.records[0]
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
-        train = await send_train(address, endpoint.port, max(remaining, 0.001))
+        train = await send_train(address, endpoint.port, max(remaining, 0.001), source=self._source)
         return outcome_of(train, sent_ns, resolution, self._remember(target.key, train) if train.sent else ())

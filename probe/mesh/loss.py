@@ -93,7 +93,7 @@ def _direction(paths: Sequence[UdpPathView], there_words: str, back_words: str) 
 
 def _line(p: UdpPathView) -> str:
     text = f"{p.source} -> {p.target}: {p.lost} of {p.sent} datagrams lost ({p.share:.0%})"
-    if p.lost_there is not None and p.lost_back is not None:
+    if p.lost_there is not None and p.lost_back is not None and p.lost_there + p.lost_back:
         text += f", {p.lost_there} on the way there, {p.lost_back} on the way back"
     return text
 
