@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 import socket
 import ssl
 import time
@@ -25,18 +24,37 @@ from probe.settings import Settings
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics
 
-HIDDEN_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
-# Proxies in front of the probe add credentials of their own (oauth2-proxy's
-# X-Auth-Request-Access-Token, X-Forwarded-Access-Token, API gateways' X-Api-Key, ...):
-# /alive answers whoever asks, so any header named like a credential is left out too.
-SECRET_HEADER = re.compile(
-    r"token|api-?key|secret|passw(or)?d|credential|session|cookie|auth(orization|-request)|signature|jwt",
-    re.IGNORECASE,
+#: Headers whose values /alive echoes: what kubenurse's clients, scrapers, kubelet probes,
+#: ingress controllers and meshes send to say where a request came from and how it
+#: travelled. /alive answers whoever asks, so any other header (a credential a proxy added,
+#: X-Auth-Key, X-Forwarded-Client-Cert, X-Userinfo, ...) is shown by name only: an
+#: allow-list cannot miss a credential named in a way nobody foresaw.
+ECHOED_HEADERS = frozenset(
+    name.lower()
+    for name in (
+        "Host", "User-Agent", "Accept", "Accept-Encoding", "Accept-Language", "Cache-Control", "Connection",
+        "Content-Length", "Content-Type", "Pragma", "Te", "Upgrade",
+        "Via", "Forwarded", "X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Port", "X-Forwarded-Proto",
+        "X-Forwarded-Scheme", "X-Forwarded-Prefix", "X-Real-Ip", "X-Scheme", "X-Original-Uri", "X-Original-Url",
+        "X-Original-Forwarded-For", "X-Request-Id", "X-Request-Start", "X-Correlation-Id", "X-Amzn-Trace-Id",
+        "X-Envoy-Attempt-Count", "X-Envoy-External-Address", "X-Envoy-Expected-Rq-Timeout-Ms",
+        "X-Prometheus-Scrape-Timeout-Seconds",
+        "Traceparent", "Tracestate", "Baggage", "X-B3-Traceid", "X-B3-Spanid", "X-B3-Parentspanid",
+        "X-B3-Sampled", "X-B3-Flags", "B3",
+        "KUBENURSE-NEIGHBOUR-ORIGIN",
+    )
 )
+#: Longest header value /alive echoes; longer ones are cut (with "..." at the end).
+MAX_ECHOED_VALUE = 512
 
 
-def hidden_header(name: str) -> bool:
-    return name.lower() in HIDDEN_HEADERS or SECRET_HEADER.search(name) is not None
+def echoed_header(name: str) -> bool:
+    """Whether /alive shows this header's value (otherwise only its name)."""
+    return name.lower() in ECHOED_HEADERS
+
+
+def _cut(value: str, limit: int = MAX_ECHOED_VALUE) -> str:
+    return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
 # Incoming traceparents are continued at most this often: a flood of traced requests must
@@ -76,13 +94,23 @@ class ServerState:
     eligible: Callable[[], tuple[Neighbour, ...]] = tuple
 
 
-def _headers(request: web.Request) -> dict[str, list[str]]:
-    """Request headers as Go's http.Header prints them (name -> list of values), minus secrets."""
+def canonical_name(name: str) -> str:
+    """A header name as Go's textproto spells it (`x-request-id` -> `X-Request-Id`)."""
+    return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
+
+
+def _headers(request: web.Request) -> tuple[dict[str, list[str]], list[str]]:
+    """The allow-listed request headers as Go's http.Header prints them (canonical name ->
+    list of values), and the names of the others (values withheld)."""
     headers: dict[str, list[str]] = {}
-    for name, value in request.headers.items():
-        if not hidden_header(name):
-            headers.setdefault(name, []).append(value)
-    return headers
+    withheld: dict[str, None] = {}
+    for raw_name, value in request.headers.items():
+        name = canonical_name(raw_name)
+        if echoed_header(name):
+            headers.setdefault(name, []).append(_cut(value))
+        else:
+            withheld[name] = None
+    return headers, list(withheld)
 
 
 def _remote_addr(request: web.Request) -> str:
@@ -108,11 +136,13 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
     if hood.skipped:
         reasons["neighbourhood"] = hood.state.removeprefix("skipped: ")
     results["neighbourhood"] = [n.as_alive() for n in hood.neighbours]
+    headers, withheld = _headers(request)
     document: dict[str, object] = {
         "hostname": socket.gethostname(),
-        "headers": _headers(request),
-        "user_agent": request.headers.get("User-Agent", ""),
-        "request_uri": request.path_qs,
+        "headers": headers,
+        "headers_withheld": withheld,
+        "user_agent": _cut(request.headers.get("User-Agent", "")),
+        "request_uri": _cut(request.path_qs, 2 * MAX_ECHOED_VALUE),
         "remote_addr": _remote_addr(request),
         "last_check_result": results,
         "skipped_checks": reasons,

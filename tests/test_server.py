@@ -139,7 +139,7 @@ async def test_alive_document_when_all_checks_pass(run_probe: RunProbe, start_ta
     # The neighbour is this very probe: its path check hits our own /alwayshappy.
     hood = Neighbourhood(neighbours=(Neighbour("kubenurse-b", HOST, "10.0.0.2", "node-b"),))
     p = await run_probe({"KUBENURSE_EXTRA_CHECKS": f"extra:{target.url}/"}, neighbours=StaticNeighbours(hood))
-    status, text, response = await p.get("/alive?probe=1", headers={"User-Agent": "test-agent/1", "X-Test": "yes"})
+    status, text, response = await p.get("/alive?probe=1", headers={"User-Agent": "test-agent/1", "X-Request-Id": "yes"})
     assert status == 200, text
     assert response.content_type == "application/json"
     assert text.startswith('{\n  "'), "pretty-printed"
@@ -148,7 +148,7 @@ async def test_alive_document_when_all_checks_pass(run_probe: RunProbe, start_ta
     assert doc["user_agent"] == "test-agent/1"
     assert doc["request_uri"] == "/alive?probe=1"
     assert doc["remote_addr"].startswith(HOST + ":")
-    assert doc["headers"]["X-Test"] == ["yes"]  # Go's http.Header shape, as kubenurse prints it
+    assert doc["headers"]["X-Request-Id"] == ["yes"]  # Go's http.Header shape, as kubenurse prints it
     result = doc["last_check_result"]
     assert result["extra"] == "ok"
     assert result["path_node-b"] == "ok"
@@ -181,12 +181,12 @@ async def test_alive_hides_credentials(run_probe: RunProbe) -> None:
         "Cookie": "session=s3cr3t-cookie",
         "Proxy-Authorization": "Basic s3cr3t-proxy",
     }
-    status, text, _ = await p.get("/alive", headers={**secret, "X-Visible": "shown"})
+    status, text, _ = await p.get("/alive", headers={**secret, "X-Forwarded-For": "shown"})
     assert status == 200
     assert "s3cr3t" not in text
     headers = json.loads(text)["headers"]
     assert {k.lower() for k in headers}.isdisjoint(k.lower() for k in secret), headers
-    assert headers["X-Visible"] == ["shown"], "other headers are echoed as sent"
+    assert headers["X-Forwarded-For"] == ["shown"], "allow-listed headers are echoed as sent"
 
 
 async def test_alive_outside_a_cluster_says_what_was_skipped(run_probe: RunProbe) -> None:
