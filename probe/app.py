@@ -52,7 +52,8 @@ class Probe:
                 discovery = make_discovery(settings)
         self.discovery = discovery
         self.neighbours = self.discovery.neighbours
-        self.incoming = IncomingChecks()
+        # Only pods discovery knows, from their own address, count as incoming checks.
+        self.incoming = IncomingChecks(pod_ip=self._known_pod_ip)
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
         limit = series_limit(settings.neighbour_limit, len(settings.extra_checks))
@@ -80,6 +81,10 @@ class Probe:
         self._rounds: asyncio.Task[None] | None = None
         self.node_events = node_event_reporter(settings, self.app, self.neighbours)
         self._node_events: asyncio.Task[None] | None = None
+
+    def _known_pod_ip(self, name: str) -> str | None:
+        lookup = getattr(self.neighbours, "pod_ip", None)
+        return lookup(name) if lookup is not None else None
 
     def _alive_extra(self) -> dict[str, object]:
         if self.tracing is None:

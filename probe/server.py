@@ -148,6 +148,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "skipped_checks": reasons,
         "discovery": {"stale": hood.stale, **hood.details},
         "incoming_checks": state.incoming.count(),
+        "incoming_origins_not_counted": state.incoming.refused,
         **state.extra(),
     }
     if last is not None:
@@ -179,7 +180,8 @@ def build_app(
     async def always_happy(request: web.Request) -> web.Response:
         origin = request.headers.get(names.NEIGHBOUR_ORIGIN_HEADER)
         if origin:
-            state.incoming.saw(origin[:253])
+            peer = request.transport.get_extra_info("peername") if request.transport else None
+            state.incoming.saw(origin[:253], str(peer[0]) if peer else "")
         if "traceparent" in request.headers and budget.take():
             context = propagate.extract(request.headers)
             with tracer.start_as_current_span(

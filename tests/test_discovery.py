@@ -260,6 +260,18 @@ async def test_unreadable_kubeconfig_is_skipped_not_a_crash(tmp_path: Path) -> N
 # The cache -------------------------------------------------------------------------------
 
 
+async def test_known_pods_by_name_for_the_incoming_checks(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    api.add_pod("unlabelled", namespace=NS, node_name="node-a", pod_ip="10.0.0.9")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        await eventually(has_pod(src, "a"), "a listed")
+        lookup = src.neighbours.pod_ip  # type: ignore[attr-defined]
+        assert lookup("a") == "10.0.0.2"
+        assert lookup("unlabelled") is None and lookup("invented") is None, "only pods discovery lists"
+        api.delete_pod("a", namespace=NS)
+        await eventually(lambda: lookup("a") is None, "a forgotten once deleted")
+
+
 async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     add_neighbour(api, "b", "node-b", "10.0.0.3")

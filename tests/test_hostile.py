@@ -20,7 +20,7 @@ import pytest
 
 from probe import names
 from probe.app import Probe
-from probe.neighbours import Neighbourhood, StaticNeighbours
+from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.server import ConnectionGuard, ServerLimits, connection_cap, echoed_header
 from probe.settings import load_settings
 from tests.conftest import StartTarget, free_port
@@ -36,7 +36,10 @@ async def start_probe() -> AsyncIterator[StartProbe]:
     probes: list[Probe] = []
     sessions: list[aiohttp.ClientSession] = []
 
-    async def start(limits: ServerLimits | None = None, env: dict[str, str] | None = None) -> Running:
+    async def start(
+        limits: ServerLimits | None = None, env: dict[str, str] | None = None,
+        neighbours: StaticNeighbours | None = None,
+    ) -> Running:
         settings = load_settings(
             {
                 "KUBENURSE_LISTEN_HOST": HOST,
@@ -47,7 +50,7 @@ async def start_probe() -> AsyncIterator[StartProbe]:
                 **(env or {}),
             }
         )
-        probe = Probe(settings, StaticNeighbours(Neighbourhood()), server_limits=limits)
+        probe = Probe(settings, neighbours or StaticNeighbours(Neighbourhood()), server_limits=limits)
         await probe.start()
         probes.append(probe)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -145,6 +148,29 @@ async def test_alive_cuts_long_values(start_probe: StartProbe) -> None:
 )
 def test_echoed_header_by_name(name: str, echoed: bool) -> None:
     assert echoed_header(name) is echoed
+
+
+# --- issue 23 item 4: a forged-origin flood does not move the incoming-checks gauge ----------
+
+
+async def test_forged_origin_flood_leaves_the_incoming_gauge_alone(start_probe: StartProbe) -> None:
+    # Discovery knows two pods: one whose IP is where these requests come from, one elsewhere.
+    known = Neighbourhood(neighbours=(
+        Neighbour("kubenurse-b", HOST, "10.0.0.2", "node-b"),
+        Neighbour("kubenurse-c", "10.0.0.3", "10.0.0.3", "node-c"),
+    ))
+    p = await start_probe(env={"KUBENURSE_CHECK_NEIGHBOURHOOD": "false"}, neighbours=StaticNeighbours(known))
+
+    async def happy(origin: str) -> int:
+        status, _, _ = await p.get("/alwayshappy", headers={names.NEIGHBOUR_ORIGIN_HEADER: origin})
+        return status
+
+    forged = [f"kubenurse-forged-{i}" for i in range(200)] + ["kubenurse-c"] * 5
+    statuses = await asyncio.gather(*(happy(o) for o in forged), happy("kubenurse-b"))
+    assert set(statuses) == {200}
+    assert await p.metric(names.INCOMING_CHECKS) == 1
+    _, text, _ = await p.get("/alive")
+    assert json.loads(text)["incoming_origins_not_counted"] == 205
 
 
 # --- item 5: timeouts, the connection cap, memory ----------------------------------------------

@@ -456,7 +456,8 @@ def test_tls_cert_and_key_must_match(files: dict[str, str]) -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(env)
     assert info.value.variable == "KUBENURSE_CERT_FILE"
-    assert files["cert"] in str(info.value) and "KUBENURSE_CERT_KEY is not the key of this certificate" in str(info.value)
+    assert files["cert"] in str(info.value)
+    assert "KUBENURSE_CERT_KEY is not the key of this certificate" in str(info.value)
     # A key file that is no key at all, too; in our words, not OpenSSL's "[SSL] PEM lib (_ssl.c:...)".
     with pytest.raises(SettingsError, match="KUBENURSE_CERT_FILE") as info:
         load_settings({**env, "KUBENURSE_CERT_KEY": files["garbage"]})

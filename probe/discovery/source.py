@@ -388,6 +388,12 @@ class KubeNeighbours:
         self._selection_key = (pods.data_revision, nodes.revision, d.own_node)
         return self._selection
 
+    def pod_ip(self, name: str) -> str | None:
+        """The IP of the pod of that name among those discovery lists (any phase), or None:
+        /alwayshappy counts an incoming check only from a pod known here, at its own address."""
+        record = self.pods.items.get(name) if self.pods is not None else None
+        return record.pod_ip or None if record is not None else None
+
     def eligible(self) -> tuple[Neighbour, ...]:
         """Every pod that may be checked, before the limit (the mesh view asks them all).
         Exact with every node watched (limit 0); otherwise as far as the narrow node
