@@ -18,6 +18,7 @@ from probe.checks import certs, failures, httptrace, spans
 from probe.checks.resolver import TimedResolver
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
+from probe.trust import ClusterCA, Reloading, cluster_ca, pin_to_cluster_ca
 
 USER_AGENT = f"kubenurse/{__version__}"
 # Generous enough for any small body; a target that streams forever is cut off here.
@@ -42,6 +43,13 @@ def build_ssl_context(settings: Settings, *, verify: bool = True) -> ssl.SSLCont
     return context
 
 
+def api_server_ssl_context(ca: ClusterCA | None) -> ssl.SSLContext:
+    """For the two checks that carry the service-account token: the cluster's CA only (the
+    service account's ca.crt, else the kubeconfig's: `cluster_ca`), never the system CAs
+    nor KUBENURSE_EXTRA_CA, and always verified (KUBENURSE_INSECURE does not apply)."""
+    return pin_to_cluster_ca(httptrace.TimedSSLContext(ssl.PROTOCOL_TLS_CLIENT), ca)
+
+
 class HttpChecker:
     """Performs checks. `record` is called with each result inside the check's span."""
 
@@ -55,17 +63,21 @@ class HttpChecker:
         self._settings = settings
         self._record = record
         self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
-        self._ssl = build_ssl_context(settings, verify=not settings.insecure)
-        # KUBENURSE_INSECURE never covers the checks that carry the service-account token:
-        # the API server's CA is in the service-account CA bundle, and an unverified peer
-        # could be anyone.
-        self._token_ssl = build_ssl_context(settings) if settings.insecure else self._ssl
+        # Both built again when a CA file changes on disk (the next connection uses the new one).
+        ca = cluster_ca(settings)
+        extra = (settings.extra_ca_file,) if settings.extra_ca_file else ()
+        self._ssl = Reloading(
+            lambda: build_ssl_context(settings, verify=not settings.insecure),
+            lambda: (*(ca.files if ca else ()), *extra), "check CAs",
+        )
+        # The checks that carry the service-account token get the cluster CA only.
+        self._token_ssl = Reloading(lambda: api_server_ssl_context(ca), lambda: ca.files if ca else (), "API-server CA")
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         s = self._settings
         connector = aiohttp.TCPConnector(
-            ssl=self._ssl,
+            ssl=self._ssl.get(),
             # Go's DisableKeepAlives unless reuse is asked for: every check then measures
             # DNS, connect and TLS afresh, which is the point of a network probe.
             force_close=not s.reuse_connections,
@@ -157,7 +169,7 @@ class HttpChecker:
                 # Redirects are followed like Go's client does, except where a token is sent:
                 # the token goes to the API server and nowhere else, not even by redirect.
                 redirects = not target.send_token
-                context = self._token_ssl if target.send_token else self._ssl
+                context = self._token_ssl.get() if target.send_token else self._ssl.get()
                 async with self._session.get(
                     target.url, headers=headers, allow_redirects=redirects, ssl=context
                 ) as resp:
