@@ -124,7 +124,8 @@ def _remote_addr(request: web.Request) -> str:
 
 def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, object], int]:
     last = state.last_round()
-    hood = last.neighbourhood if last else state.neighbourhood()
+    live = state.neighbourhood()  # discovery as it is now (retry counts move during an outage)
+    hood = last.neighbourhood if last else live
     results: dict[str, object] = {}
     reasons: dict[str, str] = {}
     if last is not None:
@@ -146,7 +147,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "remote_addr": _remote_addr(request),
         "last_check_result": results,
         "skipped_checks": reasons,
-        "discovery": {"stale": hood.stale, **hood.details},
+        "discovery": {"stale": live.stale, **live.details},
         "incoming_checks": state.incoming.count(),
         "incoming_origins_not_counted": state.incoming.refused,
         **state.extra(),

@@ -651,6 +651,36 @@ async def test_probe_checks_the_neighbours_alive_shows_and_counts_its_api_reques
     assert api.count(authorized=False) == 0
 
 
+async def test_alive_shows_the_live_retry_state_during_an_outage(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    """Issue 23 item 6: the count and the time of the last attempt move while the API is down
+    (it once showed `failures_in_a_row 3` for a minute while 62 attempts were made)."""
+    _, settings = world
+    add_neighbour(api, "a", "node-a", "127.0.0.2")
+    async with running_probe(settings) as probe:
+        await eventually(async_equals(probe.neighbourhood, {"a"}), "a listed")
+        await api.down()
+
+        async def pods_retrying() -> dict[str, Any] | None:
+            return (await probe.alive())["discovery"].get("retrying", {}).get("pods")
+
+        first = await eventually(pods_retrying, "the pod watch retrying, in /alive")
+        await asyncio.sleep(1.0)  # backoff 0.05 s doubling to 0.25 s: several attempts a second
+        later = await pods_retrying()
+        assert later is not None
+        assert later["failures_in_a_row"] >= first["failures_in_a_row"] + 2, (first, later)
+        assert later["last_attempt_at"] > first["last_attempt_at"], (first, later)
+        assert later["retry_in_seconds"] is None or 0 <= later["retry_in_seconds"] <= FAST.backoff_max
+        assert "cannot connect" in later["error"]
+        await api.up()
+
+        async def recovered() -> bool:
+            return "retrying" not in (await probe.alive())["discovery"]
+
+        await eventually(recovered, "no retry state once the API server is back", 5)
+
+
 def async_equals(fetch: Callable[[], Awaitable[T]], expected: T) -> Callable[[], Awaitable[bool]]:
     async def check() -> bool:
         return await fetch() == expected

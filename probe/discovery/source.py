@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -217,12 +218,25 @@ class KubeDiscovery:
 
 
 def _retrying(reflectors: list[Reflector[Any]]) -> dict[str, object]:
-    """The watches in a failure streak, for /alive."""
+    """The watches in a failure streak, for /alive: read live on every call (never from a
+    cached snapshot), so the count and the last attempt move during an outage."""
+    now = time.monotonic()
     return {
-        r.kind: {"failures_in_a_row": r.failures, "error": r.error or r.last_short, "retry_in_seconds": r.retry_in}
+        r.kind: {
+            "failures_in_a_row": r.failures,
+            "error": r.error or r.last_short,
+            "last_attempt_at": _iso_ms(r.last_attempt_at),
+            "retry_in_seconds": round(max(0.0, r.retry_at - now), 3) if r.retry_at is not None else None,
+        }
         for r in reflectors
         if r.failures
     }
+
+
+def _iso_ms(when: float | None) -> str | None:
+    if not when:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
 class ReadinessOnly:
@@ -354,6 +368,8 @@ class KubeNeighbours:
             self._snapshot = self._build(pods, reflectors, last_sync, now)
             # Selecting may have widened the node watches: then build again on the next call.
             self._snapshot_key = key if d.nodes.revision == key[1] else None
+        if retrying := _retrying(reflectors):  # live, not cached: it changes with every attempt
+            return dataclasses.replace(self._snapshot, details={**self._snapshot.details, "retrying": retrying})
         return self._snapshot
 
     def _neighbours(self, pods: Reflector[PodInfo]) -> tuple[Neighbour, ...]:
@@ -447,8 +463,6 @@ class KubeNeighbours:
             details["cordoned_nodes"] = len(d.nodes.cordoned())
         elif d.nodes.mode == "all":
             details["nodes"] = len(d.nodes.all_nodes)
-        if retrying := _retrying(reflectors):
-            details["retrying"] = retrying
         malformed = sum(r.malformed for r in reflectors)
         if malformed:
             details["malformed_objects_skipped"] = malformed
