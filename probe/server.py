@@ -23,6 +23,7 @@ from probe.neighbours import Neighbour, Neighbourhood
 from probe.settings import Settings
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics
+from probe.trust import Reloading
 
 #: Headers whose values /alive echoes: what kubenurse's clients, scrapers, kubelet probes,
 #: ingress controllers and meshes send to say where a request came from and how it
@@ -250,6 +251,26 @@ def server_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def reloading_server_ssl_context(settings: Settings) -> tuple[ssl.SSLContext, Reloading[ssl.SSLContext]]:
+    """The HTTPS listener's context, and the certificate behind it, read again when
+    KUBENURSE_CERT_FILE or KUBENURSE_CERT_KEY change on disk (cert-manager renews, the
+    kubelet swaps the secret's files). Each handshake picks the current one in the
+    ClientHello callback (called with or without SNI), so connections already open keep
+    theirs and none is dropped; a half-written renewal keeps the previous certificate."""
+    current = Reloading(
+        lambda: server_ssl_context(settings),
+        lambda: (settings.cert_file or "", settings.cert_key or settings.cert_file or ""),
+        "serving certificate",
+    )
+    listener = server_ssl_context(settings)
+
+    def pick(ssl_object: ssl.SSLObject, _server_name: str | None, _context: ssl.SSLContext) -> None:
+        ssl_object.context = current.get()
+
+    listener.sni_callback = pick
+    return listener, current
+
+
 class ListenError(Exception):
     """A server cannot listen; the message names the address and the settings behind it."""
 
@@ -391,8 +412,13 @@ class ConnectionGuard:
 class Servers:
     """The listening sockets and the connections they accepted; `cleanup()` stops both."""
 
-    def __init__(self, runner: web.AppRunner, guard: ConnectionGuard, listeners: list[asyncio.Server]) -> None:
+    def __init__(
+        self, runner: web.AppRunner, guard: ConnectionGuard, listeners: list[asyncio.Server],
+        certificate: Reloading[ssl.SSLContext] | None = None,
+    ) -> None:
         self.runner, self.guard, self._listeners = runner, guard, listeners
+        #: The HTTPS certificate (reloaded on change), with KUBENURSE_USE_TLS.
+        self.certificate = certificate
 
     async def cleanup(self) -> None:
         for listener in self._listeners:
@@ -418,8 +444,10 @@ async def start_servers(settings: Settings, app: web.Application, limits: Server
     loop = asyncio.get_running_loop()
     # Not web.TCPSite: it would hand aiohttp's protocol factory to asyncio, not the guard.
     ports: list[tuple[int, ssl.SSLContext | None]] = [(settings.http_port, None)]
+    certificate = None
     if settings.use_tls:
-        ports.append((settings.https_port, server_ssl_context(settings)))
+        listener_context, certificate = reloading_server_ssl_context(settings)
+        ports.append((settings.https_port, listener_context))
     listeners: list[asyncio.Server] = []
     variables = {settings.http_port: "KUBENURSE_HTTP_PORT", settings.https_port: "KUBENURSE_HTTPS_PORT"}
     try:
@@ -437,4 +465,4 @@ async def start_servers(settings: Settings, app: web.Application, limits: Server
     except BaseException:
         await Servers(runner, guard, listeners).cleanup()
         raise
-    return Servers(runner, guard, listeners)
+    return Servers(runner, guard, listeners, certificate)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -207,3 +208,78 @@ async def test_the_event_reporter_follows_no_redirect(redirecting_api: tuple[Ser
         await reporter.close()
     assert list(reporter.posted.values()) == [307]
     assert reached == [], "nothing (and no token) went where the redirect pointed"
+
+
+# --- issue 23 item 2: the serving certificate, renewed on disk -------------------------------
+
+
+def write_pair(ca: trustme.CA, directory: Path) -> tuple[Path, Path, bytes]:
+    """A fresh certificate and key for 127.0.0.1, swapped in as the kubelet updates a secret
+    (new files renamed over the old); returns the paths and the certificate's DER."""
+    leaf = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key = directory / "tls.crt", directory / "tls.key"
+    for path, pem in ((cert, leaf.cert_chain_pems[0]), (key, leaf.private_key_pem)):
+        pem.write_to_path(str(path) + ".new")
+        os.replace(str(path) + ".new", path)
+    return cert, key, ssl.PEM_cert_to_DER_cert(leaf.cert_chain_pems[0].bytes().decode())
+
+
+async def get_on(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bytes:
+    """One keep-alive GET /alwayshappy on an open connection; the status line."""
+    writer.write(b"GET /alwayshappy HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    await writer.drain()
+    status = await reader.readline()
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    await reader.readexactly(len(b"I'm happy\n"))
+    return status
+
+
+async def test_a_renewed_serving_certificate_is_served_without_dropping_connections(tmp_path: Path) -> None:
+    from probe.app import Probe
+    from probe.neighbours import Neighbourhood, StaticNeighbours
+    from tests.conftest import free_port
+
+    ca = trustme.CA()
+    cert, key, first = write_pair(ca, tmp_path)
+    port = free_port()
+    settings = load_settings({
+        "KUBENURSE_LISTEN_HOST": "127.0.0.1", "KUBENURSE_HTTP_PORT": str(free_port()),
+        "KUBENURSE_HTTPS_PORT": str(port), "KUBENURSE_USE_TLS": "true",
+        "KUBENURSE_CERT_FILE": str(cert), "KUBENURSE_CERT_KEY": str(key), "KUBENURSE_CHECK_INTERVAL": "1s",
+    })
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    probe = Probe(settings, StaticNeighbours(Neighbourhood()))
+    await probe.start()
+    try:
+        async def connect(server_hostname: str | None = None) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+            return await asyncio.open_connection("127.0.0.1", port, ssl=client, server_hostname=server_hostname)
+
+        def served(writer: asyncio.StreamWriter) -> bytes:
+            return bytes(writer.get_extra_info("ssl_object").getpeercert(binary_form=True))
+
+        old_reader, old_writer = await connect()
+        assert served(old_writer) == first
+        assert (await get_on(old_reader, old_writer)).startswith(b"HTTP/1.1 200")
+
+        _, _, renewed = write_pair(ca, tmp_path)
+        for name in (None, "localhost"):  # neighbours connect by IP (no SNI); names send SNI
+            reader, writer = await connect(name)
+            assert served(writer) == renewed, f"a new connection (SNI {name}) gets the renewed certificate"
+            assert (await get_on(reader, writer)).startswith(b"HTTP/1.1 200")
+            writer.close()
+        # The connection opened before the renewal is still served, with its certificate.
+        assert (await get_on(old_reader, old_writer)).startswith(b"HTTP/1.1 200")
+        assert served(old_writer) == first
+        old_writer.close()
+
+        # Half a renewal (a key that is not the certificate's): the last good one stays.
+        ca.issue_cert("127.0.0.1").private_key_pem.write_to_path(str(key))
+        reader, writer = await connect()
+        assert served(writer) == renewed
+        writer.close()
+        assert probe.servers is not None and probe.servers.certificate is not None
+        assert probe.servers.certificate.reloads == 1
+    finally:
+        await probe.stop()
