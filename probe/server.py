@@ -232,7 +232,13 @@ def build_app(
                 raise web.HTTPRequestTimeout(headers={"Connection": "close"}) from None
         return await handler(request)
 
+    async def answered(request: web.Request, _response: web.StreamResponse) -> None:
+        for guard in request.app[GUARDS]:
+            guard.answered(request.transport)
+
     app = web.Application(client_max_size=64 * 1024, middlewares=[limit_body])
+    app[GUARDS] = []
+    app.on_response_prepare.append(answered)
     app.router.add_get("/", root)
     app.router.add_get("/alive", alive)
     app.router.add_get("/alwayshappy", always_happy)
@@ -243,6 +249,11 @@ def build_app(
         ready=lambda: not state.shutting_down and state.node_schedulable(),
     )
     return app
+
+
+#: The connection guards serving an app (filled by start_servers): the app tells them when
+#: each request is answered, so they know what a connection's request still holds.
+GUARDS: web.AppKey[list[ConnectionGuard]] = web.AppKey("guards", list)
 
 
 def server_ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -304,8 +315,33 @@ class ServerLimits:
     #: After this many connections at once, give the memory back once they are gone (each
     #: idle connection costs ~5 KB that the heap otherwise keeps).
     trim_after: int = 1000
+    # Header memory. aiohttp's defaults let one request hold ~1 MB of headers (128 fields of
+    # 8,190 bytes) while they arrive: 400 such connections took RSS to 831 MB. kubenurse's
+    # clients (neighbours, Prometheus, the kubelet, an ingress or a mesh in between) send
+    # 5-30 fields and under 4 KB; a browser on /mesh adds its cookies.
+    #: Header fields per request, and the longest request line or field (aiohttp: 128, 8,190).
+    max_header_fields: int = 64
+    max_field_size: int = 8190
+    #: Bytes of one request's line and headers (aiohttp counts neither in total): over that
+    #: the client gets 431 and the connection closes.
+    max_request_head: int = 16 * 1024
+    #: All connections' bytes not yet handled, together: past it the connection holding the
+    #: most is closed (a flood of half-sent headers, however many connections it spreads on).
+    pending_budget: int = 8 * 1024 * 1024
+    #: RSS the server keeps under (None: the container's memory limit minus a margin, or
+    #: 160 MB without one, `resources.memory_ceiling`). Above it, every connection in the
+    #: middle of sending a request or not reading its answer is closed, biggest first.
+    memory_ceiling: int | None = None
+    #: How often RSS is read while connections are open. Once it rose `trim_growth` past
+    #: where it was last trimmed (the high-water mark), free heap pages go back to the
+    #: kernel, at most once per `trim_every` (a trim takes a few milliseconds).
+    memory_check_every: float = 1.0
+    trim_growth: int = 16 * 1024 * 1024
+    trim_every: float = 2.0
 
 
+#: RSS is read again after this many bytes of request heads, besides once a second.
+RSS_CHECK_BYTES = 2 * 1024 * 1024
 #: Never fewer connections than this, however low the file limit.
 MIN_CONNECTIONS = 32
 EVICTION_LOG_SECONDS = 60.0
@@ -317,14 +353,28 @@ def connection_cap(limits: ServerLimits, file_limit: int) -> int:
     return max(MIN_CONNECTIONS, min(limits.max_connections, file_limit - limits.reserve_files))
 
 
+TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+    b"Connection: close\r\nContent-Length: 28\r\n\r\nrequest headers too large\r\n\r\n"
+)
+
+
 class _Guarded(asyncio.Protocol):
     """aiohttp's protocol for one connection, seen by the guard on its way in and out."""
 
-    __slots__ = ("_guard", "_inner", "_transport")
+    __slots__ = ("_guard", "_inner", "_transport", "closed", "handling", "pending", "tail")
 
     def __init__(self, inner: asyncio.Protocol, guard: ConnectionGuard) -> None:
         self._inner, self._guard = inner, guard
         self._transport: asyncio.BaseTransport | None = None
+        #: Bytes received since the last answer began: what the parser and the request being
+        #: handled hold of this connection's input.
+        self.pending = 0
+        #: The current request's head is complete (its body may follow) and not yet answered.
+        self.handling = False
+        #: The last bytes of the head so far, to find its end across two reads.
+        self.tail = b""
+        self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport
@@ -332,7 +382,14 @@ class _Guarded(asyncio.Protocol):
         self._inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.closed or not self._guard.received(self, data):
+            return  # closed for holding too much: the parser never sees it
         self._inner.data_received(data)
+
+    def buffered(self) -> int:
+        """Bytes this connection holds: unhandled input plus output the client did not read."""
+        writable = isinstance(self._transport, asyncio.WriteTransport) and not self.closed
+        return self.pending + (self._transport.get_write_buffer_size() if writable else 0)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool | None:
         return self._inner.eof_received()
@@ -348,8 +405,22 @@ class _Guarded(asyncio.Protocol):
         self._inner.connection_lost(exc)
 
     def abort(self) -> None:
+        self.closed = True
         if self._transport is not None and isinstance(self._transport, asyncio.WriteTransport):
             self._transport.abort()
+
+    def refuse(self) -> None:
+        """Answer 431 and close, without the parser seeing any more: a client that sent too
+        much reads why (a bad request gets a 4xx). One that reads nothing is cut off."""
+        transport = self._transport
+        self.closed = True
+        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+            return
+        if transport.get_write_buffer_size():
+            transport.abort()  # it is not reading its answers: nothing to explain to
+            return
+        transport.write(TOO_LARGE)
+        transport.close()
 
 
 class ConnectionGuard:
@@ -360,14 +431,35 @@ class ConnectionGuard:
     milliseconds. Refusing the newcomer instead would hand the port to whoever came first.
     """
 
-    def __init__(self, factory: Callable[[], asyncio.Protocol], cap: int, trim_after: int = 1000) -> None:
+    def __init__(
+        self, factory: Callable[[], asyncio.Protocol], cap: int, trim_after: int = 1000,
+        limits: ServerLimits | None = None,
+    ) -> None:
         self._factory, self.cap, self._trim_after = factory, cap, trim_after
+        self.limits = limits or ServerLimits()
         self._live: dict[_Guarded, None] = {}  # insertion order: oldest first
+        self._by_transport: dict[asyncio.BaseTransport, _Guarded] = {}
         self.evicted = 0
         self.trims = 0
         self._peak = 0
         self._evicted_unlogged = 0
         self._next_eviction_log = float("-inf")
+        #: Sum of every live connection's `pending`.
+        self.pending = 0
+        #: Connections closed for holding too much (one request's head or body, the budget,
+        #: the memory ceiling), for /alive-free inspection in tests and logs.
+        self.cut = 0
+        self.shed = 0
+        self.ceiling = self.limits.memory_ceiling or resources.memory_ceiling(resources.memory_limit())
+        self._next_cut_log = float("-inf")
+        self._last_trim = float("-inf")
+        #: RSS when memory was last given back (or at start): growth past it is a high-water mark.
+        self._rss_after_trim = resources.rss_bytes()
+        #: Most connections open at once since the last trim.
+        self._burst_peak = 0
+        #: Head bytes received since RSS was last read.
+        self._since_rss = 0
+        self._watch: asyncio.TimerHandle | None = None
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self._factory(), self)
@@ -379,22 +471,134 @@ class ConnectionGuard:
     def admit(self, connection: _Guarded) -> None:
         while len(self._live) >= self.cap:
             oldest = next(iter(self._live))
-            del self._live[oldest]
+            self._forget(oldest)
             oldest.abort()
             self._note_eviction()
         self._live[connection] = None
+        if connection._transport is not None:
+            self._by_transport[connection._transport] = connection
         self._peak = max(self._peak, len(self._live))
+        self._burst_peak = max(self._burst_peak, len(self._live))
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().call_later(self.limits.memory_check_every, self._check_memory)
+
+    def _forget(self, connection: _Guarded) -> None:
+        if connection in self._live:
+            del self._live[connection]
+            self.pending -= connection.pending
+            connection.pending = 0
+        if connection._transport is not None:
+            self._by_transport.pop(connection._transport, None)
+
+    # Header memory --------------------------------------------------------------------------
+
+    def received(self, connection: _Guarded, data: bytes) -> bool:
+        """Count the bytes of a request head in (up to its blank line); False (and the
+        connection refused) when it holds too much. A body is aiohttp's to bound
+        (client_max_size, read in 64 KB steps, the rest drained and dropped): what arrives
+        after the head, until the answer, is not counted."""
+        if connection.handling:
+            return True
+        seen = connection.tail + data
+        end = seen.find(b"\r\n\r\n")
+        if end >= 0:
+            size = max(0, end + 4 - len(connection.tail))
+            connection.handling, connection.tail = True, b""
+        else:
+            size, connection.tail = len(data), seen[-3:]
+        connection.pending += size
+        self.pending += size
+        self._since_rss += size
+        if self._since_rss >= RSS_CHECK_BYTES:  # a flood outruns the once-a-second look
+            self._since_rss = 0
+            self._relieve(resources.rss_bytes())
+            if connection.closed:
+                return False
+        if connection.pending > self.limits.max_request_head:
+            self._cut(connection, "request head too large")
+            return False
+        while self.pending > self.limits.pending_budget:
+            biggest = max(self._live, key=lambda c: c.pending)
+            self._cut(biggest, "too many bytes waiting on all connections")
+            if biggest is connection:
+                return False
+        return True
+
+    def answered(self, transport: asyncio.BaseTransport | None) -> None:
+        """The answer is on its way: the request's head is let go, what arrives next is the
+        next request's head."""
+        connection = self._by_transport.get(transport) if transport is not None else None
+        if connection is not None:
+            self.pending -= connection.pending
+            connection.pending, connection.handling = 0, False
+
+    def _cut(self, connection: _Guarded, why: str, *, at_once: bool = False) -> None:
+        self._forget(connection)
+        if at_once:
+            connection.abort()
+        else:
+            connection.refuse()
+        self.cut += 1
+        clock = time.monotonic()
+        if clock >= self._next_cut_log:
+            self._next_cut_log = clock + EVICTION_LOG_SECONDS
+            server_log.warning("closing a connection that holds too much", extra={
+                "reason": why, "closed_so_far": self.cut,
+                "max_request_head": self.limits.max_request_head, "pending_budget": self.limits.pending_budget,
+            })
+
+    def _check_memory(self) -> None:
+        """Every `memory_check_every` while connections are open (and until memory is back).
+        Above the ceiling: close the connections that hold memory. Past the high-water mark
+        (RSS `trim_growth` above where it was last trimmed): give free heap pages back to the
+        kernel once the burst is over (at most a quarter of its connections left), or at
+        once above 3/4 of the ceiling; at most once per `trim_every`. Without it a burst
+        leaves RSS at its peak: glibc keeps freed pages for reuse."""
+        loop = asyncio.get_running_loop()
+        rss = resources.rss_bytes()
+        over_mark = rss > self._rss_after_trim + self.limits.trim_growth
+        self._watch = (
+            loop.call_later(self.limits.memory_check_every, self._check_memory) if self._live or over_mark else None
+        )
+        self._relieve(rss)
+
+    def _relieve(self, rss: int) -> None:
+        self._shed_above_ceiling(rss)
+        over_mark = rss > self._rss_after_trim + self.limits.trim_growth
+        burst_over = len(self._live) <= self._burst_peak // 4
+        urgent = rss > self.ceiling * 3 // 4
+        if over_mark and (burst_over or urgent) and time.monotonic() - self._last_trim >= self.limits.trim_every:
+            self._last_trim = time.monotonic()
+            self._burst_peak = len(self._live)
+            # Soon, not now: the connections just closed are gone only after their callbacks.
+            asyncio.get_running_loop().call_later(0.2, self._trim, False)
+
+    def _shed_above_ceiling(self, rss: int) -> None:
+        """Above the ceiling: close every connection in the middle of a request or not
+        reading its answer, biggest first, at once."""
+        if rss <= self.ceiling:
+            return
+        holders = sorted(
+            (c for c in self._live if c.handling or c.buffered() > 0), key=_Guarded.buffered, reverse=True
+        )
+        for connection in holders:
+            self._cut(connection, "memory ceiling reached", at_once=True)
+            self.shed += 1
+        server_log.warning("memory ceiling reached: closed the connections holding memory", extra={
+            "rss_bytes": rss, "ceiling_bytes": self.ceiling, "closed": len(holders),
+        })
 
     def release(self, connection: _Guarded) -> None:
-        self._live.pop(connection, None)
+        self._forget(connection)
         if self._peak >= self._trim_after and len(self._live) <= self._peak // 4:
             self._peak = len(self._live)
             # Soon, not now: a wave of closes arrives as one burst of callbacks.
             asyncio.get_running_loop().call_later(1.0, self._trim)
 
-    def _trim(self) -> None:
-        if resources.give_memory_back():
+    def _trim(self, collect: bool = True) -> None:
+        if resources.give_memory_back(collect):
             self.trims += 1
+        self._rss_after_trim = resources.rss_bytes()
 
     def _note_eviction(self) -> None:
         self.evicted += 1
@@ -432,11 +636,14 @@ async def start_servers(settings: Settings, app: web.Application, limits: Server
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=1.0,
         keepalive_timeout=limits.idle_timeout, lingering_time=limits.linger,
+        max_headers=limits.max_header_fields, max_field_size=limits.max_field_size,
+        max_line_size=limits.max_field_size,
     )
     await runner.setup()
     assert runner.server is not None
     file_limit = resources.file_limit()
-    guard = ConnectionGuard(runner.server, connection_cap(limits, file_limit), limits.trim_after)
+    guard = ConnectionGuard(runner.server, connection_cap(limits, file_limit), limits.trim_after, limits)
+    app[GUARDS].append(guard)
     if guard.cap < limits.max_connections:
         server_log.info("open-files limit lowers the connection cap", extra={
             "max_connections": guard.cap, "open_files_limit": file_limit,
