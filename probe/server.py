@@ -336,7 +336,7 @@ class ServerLimits:
     #: where it was last trimmed (the high-water mark), free heap pages go back to the
     #: kernel, at most once per `trim_every` (a trim takes a few milliseconds).
     memory_check_every: float = 1.0
-    trim_growth: int = 16 * 1024 * 1024
+    trim_growth: int = 8 * 1024 * 1024
     trim_every: float = 2.0
 
 

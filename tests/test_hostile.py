@@ -24,7 +24,7 @@ from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.server import ConnectionGuard, ServerLimits, connection_cap, echoed_header
 from probe.settings import load_settings
 from tests.conftest import StartTarget, free_port
-from tests.test_server import HOST, Running, process_env, until
+from tests.test_server import HOST, Running, process_env, status_of, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -374,3 +374,42 @@ async def test_more_idle_connections_than_files_do_not_stop_the_probe(start_targ
     capped = [r for r in records if r["msg"] == "open-files limit lowers the connection cap"]
     assert capped and capped[0]["max_connections"] == 32 and capped[0]["open_files_limit"] == 256
     assert names.ROUND_TRIP_ERROR not in json.dumps(alive)
+
+
+# --- issue 23 item 1: header floods against a real process, RSS from /proc --------------------
+
+
+@pytest.mark.timeout(120)
+async def test_header_floods_keep_rss_under_the_ceiling() -> None:
+    """The floods of the review (100 and 400 connections holding ~1 MB of unfinished headers
+    each, 200 `/alive` requests with ~1 MB of headers whose answers are never read) and a
+    flood of heads just under the per-request limit on 1,500 connections. Memory as the
+    image runs it (PYTHONMALLOC=malloc); 160 MB is the ceiling without a container limit."""
+    from bench.floods import UNDER_LIMIT, rss_mb, unfinished_headers, unread_alive
+    from probe import resources
+
+    port = free_port()
+    env = process_env(KUBENURSE_HTTP_PORT=str(port), KUBENURSE_CHECK_INTERVAL="1s", PYTHONMALLOC="malloc")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc = await start_limited(env, hard, hard)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            base = f"http://{HOST}:{port}"
+            await wait_ready(session, base, proc)
+            started = rss_mb(proc.pid)
+            for flood, connections in ((unfinished_headers, 100), (unfinished_headers, 400), (unread_alive, 200)):
+                result = await flood(proc.pid, HOST, port, connections, settle=1.0)
+                assert result.cut == connections, ("every ~1 MB head is refused", result)
+                assert result.peak < started + 20, ("~1 MB a connection must not be held", result)
+            assert await status_of(session, base + "/alwayshappy") == 200
+            ceiling = resources.DEFAULT_CEILING / 2**20
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client needs 1,500 files
+            try:
+                result = await unfinished_headers(proc.pid, HOST, port, 1500, settle=6.0, **UNDER_LIMIT)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert result.peak < ceiling, result
+            assert result.after < started + 20, ("the burst's memory went back", result)
+            assert await status_of(session, base + "/alwayshappy") == 200
+    finally:
+        await stop(proc)
