@@ -446,8 +446,8 @@ class ConnectionGuard:
         self._next_eviction_log = float("-inf")
         #: Sum of every live connection's `pending`.
         self.pending = 0
-        #: Connections closed for holding too much (one request's head or body, the budget,
-        #: the memory ceiling), for /alive-free inspection in tests and logs.
+        #: Connections closed for holding too much (a request head over its limit, the budget
+        #: across connections, the memory ceiling); `shed`: those closed at the ceiling.
         self.cut = 0
         self.shed = 0
         self.ceiling = self.limits.memory_ceiling or resources.memory_ceiling(resources.memory_limit())
