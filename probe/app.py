@@ -87,10 +87,21 @@ class Probe:
         return lookup(name) if lookup is not None else None
 
     def _alive_extra(self) -> dict[str, object]:
+        extra: dict[str, object] = {}
+        if self.servers is not None:
+            guard = self.servers.guard
+            extra["server"] = {
+                "connections": guard.count,
+                "refused_too_large": guard.cut - guard.shed,
+                "closed_at_memory_ceiling": guard.shed,
+                "rss_bytes": resources.rss_bytes(),
+                "memory_ceiling_bytes": guard.ceiling,
+            }
         if self.tracing is None:
-            return {}
+            return extra
         exporter = self.tracing.exporter
         return {
+            **extra,
             "otlp": {
                 "spans_exported": exporter.exported,
                 "spans_dropped": exporter.dropped,

@@ -384,7 +384,8 @@ async def test_header_floods_keep_rss_under_the_ceiling() -> None:
     """The floods of the review (100 and 400 connections holding ~1 MB of unfinished headers
     each, 200 `/alive` requests with ~1 MB of headers whose answers are never read) and a
     flood of heads just under the per-request limit on 1,500 connections. Memory as the
-    image runs it (PYTHONMALLOC=malloc); 160 MB is the ceiling without a container limit."""
+    image runs it (PYTHONMALLOC=malloc); /alive says the ceiling (160 MB without a container
+    limit) and how many connections were refused."""
     from bench.floods import UNDER_LIMIT, rss_mb, unfinished_headers, unread_alive
     from probe import resources
 
@@ -402,7 +403,11 @@ async def test_header_floods_keep_rss_under_the_ceiling() -> None:
                 assert result.cut == connections, ("every ~1 MB head is refused", result)
                 assert result.peak < started + 20, ("~1 MB a connection must not be held", result)
             assert await status_of(session, base + "/alwayshappy") == 200
-            ceiling = resources.DEFAULT_CEILING / 2**20
+            async with session.get(base + "/alive") as response:
+                server = json.loads(await response.text())["server"]
+            assert server["refused_too_large"] >= 700 and server["closed_at_memory_ceiling"] == 0, server
+            ceiling = server["memory_ceiling_bytes"] / 2**20  # 160 MB here, less under a container limit
+            assert ceiling <= resources.DEFAULT_CEILING / 2**20
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client needs 1,500 files
             try:
                 result = await unfinished_headers(proc.pid, HOST, port, 1500, settle=6.0, **UNDER_LIMIT)
