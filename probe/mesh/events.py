@@ -143,9 +143,10 @@ class NodeEventReporter:
             authorization = await self._credentials.authorization()
             if authorization:
                 headers["Authorization"] = authorization
+            # The token goes to the API server only: a redirect is an answer, never followed.
             async with self._session.post(
                 url, json=event, headers=headers, ssl=self._credentials.ssl_context(),
-                timeout=aiohttp.ClientTimeout(total=10),
+                timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False,
             ) as response:
                 if response.status == 401:
                     self._credentials.rejected()
