@@ -38,7 +38,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vocabulary", (
         "probe", "probe.names", "probe.labels", "probe.checkurls", "probe.ratelimit", "probe.logs", "probe.resources",
     )),
-    ("settings", ("probe.settings",)),
+    ("settings", ("probe.settings", "probe.trust")),
     ("discovery", ("probe.neighbours", "probe.discovery")),
     ("checks", ("probe.checks",)),
     ("telemetry", ("probe.telemetry",)),

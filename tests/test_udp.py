@@ -234,3 +234,12 @@ async def test_a_path_keeps_its_recent_trains(echo: tuple[int, UdpEcho]) -> None
     ids = [t[0] for t in last.trains]
     assert ids == [r.facts.udp.trains[-1][0] for r in results[2:]]  # type: ignore[union-attr]
     assert set(ids) <= set(protocol.arrived("127.0.0.1"))
+
+
+def test_an_outage_is_not_loss_in_the_window() -> None:
+    """Trains of which nothing came back (the node was down) stay out of the loss window:
+    the path is not 'lossy' for ten trains after it is back."""
+    from probe.checks.result import UdpLoss
+
+    loss = UdpLoss(10, 0, trains=((1, 10, 0), (2, 10, 0), (3, 10, 9), (4, 10, 10)))
+    assert loss.window == (20, 1)

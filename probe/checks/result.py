@@ -92,9 +92,12 @@ class UdpLoss:
 
     @property
     def window(self) -> tuple[int, int]:
-        """(sent, lost) over the recent trains."""
-        sent = sum(t[1] for t in self.trains)
-        return sent, sent - sum(t[2] for t in self.trains)
+        """(sent, lost) over the recent trains that got an answer: a train of which nothing
+        came back is an outage (the check failed), not a share of loss, and must not make a
+        path look lossy for ten trains after it is back."""
+        answered = [t for t in self.trains if t[2] > 0]
+        sent = sum(t[1] for t in answered)
+        return sent, sent - sum(t[2] for t in answered)
 
 
 @dataclass(frozen=True)
