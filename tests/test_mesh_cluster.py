@@ -132,8 +132,9 @@ def test_cordoned_node_is_not_a_fault(sandbox: Sandbox) -> None:
         assert "cordoned" in shown["not_ready_reason"]
         assert [n["node"] for n in seen_from_node_1["nodes"]] == ["node-1", "node-2", "node-3", "node-4"]
         until(sandbox.nodes["node-1"], [("ok", "cluster")], TWO_ROUNDS + SLACK)
-        seen_from_node_2 = mesh(sandbox.nodes["node-2"])
-        assert verdicts(seen_from_node_2) == [("ok", "cluster")]
+        # Each probe serves its last view while it builds the next: node-2's may still be
+        # from before node-4 was fast again.
+        seen_from_node_2 = until(sandbox.nodes["node-2"], [("ok", "cluster")], TWO_ROUNDS + SLACK)
         assert any("node-2" in e for e in seen_from_node_2["verdicts"][0]["evidence"])
     finally:
         sandbox.command("uncordon", "node-2")
