@@ -4,25 +4,14 @@ A missing one skips its tests (and CI=true turns that skip into a failure)."""
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-NAMES = ("helm", "kube-apiserver", "etcd", "otelcol", "jaeger")
+from kubenurse_sandbox.real import components_dir as cache_dir
+from kubenurse_sandbox.real import find_component as find
 
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("KUBENURSE_COMPONENTS") or Path.home() / ".cache" / "kubenurse-components")
-
-
-def find(name: str) -> Path | None:
-    built = cache_dir() / "bin" / name
-    if built.is_file() and os.access(built, os.X_OK):
-        return built
-    found = shutil.which(name)
-    return Path(found) if found else None
+__all__ = ["cache_dir", "find", "need"]
 
 
 def need(name: str) -> Path:
