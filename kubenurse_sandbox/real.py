@@ -296,7 +296,9 @@ class RealCluster:
                 phase: str = "Running") -> dict[str, Any]:
         self.request("POST", f"/api/v1/namespaces/{namespace}/pods", {
             "metadata": {"name": name, "labels": dict(labels)},
-            "spec": {"nodeName": node, "automountServiceAccountToken": False,
+            # The DaemonSet's service account: without a controller manager there is no
+            # "default" one, and the ServiceAccount admission plugin refuses a pod without it.
+            "spec": {"nodeName": node, "serviceAccountName": "kubenurse", "automountServiceAccountToken": False,
                      "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
                      "containers": [{"name": "probe", "image": "kubenurse:test", **RESTRICTED_CONTAINER}]},
         })

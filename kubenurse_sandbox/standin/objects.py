@@ -17,7 +17,11 @@ Obj = dict[str, Any]
 TaintSpec = Mapping[str, str] | str
 
 UNSCHEDULABLE_TAINT_KEY = "node.kubernetes.io/unschedulable"
-POD_FIELDS = frozenset({"metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"})
+#: As kube-apiserver's pod and node strategies (ToSelectableFields) expose them.
+POD_FIELDS = frozenset({
+    "metadata.name", "metadata.namespace", "spec.nodeName", "spec.restartPolicy", "spec.schedulerName",
+    "spec.serviceAccountName", "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName",
+})
 NODE_FIELDS = frozenset({"metadata.name", "spec.unschedulable"})
 KIND_NAMES = {"pods": "Pod", "nodes": "Node"}
 
@@ -155,12 +159,19 @@ def fields(kind: str, obj: Obj) -> dict[str, str]:
             "metadata.name": meta["name"],
             "spec.unschedulable": str(bool(obj["spec"].get("unschedulable"))).lower(),
         }
+    spec, status = obj["spec"], obj["status"]
     return {
         "metadata.name": meta["name"],
         "metadata.namespace": meta["namespace"],
-        "spec.nodeName": obj["spec"].get("nodeName", ""),
-        "status.phase": obj["status"].get("phase", ""),
-        "status.podIP": obj["status"].get("podIP", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.restartPolicy": spec.get("restartPolicy", ""),
+        "spec.schedulerName": spec.get("schedulerName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "spec.hostNetwork": str(bool(spec.get("hostNetwork"))).lower(),
+        "status.phase": status.get("phase", ""),
+        # The real server reads podIPs[0], not podIP.
+        "status.podIP": (status.get("podIPs") or [{}])[0].get("ip", ""),
+        "status.nominatedNodeName": status.get("nominatedNodeName", ""),
     }
 
 

@@ -59,7 +59,6 @@ def probe_env(cluster: RealCluster, sa_dir: Path, *, pod: str, node: str, ip: st
         "KUBENURSE_NEIGHBOUR_FILTER": FILTER,
         "KUBENURSE_LISTEN_HOST": ip,
         "KUBENURSE_HTTP_PORT": str(port),
-        "KUBENURSE_HTTPS_PORT": "0",
         "KUBENURSE_CHECK_INTERVAL": "500ms",
         "KUBENURSE_CHECK_TIMEOUT": "2s",
         "KUBENURSE_CHECK_CONNECT_TIMEOUT": "1s",
