@@ -178,6 +178,8 @@ class RealCluster:
             f"--service-account-key-file={w / 'sa.pub'}",
             f"--service-account-signing-key-file={w / 'sa.key'}",
             "--service-cluster-ip-range=10.96.0.0/16",
+            # The "kubernetes" Service's endpoints may not point at loopback; nothing here needs them.
+            "--endpoint-reconciler-type=none",
             "--profiling=false",
             "--v=1",
             *self._extra_args,
