@@ -236,27 +236,50 @@ async def test_metadata_only_watch_of_cordoned_nodes(real_cluster: RealCluster, 
         real_cluster.delete_node("meta-node")
 
 
-async def test_bookmarks_arrive_before_a_watch_ends(real_cluster: RealCluster, sa_dir: Path) -> None:
+async def watch_events(client: KubeClient, params: dict[str, str], seconds: int) -> list[tuple[float, dict[str, Any]]]:
+    started = time.monotonic()
+    events = []
+    async with client.stream("/api/v1/nodes", {**params, "watch": "true", "allowWatchBookmarks": "true",
+                                               "timeoutSeconds": str(seconds)}, total=seconds + 10, idle=seconds + 10
+                             ) as lines:
+        async for line in lines:
+            events.append((time.monotonic() - started, json.loads(line)))
+    return events
+
+
+async def test_bookmarks_carry_progress_only(real_cluster: RealCluster, sa_dir: Path) -> None:
+    """kube-apiserver bookmarks a watch (about once a minute, and 2 s before it ends) only when
+    its resource's version moved past what the watch was sent: a quiet watch hears nothing."""
     client = client_for(real_cluster, sa_dir)
     await client.credentials.load()
+    real_cluster.add_node("bm-watched")
+    real_cluster.add_node("bm-other")
     try:
         listed = json.loads(await client.get("/api/v1/nodes", {"limit": "1"}, timeout=10))
         since = listed["metadata"]["resourceVersion"]
-        kinds: list[str] = []
-        started = time.monotonic()
-        async with client.stream("/api/v1/nodes", {"watch": "true", "allowWatchBookmarks": "true",
-                                                   "resourceVersion": since, "timeoutSeconds": "4"},
-                                 total=20, idle=20) as lines:
-            async for line in lines:
-                event = json.loads(line)
-                kinds.append(event["type"])
-                if event["type"] == "BOOKMARK":
-                    assert set(event["object"]["metadata"]) >= {"resourceVersion"}
-                    assert int(event["object"]["metadata"]["resourceVersion"]) >= int(since)
-        assert "BOOKMARK" in kinds, kinds
-        assert time.monotonic() - started < 10
+        one = {"resourceVersion": since, "fieldSelector": "metadata.name=bm-watched"}
+        assert await watch_events(client, one, 4) == []  # nothing changed: not a byte
+
+        async def elsewhere() -> None:
+            await asyncio.sleep(0.5)
+            real_cluster.cordon("bm-other")
+
+        task = asyncio.create_task(elsewhere())
+        events = await watch_events(client, one, 4)
+        await task
+        (at, bookmark), = events  # no event for the other node, one bookmark of its version
+        assert bookmark["type"] == "BOOKMARK" and 1.5 < at < 3.5, events
+        assert int(bookmark["object"]["metadata"]["resourceVersion"]) > int(since)
+        assert bookmark["object"]["kind"] == "Node" and set(bookmark["object"]["metadata"]) == {"resourceVersion"}
+
+        # A resourceVersion=0 watch: the current state, then at once an annotated bookmark.
+        events = await watch_events(client, {"resourceVersion": "0", "fieldSelector": "metadata.name=bm-watched"}, 3)
+        assert [e["type"] for _, e in events] == ["ADDED", "BOOKMARK"] and events[1][0] < 1
+        assert events[1][1]["object"]["metadata"]["annotations"] == {"k8s.io/initial-events-end": "true"}
     finally:
         await client.close()
+        real_cluster.delete_node("bm-watched")
+        real_cluster.delete_node("bm-other")
 
 
 async def test_a_watch_from_before_a_restart_gets_410_and_lists_again(
