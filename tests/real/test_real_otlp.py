@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.e2e.services import Process
 from tests.real.cluster import RealCluster
 from tests.real.components import need
-from tests.real.conftest import LABELS, NS, ProbeProcess, probe_env, wait_for
+from tests.real.conftest import LABELS, NS, ROOT, ProbeProcess, probe_env, wait_for
 from tests.real.telemetry import (
     agent_config,
     agent_serviceaccount,
@@ -84,8 +85,8 @@ def pipeline(real_cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory
         stack.callback(stop_all, result.agents)
         for node, ip in PROBES.items():
             env = probe_env(real_cluster, sa_dir, pod=f"kubenurse-{node}", node=node, ip=ip, port=PORT, extra={
+                **overlay_env(),
                 "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{AGENTS[node]}:4317",
-                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
                 "OTEL_BSP_SCHEDULE_DELAY": "300",
                 "OTEL_METRIC_EXPORT_INTERVAL": "2000",
                 "KUBENURSE_CHECK_INTERVAL": "500ms",
@@ -96,6 +97,14 @@ def pipeline(real_cluster: RealCluster, tmp_path_factory: pytest.TempPathFactory
         yield result
 
 
+def overlay_env() -> dict[str, str]:
+    """The probe's OTLP settings as k8s/overlays/otlp ships them (the endpoint is set apart)."""
+    patch = yaml.safe_load((ROOT / "k8s/overlays/otlp/otlp-env.yaml").read_text())
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    return {e["name"]: e["value"] for e in container["env"]
+            if "value" in e and e["name"] != "OTEL_EXPORTER_OTLP_ENDPOINT"}
+
+
 def stop_all(processes: dict[str, Process]) -> None:
     for process in processes.values():
         process.stop()
@@ -104,6 +113,7 @@ def stop_all(processes: dict[str, Process]) -> None:
 #: A neighbour pod's server that answers after 700 ms (over the 500 ms latency policy).
 SLOW_SERVER = """
 import asyncio, sys
+from aiohttp import web
 async def slow(request):
     await asyncio.sleep(0.7)
     return web.Response(text="I'm happy\\n")
@@ -208,6 +218,12 @@ def test_the_probes_otlp_metrics_reach_prometheus_through_the_gateway(pipeline: 
 
     lines = wait_until(histogram, "kubenurse_httpclient_request_duration_seconds on :8890", 40)
     assert any('k8s_node_name="otel-a"' in ln for ln in lines), lines[:3]
+    # The probe's buckets, as on its own /metrics, with exemplars that name a trace.
+    assert any('le="0.005"' in ln for ln in lines), lines[:3]
+    exemplars = [ln for ln in lines if "_bucket{" in ln and re.search(r'# \{[^}]*trace_id="[0-9a-f]{32}"', ln)]
+    assert exemplars, lines[:5]
+    errors = (pipeline.workdir / "gateway.log").read_text()
+    assert "failed to convert metric" not in errors
 
 
 def rss_kib(pid: int) -> int:
