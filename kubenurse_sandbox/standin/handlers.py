@@ -161,18 +161,22 @@ def event_for(change: Change, accepts: Callable[[Obj], bool], metadata_only: boo
     return None
 
 
-def _encode_continue(rv: int, last_key: str) -> str:
-    # The real server's format: base64url of {"v","rv","start"}, start just after the last key.
-    token = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": last_key + "\x00"}).encode()
+def _encode_continue(rv: int, last_key: str, namespace: str | None = None) -> str:
+    # The real server's format (compared with kube-apiserver's in tests/real): base64url of
+    # compact {"v","rv","start"}, start just after the last key, the key relative to the
+    # list's prefix and starting with "/" ("/name" in a namespace, "/ns/name" across them).
+    relative = last_key.removeprefix(f"{namespace}/") if namespace is not None else last_key
+    token = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": f"/{relative}\x00"}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
 
 
-def _decode_continue(token: str) -> tuple[int, str]:
+def _decode_continue(token: str, namespace: str | None = None) -> tuple[int, str]:
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if data["v"] != "meta.k8s.io/v1" or not isinstance(data["rv"], int) or not data["start"]:
             raise ValueError("unknown continue token")
-        return data["rv"], str(data["start"])
+        start = str(data["start"]).removeprefix("/")
+        return data["rv"], f"{namespace}/{start}" if namespace is not None else start
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise bad_request(f"continue key is not valid: {exc}") from None
 
@@ -254,7 +258,7 @@ class Api:
             limit = 0
         rv, start = self._store.rv, ""
         if token := request.query.get("continue"):
-            rv, start = _decode_continue(token)
+            rv, start = _decode_continue(token, request.match_info.get("namespace"))
             if rv < self._store.floor:
                 raise ApiError(
                     410,
@@ -274,7 +278,7 @@ class Api:
                 continue
             bodies.append(partial(stored.obj) if partial_only else stored.body)
             if len(bodies) == limit and index < hi:
-                meta["continue"] = _encode_continue(rv, keys[index - 1])
+                meta["continue"] = _encode_continue(rv, keys[index - 1], request.match_info.get("namespace"))
                 if not selective:
                     meta["remainingItemCount"] = hi - index
                 break
