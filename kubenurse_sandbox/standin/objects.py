@@ -50,10 +50,23 @@ def new_pod(
     labels: Mapping[str, str] | None,
     phase: str,
 ) -> Obj:
-    spec: Obj = {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]}
+    # With the defaults kube-apiserver fills in on create (compared in tests/real).
+    container = {"name": "main", "image": "registry.k8s.io/pause:3.10", "resources": {},
+                 "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+                 "imagePullPolicy": "IfNotPresent"}
+    spec: Obj = {
+        "containers": [container], "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+        "dnsPolicy": "ClusterFirst", "serviceAccountName": "default", "serviceAccount": "default",
+        "securityContext": {}, "schedulerName": "default-scheduler",
+        "tolerations": [
+            {"key": f"node.kubernetes.io/{key}", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+            for key in ("not-ready", "unreachable")
+        ],
+        "priority": 0, "enableServiceLinks": True, "preemptionPolicy": "PreemptLowerPriority",
+    }
     if node_name:
         spec["nodeName"] = node_name
-    status: Obj = {"phase": phase}
+    status: Obj = {"phase": phase, "qosClass": "BestEffort"}
     if host_ip:
         status["hostIP"] = host_ip
         status["hostIPs"] = [{"ip": host_ip}]
