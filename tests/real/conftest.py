@@ -4,7 +4,6 @@ with the project's own manifests (k8s/overlays/node-events: base + the events RB
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -113,7 +112,3 @@ def wait_for(check: Any, what: str, timeout: float = 20.0, *, process: ProbeProc
         time.sleep(0.1)
     tail = "\n" + process.process.tail(30) if process else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r}){tail}")
-
-
-def in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() == "true"
