@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
         help="KUBENURSE_NEIGHBOUR_LIMIT: neighbours each probe checks",
     )
     parser.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="a real etcd + kube-apiserver instead of the stand-in, and Jaeger for the traces where built "
+        "(.ci/components in a checkout builds them)",
+    )
     parser.add_argument("command", nargs="*", help=argparse.SUPPRESS)
     return parser
 
@@ -82,6 +88,7 @@ def main(argv: list[str]) -> int:
         interval=args.interval,
         neighbour_limit=args.neighbour_limit,
         prometheus=not args.no_prometheus,
+        real=args.real,
     )
     try:
         from kubenurse_sandbox.session import run

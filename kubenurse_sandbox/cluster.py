@@ -31,6 +31,7 @@ import aiohttp
 from kubenurse_sandbox import children
 from kubenurse_sandbox.options import MAX_NODES, Options, SandboxError
 from kubenurse_sandbox.proxy import Address, DelayProxy
+from kubenurse_sandbox.real import Child, RealApiServer, start_jaeger
 from kubenurse_sandbox.standin import ApiServerStandin
 from probe.settings import KNOWN_VARIABLES
 
@@ -155,7 +156,11 @@ class Sandbox:
         self.say = say
         self.specs = [NodeSpec(i) for i in range(1, options.nodes + 1)]
         self.dir = Path()
-        self.api_server: ApiServerStandin | None = None
+        self.api_server: ApiServerStandin | RealApiServer | None = None
+        #: Jaeger (with --real, where built): its process, the probes' OTLP endpoint, its UI.
+        self.jaeger: Child | None = None
+        self.jaeger_url: str | None = None
+        self._otlp_endpoint: str | None = None
         self.nodes: dict[str, Node] = {}
         self.service: DelayProxy | None = None
         self.ingress: DelayProxy | None = None
@@ -181,7 +186,15 @@ class Sandbox:
         (self.dir / "logs").mkdir()
         self._session = aiohttp.ClientSession(trust_env=False, timeout=aiohttp.ClientTimeout(total=3))
 
-        self.api_server = ApiServerStandin("127.0.0.1", self._port(1))
+        if self.options.real:
+            try:
+                self.api_server = RealApiServer(self.dir / "control-plane", self._port(1))
+                if jaeger := await asyncio.to_thread(start_jaeger, self.dir):
+                    self.jaeger, self._otlp_endpoint, self.jaeger_url = jaeger
+            except RuntimeError as e:
+                raise SandboxError(str(e).splitlines()[0]) from None
+        else:
+            self.api_server = ApiServerStandin("127.0.0.1", self._port(1))
         for spec in self.specs:
             self.api_server.add_node(spec.name, internal_ip=spec.address, labels={"kubernetes.io/hostname": spec.name})
             # Pending until its probe listens, as a real pod is until its container runs: no
@@ -190,7 +203,10 @@ class Sandbox:
                 spec.pod, namespace=NAMESPACE, node_name=spec.name, pod_ip=spec.address, labels=APP_LABEL,
                 phase="Pending",
             )
-        await self._listen("the API-server stand-in", self._port(1), self.api_server.start)
+        try:
+            await self._listen("the API server", self._port(1), self.api_server.start)
+        except RuntimeError as e:  # the real one did not come up
+            raise SandboxError(str(e).splitlines()[0]) from None
         self.api_server.write_serviceaccount(self.dir / "serviceaccount", NAMESPACE)
 
         for spec in self.specs:
@@ -230,6 +246,8 @@ class Sandbox:
                 await proxy.stop()
         if self.api_server is not None:
             await self.api_server.stop()
+        if self.jaeger is not None:
+            self.jaeger.stop()
         if self._session is not None:
             await self._session.close()
         if self.dir != Path():
@@ -296,6 +314,11 @@ class Sandbox:
                 "OTEL_SERVICE_NAME": env.get("OTEL_SERVICE_NAME", "kubenurse"),
             }
         )
+        if self._otlp_endpoint and self.jaeger_url:
+            # Traces to Jaeger; the /mesh page links a slow or failing path to its trace there.
+            env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"{self._otlp_endpoint}/v1/traces"
+            env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] = "http/protobuf"
+            env["KUBENURSE_TRACE_URL_TEMPLATE"] = f"{self.jaeger_url}/trace/{{trace_id}}"
         return env
 
     async def start_node(self, name: str) -> str:
@@ -447,6 +470,23 @@ class Sandbox:
 
     # Looking at it ------------------------------------------------------------------------
 
+    async def last_slow_trace(self, over: str = "200ms") -> str | None:
+        """Jaeger's URL of the newest check trace that took longer than `over`."""
+        if not self.jaeger_url:
+            return None
+        query = urllib.parse.urlencode({"service": "kubenurse", "minDuration": over, "limit": "20", "lookback": "1h"})
+        status, body = await self._get(f"{self.jaeger_url}/api/traces?{query}")
+        if status != 200:
+            return None
+        try:
+            traces = json.loads(body)["data"] or []
+        except (ValueError, KeyError, TypeError):
+            return None
+        if not traces:
+            return None
+        newest = max(traces, key=lambda t: max((s.get("startTime", 0) for s in t.get("spans", [])), default=0))
+        return f"{self.jaeger_url}/trace/{newest['traceID']}"
+
     async def _get(self, url: str) -> tuple[int | None, str]:
         assert self._session is not None
         try:
@@ -504,7 +544,13 @@ class Sandbox:
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
         assert self.api_server is not None
-        lines.append(f"API server stand-in: {'up' if self.api_server.is_up else 'down'}")
+        real = isinstance(self.api_server, RealApiServer)
+        what = "API server (real kube-apiserver)" if real else "API server stand-in"
+        lines.append(f"{what}: {'up' if self.api_server.is_up else 'down'}")
+        if self.jaeger_url:
+            lines.append(f"Jaeger: {self.jaeger_url}")
+            if slow := await self.last_slow_trace():
+                lines.append(f"  last slow check's trace: {slow}")
         if self.prometheus_url:
             lines.append(f"Prometheus: {self.prometheus_url} ({'running' if self.prometheus else 'exited'})")
         if problems:

@@ -18,6 +18,8 @@ class Options:
     interval: str = "1s"
     neighbour_limit: int = 3
     prometheus: bool = True
+    #: A real etcd + kube-apiserver (and Jaeger, where built) instead of the stand-in.
+    real: bool = False
 
 
 class SandboxError(Exception):

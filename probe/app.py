@@ -16,6 +16,7 @@ from probe.checks.pipeline import Pipeline
 from probe.checks.rounds import Prober
 from probe.discovery import Discovery, Fixed, make_discovery
 from probe.discovery.kube import locate
+from probe.mesh.events import NAMESPACE as NODE_EVENTS_NAMESPACE
 from probe.mesh.events import NodeEventReporter
 from probe.mesh.routes import MESH_VIEW, own_node
 from probe.neighbours import NeighbourSource, Readiness, StaticReadiness
@@ -186,16 +187,14 @@ def node_event_reporter(
     if not settings.node_events:
         return None
     credentials = locate(settings)
-    namespace = settings.own_namespace  # the credentials are not loaded yet: settings alone
-    if isinstance(credentials, str) or not namespace:
-        reason = credentials if isinstance(credentials, str) else "POD_NAMESPACE and KUBENURSE_NAMESPACE unset"
-        log.warning("node events off", extra={"reason": reason})
+    if isinstance(credentials, str):
+        log.warning("node events off", extra={"reason": credentials})
         return None
     eligible = getattr(neighbours, "eligible", tuple)
     return NodeEventReporter(
         credentials,
         app[MESH_VIEW],
-        namespace=namespace,
+        namespace=NODE_EVENTS_NAMESPACE,
         pod=settings.pod_name,
         own_node=lambda: own_node(settings, neighbours.current()),
         eligible_nodes=lambda: [n.node_name for n in eligible()],

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from probe.discovery.kube import ServiceAccount
 from probe.mesh.collect import View
-from probe.mesh.events import NodeEventReporter, is_reporter, node_events
+from probe.mesh.events import NAMESPACE, NodeEventReporter, is_reporter, node_events
 from probe.mesh.verdicts import Evidence, NodeView, PathView, Verdict, judge
 
 TOKEN = "token-for-events"
@@ -86,6 +86,10 @@ async def api(tmp_path: Path) -> AsyncIterator[tuple[ServiceAccount, list[dict[s
         if any(e["metadata"]["name"] == event["metadata"]["name"] for e in created):
             return web.json_response({"kind": "Status", "reason": "AlreadyExists", "code": 409}, status=409)
         assert request.match_info["namespace"] == event["metadata"]["namespace"]
+        # The real API server's rule for core/v1 Events (checked against kube-apiserver in
+        # tests/real): one about a cluster-scoped object lives in "default" (or nowhere).
+        if not event["involvedObject"].get("namespace") and event["metadata"]["namespace"] not in ("", "default"):
+            return web.json_response({"kind": "Status", "reason": "Invalid", "code": 422}, status=422)
         created.append(event)
         return web.json_response(event, status=201)
 
@@ -110,7 +114,7 @@ async def test_reporters_post_one_event_per_culprit(api) -> None:  # type: ignor
 
     def reporter(node: str) -> NodeEventReporter:
         return NodeEventReporter(
-            credentials, FakeView(), namespace="kubenurse", pod=f"kubenurse-{node}",  # type: ignore[arg-type]
+            credentials, FakeView(), namespace=NAMESPACE, pod=f"kubenurse-{node}",  # type: ignore[arg-type]
             own_node=lambda: node, eligible_nodes=lambda: ["node-1", "node-2", "node-3", "node-4", "node-5"],
             clock=lambda: 1_800_000_000.0,
         )

@@ -488,11 +488,12 @@ async def test_field_selector_on_watch(server: ApiServerStandin, http: Http) -> 
 
 async def test_bookmarks_carry_the_current_version(server: ApiServerStandin, core: client.CoreV1Api) -> None:
     server.add_pod("p1", namespace=NS, node_name="n1", pod_ip="10.0.0.1")
-    server.add_pod("p2", namespace="other", node_name="n1", pod_ip="10.0.0.2")  # moves the version too
     started = time.monotonic()
     async with watch.Watch() as w:
         stream = w.stream(core.list_namespaced_pod, NS, allow_watch_bookmarks=True, timeout_seconds=5)
         assert (await stream.__anext__())["type"] == "ADDED"
+        # A pod this watch does not see moves the version; only such progress is bookmarked.
+        server.add_pod("p2", namespace="other", node_name="n1", pod_ip="10.0.0.2")
         bookmark = await stream.__anext__()
         assert bookmark["type"] == "BOOKMARK"
         assert bookmark["raw_object"] == {
@@ -513,10 +514,22 @@ async def test_no_bookmarks_unless_asked_and_server_side_watch_limit() -> None:
             started = time.monotonic()
             assert await http.stream("/api/v1/nodes", watch="1") == []
             assert 0.35 < time.monotonic() - started < 2
+            # Nothing changes: no bookmark either, as kube-apiserver (a bookmark carries progress).
+            assert await http.stream("/api/v1/nodes", watch="1", allowWatchBookmarks="true") == []
+
+            async def elsewhere() -> None:  # nodes this watch does not see
+                for i in range(3):
+                    await asyncio.sleep(0.08)
+                    server.add_node(f"n{i}")
+
             started = time.monotonic()
-            events = await http.stream("/api/v1/nodes", watch="1", allowWatchBookmarks="true")
-            assert len(events) >= 3 and {e["type"] for e in events} == {"BOOKMARK"}
+            task = asyncio.create_task(elsewhere())
+            events = await http.stream("/api/v1/nodes", watch="1", allowWatchBookmarks="true",
+                                       fieldSelector="metadata.name=elsewhere")
+            await task
+            assert len(events) >= 2 and {e["type"] for e in events} == {"BOOKMARK"}
             assert events[0]["object"]["kind"] == "Node"
+            assert events[-1]["object"]["metadata"]["resourceVersion"] == str(server.resource_version)
             assert 0.35 < time.monotonic() - started < 2
     finally:
         await server.stop()
@@ -850,8 +863,13 @@ async def test_metadata_only_lists_and_watches(server: ApiServerStandin, http: H
     assert [(e["type"], e["object"]["metadata"].get("name")) for e in events if e["type"] != "BOOKMARK"] == [
         ("MODIFIED", "n1"), ("MODIFIED", "n2")]
     assert all(set(e["object"]) == {"kind", "apiVersion", "metadata"} for e in events)
-    bookmarks = [e for e in events if e["type"] == "BOOKMARK"]
-    assert bookmarks and bookmarks[0]["object"]["kind"] == "PartialObjectMetadata"
+    # A resourceVersion=0 watch: the current nodes, then right away a bookmark that says so.
+    status, text = await raw(http, "/api/v1/nodes", PARTIAL, watch="true", resourceVersion="0",
+                             allowWatchBookmarks="true", timeoutSeconds="1")
+    events = [json.loads(line) for line in text.splitlines()]
+    assert [e["type"] for e in events] == ["ADDED"] * len(server._store.keys("nodes")) + ["BOOKMARK"]
+    assert events[-1]["object"] == {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": {
+        "resourceVersion": str(server.resource_version), "annotations": {"k8s.io/initial-events-end": "true"}}}
 
 
 async def test_the_cordoned_selection_sees_cordon_and_uncordon_only(server: ApiServerStandin, http: Http) -> None:

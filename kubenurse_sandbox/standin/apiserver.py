@@ -109,7 +109,8 @@ class ApiServerStandin:
     """The stand-in. Call every method from the event loop's thread (it is not thread-safe).
 
     history_size: changes kept for resuming watches; older versions get 410 Expired.
-    bookmark_interval: seconds between BOOKMARK events on watches that allow them.
+    bookmark_interval: seconds between BOOKMARK events on watches that allow them, sent (as
+        kube-apiserver does) only when that kind's version moved past what the watch was sent.
     max_watch_seconds: how long a watch without timeoutSeconds lasts (kube-apiserver: 30-60 min).
     """
 

@@ -103,10 +103,17 @@ def event_line(kind: str, type_: str, obj: Stored, metadata_only: bool = False) 
     return b'{"type":"%s","object":%s}\n' % (type_.encode(), body)
 
 
-def bookmark_line(kind: str, rv: int, metadata_only: bool = False) -> bytes:
+#: What kube-apiserver marks the bookmark after a watch's initial ADDED events with.
+INITIAL_EVENTS_END = {"k8s.io/initial-events-end": "true"}
+
+
+def bookmark_line(kind: str, rv: int, metadata_only: bool = False, *, initial_events_end: bool = False) -> bytes:
     head = {"kind": PARTIAL, "apiVersion": "meta.k8s.io/v1"} if metadata_only else {
         "kind": KIND_NAMES[kind], "apiVersion": "v1"}
-    meta = {**head, "metadata": {"resourceVersion": str(rv)}}
+    metadata: dict[str, Any] = {"resourceVersion": str(rv)}
+    if initial_events_end:
+        metadata["annotations"] = INITIAL_EVENTS_END
+    meta = {**head, "metadata": metadata}
     return json.dumps({"type": "BOOKMARK", "object": meta}, separators=(",", ":")).encode() + b"\n"
 
 
@@ -154,18 +161,22 @@ def event_for(change: Change, accepts: Callable[[Obj], bool], metadata_only: boo
     return None
 
 
-def _encode_continue(rv: int, last_key: str) -> str:
-    # The real server's format: base64url of {"v","rv","start"}, start just after the last key.
-    token = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": last_key + "\x00"}).encode()
+def _encode_continue(rv: int, last_key: str, namespace: str | None = None) -> str:
+    # The real server's format (compared with kube-apiserver's in tests/real): base64url of
+    # compact {"v","rv","start"}, start just after the last key, the key relative to the
+    # list's prefix and starting with "/" ("/name" in a namespace, "/ns/name" across them).
+    relative = last_key.removeprefix(f"{namespace}/") if namespace is not None else last_key
+    token = json.dumps({"v": "meta.k8s.io/v1", "rv": rv, "start": f"/{relative}\x00"}, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(token).rstrip(b"=").decode()
 
 
-def _decode_continue(token: str) -> tuple[int, str]:
+def _decode_continue(token: str, namespace: str | None = None) -> tuple[int, str]:
     try:
         data = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         if data["v"] != "meta.k8s.io/v1" or not isinstance(data["rv"], int) or not data["start"]:
             raise ValueError("unknown continue token")
-        return data["rv"], str(data["start"])
+        start = str(data["start"]).removeprefix("/")
+        return data["rv"], f"{namespace}/{start}" if namespace is not None else start
     except (ValueError, KeyError, TypeError, binascii.Error) as exc:
         raise bad_request(f"continue key is not valid: {exc}") from None
 
@@ -247,7 +258,7 @@ class Api:
             limit = 0
         rv, start = self._store.rv, ""
         if token := request.query.get("continue"):
-            rv, start = _decode_continue(token)
+            rv, start = _decode_continue(token, request.match_info.get("namespace"))
             if rv < self._store.floor:
                 raise ApiError(
                     410,
@@ -267,7 +278,7 @@ class Api:
                 continue
             bodies.append(partial(stored.obj) if partial_only else stored.body)
             if len(bodies) == limit and index < hi:
-                meta["continue"] = _encode_continue(rv, keys[index - 1])
+                meta["continue"] = _encode_continue(rv, keys[index - 1], request.match_info.get("namespace"))
                 if not selective:
                     meta["remainingItemCount"] = hi - index
                 break
@@ -298,6 +309,10 @@ class Api:
                 first, resumable = [error_line(too_old(since, self._store.rv))], False
             else:
                 first, resumable = self._first_events(kind, since, accepts, partial_only)
+                if since == 0 and resumable and bookmarks and request.query.get("resourceVersion") == "0":
+                    # kube-apiserver ends the initial ADDED events of a resourceVersion=0
+                    # watch with an annotated bookmark, right away.
+                    first.append(bookmark_line(kind, self._store.kind_rv[kind], partial_only, initial_events_end=True))
             await response.prepare(request)
             for line in first:
                 await self._write(request, response, line)
@@ -305,7 +320,7 @@ class Api:
                 if bookmarks:
                     await self._write(request, response, bookmark_line(kind, self._store.rv, partial_only))
             elif resumable:
-                await self._stream(request, response, watcher, accepts, bookmarks, duration, partial_only)
+                await self._stream(request, response, watcher, accepts, bookmarks, duration, partial_only, since)
             await response.write_eof()
         except ConnectionResetError:
             pass  # the client went away; nothing more to send
@@ -342,11 +357,17 @@ class Api:
         bookmarks: bool,
         duration: float,
         partial_only: bool,
+        since: int,
     ) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + duration
         interval = self._settings.bookmark_interval
-        next_bookmark = loop.time() + interval
+        # As kube-apiserver: bookmarks every interval and 2 s before the watch's end, but
+        # only to carry progress: a version newer than what this watch was last sent (a
+        # change of this kind it did not see, e.g. another node's). A kind that does not
+        # change gets no bookmark at all (checked against kube-apiserver in tests/real).
+        sent = max(since, self._store.kind_rv[watcher.kind]) if since == 0 else since
+        next_bookmark = min(loop.time() + interval, deadline - 2.0)
         while (now := loop.time()) < deadline:
             wait = min(deadline, next_bookmark) - now if bookmarks else deadline - now
             try:
@@ -360,13 +381,18 @@ class Api:
                 # Only bookmark with nothing queued: the bookmark's version must not pass
                 # an event this watcher has not been sent yet.
                 if bookmarks and loop.time() >= next_bookmark and watcher.queue.empty():
-                    await self._write(request, response, bookmark_line(watcher.kind, self._store.rv, partial_only))
-                    next_bookmark = loop.time() + interval
+                    progress = self._store.kind_rv[watcher.kind]
+                    if progress > sent:
+                        await self._write(request, response, bookmark_line(watcher.kind, progress, partial_only))
+                        sent = progress
+                    now = loop.time()
+                    next_bookmark = now + interval if now >= deadline - 2.0 else min(now + interval, deadline - 2.0)
                 continue
             if change is None:
                 return  # end_watches()
             if (line := event_for(change, accepts, partial_only)) is not None:
                 await self._write(request, response, line)
+                sent = max(sent, change.rv)
 
 
 def _kind_of(request: web.Request) -> str:

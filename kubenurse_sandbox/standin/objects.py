@@ -17,7 +17,11 @@ Obj = dict[str, Any]
 TaintSpec = Mapping[str, str] | str
 
 UNSCHEDULABLE_TAINT_KEY = "node.kubernetes.io/unschedulable"
-POD_FIELDS = frozenset({"metadata.name", "metadata.namespace", "spec.nodeName", "status.phase", "status.podIP"})
+#: As kube-apiserver's pod and node strategies (ToSelectableFields) expose them.
+POD_FIELDS = frozenset({
+    "metadata.name", "metadata.namespace", "spec.nodeName", "spec.restartPolicy", "spec.schedulerName",
+    "spec.serviceAccountName", "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName",
+})
 NODE_FIELDS = frozenset({"metadata.name", "spec.unschedulable"})
 KIND_NAMES = {"pods": "Pod", "nodes": "Node"}
 
@@ -46,10 +50,23 @@ def new_pod(
     labels: Mapping[str, str] | None,
     phase: str,
 ) -> Obj:
-    spec: Obj = {"containers": [{"name": "main", "image": "registry.k8s.io/pause:3.10"}]}
+    # With the defaults kube-apiserver fills in on create (compared in tests/real).
+    container = {"name": "main", "image": "registry.k8s.io/pause:3.10", "resources": {},
+                 "terminationMessagePath": "/dev/termination-log", "terminationMessagePolicy": "File",
+                 "imagePullPolicy": "IfNotPresent"}
+    spec: Obj = {
+        "containers": [container], "restartPolicy": "Always", "terminationGracePeriodSeconds": 30,
+        "dnsPolicy": "ClusterFirst", "serviceAccountName": "default", "serviceAccount": "default",
+        "securityContext": {}, "schedulerName": "default-scheduler",
+        "tolerations": [
+            {"key": f"node.kubernetes.io/{key}", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}
+            for key in ("not-ready", "unreachable")
+        ],
+        "priority": 0, "enableServiceLinks": True, "preemptionPolicy": "PreemptLowerPriority",
+    }
     if node_name:
         spec["nodeName"] = node_name
-    status: Obj = {"phase": phase}
+    status: Obj = {"phase": phase, "qosClass": "BestEffort"}
     if host_ip:
         status["hostIP"] = host_ip
         status["hostIPs"] = [{"ip": host_ip}]
@@ -155,12 +172,19 @@ def fields(kind: str, obj: Obj) -> dict[str, str]:
             "metadata.name": meta["name"],
             "spec.unschedulable": str(bool(obj["spec"].get("unschedulable"))).lower(),
         }
+    spec, status = obj["spec"], obj["status"]
     return {
         "metadata.name": meta["name"],
         "metadata.namespace": meta["namespace"],
-        "spec.nodeName": obj["spec"].get("nodeName", ""),
-        "status.phase": obj["status"].get("phase", ""),
-        "status.podIP": obj["status"].get("podIP", ""),
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.restartPolicy": spec.get("restartPolicy", ""),
+        "spec.schedulerName": spec.get("schedulerName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "spec.hostNetwork": str(bool(spec.get("hostNetwork"))).lower(),
+        "status.phase": status.get("phase", ""),
+        # The real server reads podIPs[0], not podIP.
+        "status.podIP": (status.get("podIPs") or [{}])[0].get("ip", ""),
+        "status.nominatedNodeName": status.get("nominatedNodeName", ""),
     }
 
 

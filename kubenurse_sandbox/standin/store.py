@@ -70,6 +70,9 @@ class Store:
         self._history: deque[Change] = deque(maxlen=max(history_size, 1))
         self._floor = 0  # changes with rv <= floor are no longer in the history
         self._watchers: set[Watcher] = set()
+        #: The version of each kind's last change: what kube-apiserver's watch cache of that
+        #: resource has seen, and so the version its bookmarks carry.
+        self.kind_rv: dict[str, int] = dict.fromkeys(KINDS, 0)
 
     # Reads -------------------------------------------------------------------------------
 
@@ -153,6 +156,7 @@ class Store:
         if len(self._history) == self._history.maxlen:
             self._floor = self._history[0].rv
         self._history.append(change)
+        self.kind_rv[change.kind] = change.rv
         for watcher in self._watchers:
             if watcher.kind == change.kind:
                 watcher.queue.put_nowait(change)

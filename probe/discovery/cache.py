@@ -9,9 +9,10 @@ answering 410 right after every list), reconnect and relist only after an expone
 backoff with jitter (0.8 s doubling to 30 s, as client-go) that resets only once a watch
 has stayed up for `healthy_after`: nothing the server does can make this a tight loop.
 A failure streak is logged once when it starts and once when it ends, and shown in /alive.
-Every request has a client-side deadline; a watch silent for `quiet_after` (bookmarks
-arrive about once a minute) shows discovery stale, and past `idle_timeout` the connection
-is given up as dead.
+Every request has a client-side deadline; a watch silent for `quiet_after` shows discovery
+stale, and past `idle_timeout` the connection is given up as dead. Both lie past a watch's
+own end: the API server bookmarks only to carry progress, so silence is normal in a quiet
+cluster; TCP keepalive finds a dead peer within a minute.
 
 Only `decode(object) -> record` sees the JSON, one object at a time: a list page is walked
 item by item (no tree of 500 pods in memory at once) and each watch line is one object.
@@ -57,9 +58,13 @@ class Timing:
     #: The client gives up on a watch this long after its server-side end.
     watch_grace: float = 30.0
     #: No byte (event or bookmark) for this long: discovery is shown stale ...
-    quiet_after: float = 70.0
+    #: kube-apiserver bookmarks a watch only when its resource's version moved (checked in
+    #: tests/real): in a quiet cluster a healthy watch hears nothing until 2 s before its
+    #: end. So both are past the longest watch (2 * watch_seconds + watch_grace); a dead
+    #: peer is found sooner by TCP keepalive (kube.KEEPIDLE...).
+    quiet_after: float = 660.0
     #: ... and for this long: the connection is dead.
-    idle_timeout: float = 90.0
+    idle_timeout: float = 690.0
     backoff_initial: float = 0.8
     backoff_max: float = 30.0
     #: A watch that ended sooner than this counts as a failure (backoff); one that lasted

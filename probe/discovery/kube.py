@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import aiohttp
+from aiohappyeyeballs import AddrInfoType
 
 from probe.ratelimit import TokenBucket
 from probe.settings import Settings
@@ -278,6 +280,24 @@ def locate(settings: Settings) -> Credentials | str:
     return "KUBERNETES_SERVICE_HOST not set (not in a cluster) and KUBECONFIG not set"
 
 
+#: TCP keepalive on API connections: a peer gone without a FIN or RST (a node partition, a
+#: dropped NAT entry) is noticed after KEEPIDLE + KEEPCNT * KEEPINTVL seconds (60 s) of no
+#: answer. A healthy watch may be silent much longer: kube-apiserver bookmarks only when its
+#: resource's version moved, so a quiet cluster's watch can go minutes without a byte.
+KEEPIDLE, KEEPINTVL, KEEPCNT = 30, 10, 3
+
+
+def keepalive_socket(addr_info: AddrInfoType) -> socket.socket:
+    """The connector's socket, with TCP keepalive probes (where the OS has the options)."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (("TCP_KEEPIDLE", KEEPIDLE), ("TCP_KEEPINTVL", KEEPINTVL), ("TCP_KEEPCNT", KEEPCNT)):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    return sock
+
+
 class KubeClient:
     """GETs and watch streams against the API server, every request with a deadline and
     paced by a token bucket."""
@@ -305,7 +325,7 @@ class KubeClient:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
                 # One connection per open watch (HTTP/1.1), plus room for lists.
-                connector=aiohttp.TCPConnector(limit=64, enable_cleanup_closed=True),
+                connector=aiohttp.TCPConnector(limit=64, enable_cleanup_closed=True, socket_factory=keepalive_socket),
                 headers={"Accept": "application/json", "User-Agent": self._user_agent},
             )
         return self._session

@@ -7,8 +7,11 @@ pod, so each decides alone, without a request). Several reporters, because a rep
 the node that is down. Their copies collapse into one: the Event's name is made of the node,
 the verdict kind and a 10-minute window, and a second create of the same name is a 409.
 
-Events live in the probe's own namespace; `involvedObject` is the Node with the node's name
-as uid, as the kubelet reports node events, which `kubectl describe node` looks up.
+Events live in the `default` namespace, as the kubelet's node events do: the API server
+refuses a core/v1 Event about a cluster-scoped object (a Node) in any other namespace
+("involvedObject.namespace: does not match event.namespace"). `involvedObject` is the Node
+with the node's name as uid, as the kubelet reports node events, which `kubectl describe
+node` looks up across namespaces.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ REASONS = {
     NODE_LOSSY: "KubenurseNodeLossy",
     NODE_MTU: "KubenurseNodeMTU",
 }
+#: Where Events about Nodes may live (see the module docstring).
+NAMESPACE = "default"
 REPORTERS = 3
 PERIOD_SECONDS = 60.0
 WINDOW_SECONDS = 600
