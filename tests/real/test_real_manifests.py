@@ -19,7 +19,9 @@ from probe.discovery.cache import Reflector, Timing
 from probe.discovery.kube import ApiError, KubeClient, ServiceAccount
 from probe.discovery.nodes import node_info
 from probe.discovery.source import pod_info
-from probe.mesh.events import WINDOW_SECONDS, NodeEventReporter, node_events, verdicts_of
+from probe.mesh.collect import View
+from probe.mesh.events import WINDOW_SECONDS, NodeEventReporter, node_events
+from probe.mesh.verdict import Verdict
 from probe.mesh.verdicts import NODE_UNREACHABLE, SURE
 from tests.real.cluster import ApiError as RealApiError
 from tests.real.cluster import RealCluster
@@ -176,9 +178,9 @@ async def poll_status(action: Callable[[], Awaitable[int]], want: int, timeout: 
 class FixedView:
     """A mesh view whose verdict is fixed: node-x is unreachable, for sure."""
 
-    async def document(self) -> dict[str, Any]:
-        return {"verdicts": [{"kind": NODE_UNREACHABLE, "subject": "lp-node", "confidence": SURE,
-                              "summary": "lp-node answers nobody.", "evidence": ["3 of 3 peers time out"]}]}
+    async def view(self) -> View:
+        verdict = Verdict(NODE_UNREACHABLE, "lp-node", SURE, "lp-node answers nobody.", ("3 of 3 peers time out",))
+        return View((verdict,), b"", b"", 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +254,7 @@ def test_node_events_show_in_kubectl_describe_node(real_cluster: RealCluster, pr
     status = asyncio.run(feature_status(real_cluster, probe_token_dir, "default", "events", "create"))
     assert status in (201, 409)
     # Why "default": the real server refuses an Event about a Node anywhere else.
-    (event,) = node_events(verdicts_of(asyncio.run(FixedView().document())), namespace=NS, reporter_node="a",
+    (event,) = node_events(asyncio.run(FixedView().view()).verdicts, namespace=NS, reporter_node="a",
                            reporter_pod="p", now=time.time())
     with pytest.raises(RealApiError) as refused:
         real_cluster.request("POST", f"/api/v1/namespaces/{NS}/events", event)
