@@ -104,9 +104,7 @@ def _direction_allows(
     return False
 
 
-def allowed(
-    objects: Iterable[Obj], source: Endpoint, destination: Endpoint, port: int, protocol: str = "TCP"
-) -> bool:
+def allowed(objects: Iterable[Obj], source: Endpoint, destination: Endpoint, port: int, protocol: str = "TCP") -> bool:
     """Whether source may open port/protocol on destination under these NetworkPolicies."""
     policies = [o for o in objects if o["kind"] == "NetworkPolicy"]
     egress_ok = source.namespace is None or _direction_allows(policies, source, destination, port, protocol, "egress")
