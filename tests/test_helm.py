@@ -686,3 +686,36 @@ def test_network_policy_follows_the_settings() -> None:
     # The ingress controller, because an Ingress is rendered.
     assert allowed(objects, pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}), probe, 8080)
     assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+# --- documentation --------------------------------------------------------------------------
+
+
+def values_table(text: str) -> str:
+    start = text.index("| key | default | meaning |")
+    return text[start : text.index("\n\n", start)]
+
+
+def test_values_tables_list_every_key() -> None:
+    """The chart's README and docs/helm.md carry the same table, with every key of values.yaml."""
+    chart_readme = values_table((CHART / "README.md").read_text())
+    assert values_table((ROOT / "docs" / "helm.md").read_text()) == chart_readme
+    listed = {row.split("|")[1].strip().strip("`") for row in chart_readme.splitlines()[2:]}
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    maps = KUBENURSE_KEYS | {"prometheusRule.labels"}  # maps that are one value each
+
+    def keys(node: Mapping[str, Any], prefix: str = "") -> set[str]:
+        out: set[str] = set()
+        for key, value in node.items():
+            path = prefix + key
+            if isinstance(value, dict) and value and path not in maps:
+                out |= keys(value, path + ".")
+            else:
+                out.add(path)
+        return out
+
+    expected = keys(values) | {"daemonset.image.tag", "daemonset.rollingUpdate.maxSurge"}
+    expected |= {"check_api_me_ingress", "check_api_me_service"}
+    assert listed == expected
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert set(schema["properties"]) - {"global"} == {k.split(".")[0] for k in expected}
