@@ -676,7 +676,7 @@ def test_network_policy_follows_the_settings() -> None:
     for port, protocol in [(443, "TCP"), (8081, "TCP"), (5353, "UDP"), (5353, "TCP"), (5432, "TCP"),
                            (7000, "UDP"), (4317, "TCP")]:  # fmt: skip
         assert allowed(objects, probe, out, port, protocol), (port, protocol)
-    for port, protocol in [(80, "TCP"), (7000, "TCP"), (8080, "TCP"), (9090, "TCP")]:
+    for port, protocol in [(80, "TCP"), (7000, "TCP"), (8080, "TCP"), (9090, "TCP"), (8082, "TCP")]:
         assert not allowed(objects, probe, out, port, protocol), (port, protocol)
     # The mesh port: probes and mesh.from only.
     assert allowed(objects, neighbour, probe, 9090)
@@ -686,6 +686,10 @@ def test_network_policy_follows_the_settings() -> None:
     # The ingress controller, because an Ingress is rendered.
     assert allowed(objects, pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"}), probe, 8080)
     assert not find(render({"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+    # A service_url elsewhere gets its port; turning the check off closes it again.
+    elsewhere = {"service_url": "http://nurse.example.net:8082"}
+    assert allowed(render(elsewhere), probe, out, 8082)
+    assert not allowed(render({**elsewhere, "check_me_service": False}), probe, out, 8082)
 
 
 # --- documentation --------------------------------------------------------------------------
