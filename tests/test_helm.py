@@ -616,6 +616,8 @@ def test_chart_and_image_carry_the_project_version() -> None:
 def test_our_settings_reach_the_probe(tmp_path: Path) -> None:
     values = {
         "check_dns_cluster": False,
+        "shutdown_duration": "20s",
+        "daemonset": {"terminationGracePeriodSeconds": 30},
         "check_neighbourhood_udp": False,
         "check_timeout": "4s",
         "check_connect_timeout": "2s",
@@ -639,6 +641,7 @@ def test_our_settings_reach_the_probe(tmp_path: Path) -> None:
     assert e["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio" and e["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
     settings = load_settings(e)
     assert not settings.check_dns_cluster
+    assert daemonset(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_duration
     assert (settings.check_timeout, settings.check_connect_timeout) == (4, 2)
     assert settings.log_format == "logfmt" and settings.log_level == "DEBUG"
     assert settings.trace_url_template == values["trace_url_template"]
