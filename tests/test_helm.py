@@ -8,6 +8,7 @@ for object, and each overlay's option a value that renders that overlay.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import functools
 import json
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from probe.settings import load_settings
+from probe.settings import Settings, load_settings
 from tests.netpol import address, allowed, pod
 from tests.test_deploy import (
     KUBECTL,
@@ -247,6 +248,67 @@ extraObjects:
 """)
 
 
+#: What kubenurse v1.15.3's own chart renders for the two files above (`helm template kubenurse
+#: helm/kubenurse -n kubenurse -f FILE`, run once against its tagged source): the probe's
+#: env and the DaemonSet's selector. TZ is the every-key file's extraEnvs entry.
+KUBENURSE_RENDERED: dict[str, tuple[dict[str, str], dict[str, str]]] = {
+    "defaults": (
+        {
+            "KUBENURSE_INGRESS_URL": "https://dummy-kubenurse.example.com",
+            "KUBENURSE_SERVICE_URL": "http://kubenurse.kubenurse.svc.cluster.local:8080",
+            "KUBENURSE_INSECURE": "true",
+            "KUBERNETES_SERVICE_DNS": "kubernetes.default.svc.cluster.local",
+            "KUBENURSE_ALLOW_UNSCHEDULABLE": "false",
+            "KUBENURSE_NAMESPACE": "kubenurse",
+            "KUBENURSE_NEIGHBOUR_FILTER": "app.kubernetes.io/name=kubenurse",
+            "KUBENURSE_NEIGHBOUR_LIMIT": "10",
+            "KUBENURSE_EXPOSE_METADATA": "false",
+            "KUBENURSE_VICTORIAMETRICS_HISTOGRAM": "false",
+            "KUBENURSE_CHECK_API_SERVER_DIRECT": "true",
+            "KUBENURSE_CHECK_API_SERVER_DNS": "true",
+            "KUBENURSE_CHECK_ME_INGRESS": "true",
+            "KUBENURSE_CHECK_ME_SERVICE": "true",
+            "KUBENURSE_CHECK_NEIGHBOURHOOD": "true",
+            "KUBENURSE_CHECK_INTERVAL": "5s",
+            "KUBENURSE_REUSE_CONNECTIONS": "false",
+            "KUBENURSE_SHUTDOWN_DURATION": "5s",
+            "KUBENURSE_USE_TLS": "false",
+        },
+        {"app.kubernetes.io/name": "kubenurse", "app.kubernetes.io/instance": "kubenurse"},
+    ),
+    "every key": (
+        {
+            "KUBENURSE_INGRESS_URL": "https://nurse.apps.example.com",
+            "KUBENURSE_SERVICE_URL": "http://nurse.corp.svc.cluster.local:80",
+            "KUBENURSE_INSECURE": "false",
+            "KUBERNETES_SERVICE_DNS": "kubernetes.default.svc.corp.local",
+            "KUBENURSE_ALLOW_UNSCHEDULABLE": "true",
+            "KUBENURSE_NAMESPACE": "kubenurse",
+            "KUBENURSE_NEIGHBOUR_FILTER": "app.kubernetes.io/name=nurse,team=network",
+            "KUBENURSE_NEIGHBOUR_LIMIT": "3",
+            "KUBENURSE_EXTRA_CA": "/etc/corp-ca/ca.crt",
+            "KUBENURSE_EXTRA_CHECKS": "google:https://www.google.com|corp_api:http://api.corp.example:8081/health",
+            "KUBENURSE_HISTOGRAM_BUCKETS": ".0005,.001,.0025,.005,.01,.025,.05,0.1,0.25,0.5,1",
+            "KUBENURSE_EXPOSE_METADATA": "true",
+            "KUBENURSE_VICTORIAMETRICS_HISTOGRAM": "false",
+            "KUBENURSE_CHECK_API_SERVER_DIRECT": "false",
+            "KUBENURSE_CHECK_API_SERVER_DNS": "false",
+            "KUBENURSE_CHECK_ME_INGRESS": "false",
+            "KUBENURSE_CHECK_ME_SERVICE": "false",
+            "KUBENURSE_CHECK_NEIGHBOURHOOD": "false",
+            "KUBENURSE_CHECK_INTERVAL": "15s",
+            "KUBENURSE_REUSE_CONNECTIONS": "true",
+            "KUBENURSE_SHUTDOWN_DURATION": "10s",
+            "KUBENURSE_USE_TLS": "true",
+            "KUBENURSE_CERT_FILE": "/etc/corp-ca/tls.crt",
+            "KUBENURSE_CERT_KEY": "/etc/corp-ca/tls.key",
+            "TZ": "Europe/Zurich",
+        },
+        {"app.kubernetes.io/name": "nurse", "app.kubernetes.io/instance": "kubenurse"},
+    ),
+}
+
+
 def leaf_keys(values: Mapping[str, Any], prefix: str = "") -> set[str]:
     keys: set[str] = set()
     for key, value in values.items():
@@ -333,7 +395,6 @@ def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
         "KUBENURSE_NEIGHBOUR_FILTER": "app.kubernetes.io/name=nurse,team=network",
         "KUBENURSE_NEIGHBOUR_LIMIT": "3",
         "KUBENURSE_HISTOGRAM_BUCKETS": EVERY_KEY["histogram_buckets"],
-        "KUBENURSE_EXPOSE_METADATA": "true",
         "KUBENURSE_EXTRA_CA": "/etc/corp-ca/ca.crt",
         "KUBENURSE_EXTRA_CHECKS": EVERY_KEY["extra_checks"],
         "KUBENURSE_CHECK_API_SERVER_DIRECT": "false",
@@ -351,12 +412,14 @@ def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
     }
     assert {k: e.get(k) for k in expected} == expected
     assert "KUBENURSE_VICTORIAMETRICS_HISTOGRAM" not in e
+    # expose_metadata true and insecure false are the probe's own defaults: left unset.
+    assert "KUBENURSE_EXPOSE_METADATA" not in e and "KUBENURSE_INSECURE" not in e
     # ... and the probe itself accepts them (the mounted files made real).
     secret = tmp_path / "corp-ca"
     write_secret_files(secret, ["tls.crt", "tls.key", "ca.crt"])
     on_disk = {k: v.replace("/etc/corp-ca", str(secret)) for k, v in e.items()}
     settings = load_settings(on_disk)
-    assert settings.insecure is False, "kubenurse's default was true; false is ours (unset)"
+    assert settings.insecure is False and settings.expose_metadata is True
     assert settings.use_tls and settings.neighbour_limit == 3
     assert not (settings.check_me_ingress or settings.check_me_service or settings.check_neighbourhood)
     assert settings.check_interval == 15 and settings.shutdown_duration == 10
@@ -386,6 +449,32 @@ def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
     # extraObjects, map and string, both through tpl
     assert the(objects, "ConfigMap", "kubenurse-extra-map")["data"] == {"a": "b"}
     assert the(objects, "Secret", "kubenurse-extra-string")["stringData"] == {"c": "d"}
+
+
+@pytest.mark.parametrize("name", sorted(KUBENURSE_RENDERED))
+def test_the_probe_runs_as_kubenurse_ran_with_the_same_values(name: str, tmp_path: Path) -> None:
+    """Our render of a kubenurse values file gives the probe the settings kubenurse's own
+    chart gave it (we leave out what equals the probe's default), and keeps the DaemonSet's
+    selector, so `helm upgrade` of a kubenurse release rolls its pods in place."""
+    objects = render(KUBENURSE_DEFAULTS if name == "defaults" else EVERY_KEY)
+    theirs_env, theirs_selector = KUBENURSE_RENDERED[name]
+    assert daemonset(objects)["spec"]["selector"]["matchLabels"] == theirs_selector
+    ours = env(objects)
+    # What the downward API and our own additions give both alike.
+    shared = {k: ours[k] for k in ("POD_NAME", "NODE_NAME", "POD_NAMESPACE", "KUBENURSE_LOG_FORMAT")}
+    shared["KUBERNETES_SERVICE_HOST"] = "10.96.0.1"  # in a cluster
+    write_secret_files(tmp_path, ["tls.crt", "tls.key", "ca.crt"])
+
+    def on_disk(variables: Mapping[str, str]) -> dict[str, str]:
+        return {k: v.replace("/etc/corp-ca", str(tmp_path)) for k, v in variables.items()}
+
+    def settings(variables: Mapping[str, str]) -> Settings:
+        loaded = load_settings({**shared, **on_disk(variables)})
+        # Unset and set to the default name are the same in a cluster.
+        return dataclasses.replace(loaded, kubernetes_service_dns=loaded.api_server_dns_name)
+
+    assert settings(ours) == settings(theirs_env)
+    assert ours.get("TZ") == theirs_env.get("TZ")
 
 
 def test_ingress_enabled_false_keeps_the_check_and_drops_the_ingress() -> None:
