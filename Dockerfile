@@ -38,5 +38,5 @@ ENV PATH=/opt/kubenurse/bin:$PATH \
     HOME=/nonexistent
 # Numeric, so runAsNonRoot can verify it; the same uid as the DaemonSet's runAsUser.
 USER 65532:65532
-EXPOSE 8080 8443
+EXPOSE 8080/tcp 8443/tcp 8080/udp
 ENTRYPOINT ["kubenurse"]

@@ -63,7 +63,7 @@ def loop_marks() -> Iterator[None]:
     """Switch the kernel sources off: the checkers then use event-loop time."""
     with (
         mock.patch.object(kernel, "rx_timestamp_ns", lambda _anc: None),
-        mock.patch.object(kernel, "tcp_rtt_ns", lambda _sock: None),
+        mock.patch.object(kernel, "tcp_info", lambda _sock: None),
     ):
         yield
 

@@ -92,6 +92,17 @@ def reason(error: OSError) -> str:
     return os.strerror(error.errno) if error.errno else str(error)
 
 
+def checks_column(checks: dict[str, object]) -> str:
+    """`status`'s checks column: ok out of the checks performed. A skipped check (dns_cluster:
+    the sandbox has no cluster DNS) is not counted, so a healthy node reads `7/7 ok`."""
+    performed = [v for v in checks.values() if v != "skipped"]
+    if not performed:
+        return "-"
+    text = f"{sum(1 for v in performed if v == 'ok')}/{len(performed)} ok"
+    skipped = len(checks) - len(performed)
+    return f"{text} ({skipped} skipped)" if skipped else text
+
+
 def _try_bind(host: str, port: int) -> OSError | None:
     try:
         with socket.create_server((host, port)):
@@ -463,7 +474,6 @@ class Sandbox:
         problems: list[str] = []
         for node, (ready, alive, results) in zip(nodes, health, strict=True):
             checks = {k: v for k, v in results.items() if k not in ("neighbourhood", "neighbourhood_state")}
-            ok = sum(1 for v in checks.values() if v == "ok")
             for check, value in checks.items():
                 if value not in ("ok", "skipped"):
                     problems.append(f"  {node.spec.name} {check}: {str(value)[:160]}")
@@ -475,7 +485,7 @@ class Sandbox:
                     f"{node.proxy.delay * 1000:g}ms" if node.proxy.delay else "-",
                     str(ready or "-"),
                     str(alive or "-"),
-                    f"{ok}/{len(checks)} ok" if checks else "-",
+                    checks_column(checks),
                 )
             )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

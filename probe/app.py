@@ -24,6 +24,7 @@ from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics, series_limit
+from probe.udpecho import UdpEcho, start_echo
 
 log = logging.getLogger("probe")
 
@@ -80,12 +81,17 @@ class Probe:
         self._rounds: asyncio.Task[None] | None = None
         self.node_events = node_event_reporter(settings, self.app, self.neighbours)
         self._node_events: asyncio.Task[None] | None = None
+        self.udp_echo: UdpEcho | None = None
+        self._udp_transport: asyncio.DatagramTransport | None = None
 
     def _alive_extra(self) -> dict[str, object]:
+        extra: dict[str, object] = {}
+        if self.udp_echo is not None:
+            extra["udp_echo"] = self.udp_echo.stats.as_alive()
         if self.tracing is None:
-            return {}
+            return extra
         exporter = self.tracing.exporter
-        return {
+        return extra | {
             "otlp": {
                 "spans_exported": exporter.exported,
                 "spans_dropped": exporter.dropped,
@@ -103,6 +109,7 @@ class Probe:
             await self.checker.start()
             await self.discovery.start()
             self.servers = await start_servers(self.settings, self.app, self.server_limits)
+            self._udp_transport, self.udp_echo = await start_echo(self.settings.listen_host, self.settings.http_port)
         except BaseException:
             await self.stop()  # e.g. the port is taken: release what was opened, then say so
             raise
@@ -135,6 +142,9 @@ class Probe:
                     await task
         if self.node_events is not None:
             await self.node_events.close()
+        if self._udp_transport is not None:
+            self._udp_transport.close()
+            self._udp_transport = None
         if self.servers is not None:
             await self.servers.cleanup()
         await self.discovery.stop()

@@ -15,7 +15,13 @@ import dns.rdatatype
 from probe import names
 
 DNS_PORT = 53
-SCHEMES = {"http": names.KIND_HTTP, "https": names.KIND_HTTP, "dns": names.KIND_DNS, "tcp": names.KIND_TCP}
+SCHEMES = {
+    "http": names.KIND_HTTP,
+    "https": names.KIND_HTTP,
+    "dns": names.KIND_DNS,
+    "tcp": names.KIND_TCP,
+    "udp": names.KIND_UDP,
+}
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,7 @@ def kind_of(url: str) -> str:
     """The check kind of a URL; ValueError for a scheme no kind has."""
     scheme = urlsplit(url.strip()).scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use http, https, dns or tcp")
+        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use http, https, dns, tcp or udp")
     return SCHEMES[scheme]
 
 
@@ -107,3 +113,26 @@ def parse_tcp_url(url: str) -> TcpEndpoint:
     if parts.path.strip("/") or parts.query:
         raise ValueError("takes no path or query (tcp://HOST:PORT)")
     return TcpEndpoint(parts.hostname, port)
+
+
+@dataclass(frozen=True)
+class UdpEndpoint:
+    host: str
+    port: int
+
+
+def parse_udp_url(url: str) -> UdpEndpoint:
+    parts = urlsplit(url.strip())
+    if parts.scheme.lower() != "udp":
+        raise ValueError("not a udp:// URL")
+    if not parts.hostname:
+        raise ValueError("has no host")
+    try:
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+    if not port:
+        raise ValueError("has no port (udp://HOST:PORT)")
+    if parts.path.strip("/") or parts.query:
+        raise ValueError("takes no path or query (udp://HOST:PORT)")
+    return UdpEndpoint(parts.hostname, port)

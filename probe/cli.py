@@ -58,7 +58,7 @@ def help_text() -> str:
         *(f"{'usage:' if i == 0 else '':<6} kubenurse {name:<10} {text}" for i, (name, text) in enumerate(usage)),
         "",
         "The probe is configured by environment variables (a bad value exits 2 naming it);",
-        "their meaning is in the README's Settings section. Variables and defaults:",
+        "their meaning is in docs/reference.md. Variables and defaults:",
         "",
         *(f"  {variable:<34} {default}" for variable, default in variable_help()),
         "",
@@ -66,21 +66,38 @@ def help_text() -> str:
         "the per-signal variants, OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES, OTEL_TRACES_SAMPLER(_ARG),",
         "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE, ..._DEFAULT_HISTOGRAM_AGGREGATION, OTEL_SDK_DISABLED.",
         "",
-        "Endpoints: /alive, /alwayshappy, /ready, /metrics on KUBENURSE_HTTP_PORT.",
+        "Endpoints on KUBENURSE_HTTP_PORT: /alive, /alwayshappy, /ready, /metrics, /mesh (a page of the",
+        "whole cluster's paths and verdicts), /mesh.json (the same as JSON).",
     ]
     return "\n".join(lines)
+
+
+def _printing(command: Callable[[], int]) -> int:
+    """Run a command that prints: a reader that goes away early (`kubenurse --help | head -3`)
+    is not an error, so no traceback."""
+    status = 0
+    try:
+        status = command()
+        sys.stdout.flush()  # most output is still buffered here: a closed pipe shows now
+    except BrokenPipeError:
+        # Python flushes stdout again at exit; point it at /dev/null so that is quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return status
+
+
+def _say(text: str) -> int:
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("-h", "--help", "help"):
-        print(help_text())
-        return 0
+        return _printing(lambda: _say(help_text()))
     if args and args[0] in ("-V", "--version", "version"):
-        print(version_text())
-        return 0
+        return _printing(lambda: _say(version_text()))
     if args and args[0] in COMMANDS:
-        return COMMANDS[args[0]][1](args[1:])
+        return _printing(lambda: COMMANDS[args[0]][1](args[1:]))
     if args:
         print(f"kubenurse: unknown command {args[0]!r} (try --help)", file=sys.stderr)
         return 2

@@ -73,8 +73,10 @@ _KEY_UNSAFE = re.compile(r'[^\w.\-]')
 
 class LogfmtFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
+        # logfmt has no null: a field without a value (node unknown outside a cluster) is left
+        # out rather than printed as `node=None`.
         return " ".join(
-            f"{_KEY_UNSAFE.sub('_', k) or '_'}={_logfmt_value(v)}" for k, v in _fields(record).items()
+            f"{_KEY_UNSAFE.sub('_', k) or '_'}={_logfmt_value(v)}" for k, v in _fields(record).items() if v is not None
         )
 
 

@@ -1,6 +1,6 @@
 """Every externally visible name in one place: check types, events, metrics, spans.
 
-The contract (CONTRACT.md) pins these byte for byte; dashboards and alerts depend on them.
+docs/reference.md lists them; kubenurse's dashboards and alerts depend on them byte for byte.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ PATH_PREFIX = "path_"
 KIND_HTTP = "http"
 KIND_DNS = "dns"
 KIND_TCP = "tcp"
+KIND_UDP = "udp"
 
 
 def path_type(node_name: str) -> str:
@@ -46,6 +47,8 @@ EVENTS = (
     GOT_FIRST_RESP_BYTE,
 )
 ROUND_TRIP_ERROR = "round_trip_error"
+#: A UDP check's full-size datagrams were lost while small ones came back.
+MTU = "mtu"
 #: `code` of a check without an HTTP status (dns, tcp) that succeeded.
 CODE_OK = "ok"
 
@@ -59,7 +62,7 @@ OK = "ok"
 SKIPPED = "skipped"
 
 # Instruments. The Prometheus exporter appends `_seconds` (unit "s") and `_total` (counters),
-# so these land on kubenurse's series names (NOTES.md).
+# so these land on kubenurse's series names (the exporter has no switch to turn that off).
 METER_NAME = "kubenurse"
 REQUEST_DURATION = "kubenurse_httpclient_request_duration"
 TRACE_REQUEST_DURATION = "kubenurse_httpclient_trace_request_duration"
@@ -67,6 +70,10 @@ REQUESTS = "kubenurse_httpclient_requests"
 ERRORS = "kubenurse_errors"
 INCOMING_CHECKS = "kubenurse_neighbourhood_incoming_checks"
 #: Gauge, Unix seconds; the exporter appends `_seconds` (unit "s").
+TCP_RETRANSMITS = "kubenurse_tcp_retransmits"
+UDP_PACKETS_SENT = "kubenurse_udp_packets_sent"
+UDP_PACKETS_LOST = "kubenurse_udp_packets_lost"
+UDP_RTT = "kubenurse_udp_rtt"
 TLS_CERT_EXPIRY = "kubenurse_tls_certificate_expiry_timestamp"
 #: Served from the /metrics registry only (version and Python; OTLP has service.version).
 BUILD_INFO = "kubenurse_build_info"
@@ -88,6 +95,10 @@ ATTR_NEIGHBOUR_NODE = "kubenurse.neighbour.node"
 ATTR_NEIGHBOUR_POD = "kubenurse.neighbour.pod"
 ATTR_ERROR_EVENT = "kubenurse.error.event"
 #: Where the phase timings came from: "kernel" (receive timestamps, TCP_INFO) or "loop".
+ATTR_TCP_RETRANSMITS = "kubenurse.tcp.retransmits"
+ATTR_UDP_SENT = "kubenurse.udp.sent"
+ATTR_UDP_LOST = "kubenurse.udp.lost"
+ATTR_UDP_MTU = "kubenurse.udp.path_mtu"
 ATTR_TIMING_SOURCE = "kubenurse.timing.source"
 #: The request duration the metrics recorded (network time, seconds).
 ATTR_NETWORK_DURATION = "kubenurse.request.duration"

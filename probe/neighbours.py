@@ -1,6 +1,6 @@
 """Who to check: the neighbour model, the seam discovery plugs into, and pure selection.
 
-Selection follows CONTRACT.md: Running, not terminating, not this pod, on a present and
+Selection (docs/reference.md, "Neighbours"): Running, not terminating, not this pod, on a present and
 schedulable node (unless unschedulable nodes are allowed), then the hash ring so every
 node receives exactly `limit` incoming checks.
 """

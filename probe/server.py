@@ -18,6 +18,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 
 from probe import names, resources
+from probe.checks.result import CheckResult
 from probe.checks.rounds import Round
 from probe.mesh.routes import add_routes as add_mesh_routes
 from probe.neighbours import Neighbour, Neighbourhood
@@ -94,6 +95,24 @@ def _remote_addr(request: web.Request) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _udp_text(result: CheckResult) -> str:
+    """A neighbour's UDP path as /alive shows it: the verdict, then what the train found."""
+    if result.udp_sent is None:
+        return result.summary
+    found = f"{result.udp_lost or 0} of {result.udp_sent} datagrams lost"
+    if result.duration is not None:
+        found += f", median round trip {result.duration * 1e3:.2f} ms"
+    return f"{result.summary} ({found})"
+
+
+def _discovery(hood: Neighbourhood) -> dict[str, object]:
+    """What /alive says about discovery. With none running (no API server configured) there
+    is nothing to be stale: say that it is off and why, rather than `"stale": false`."""
+    if hood.skipped and not hood.details:
+        return {"running": False, "reason": hood.state.removeprefix("skipped: ")}
+    return {"running": True, "stale": hood.stale, **hood.details}
+
+
 def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, object], int]:
     last = state.last_round()
     hood = last.neighbourhood if last else state.neighbourhood()
@@ -104,6 +123,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
             results[check_type] = result.summary
             if result.skip_reason:
                 reasons[check_type] = result.skip_reason
+    udp = {check_type: _udp_text(result) for check_type, result in sorted(last.udp.items())} if last else {}
     results["neighbourhood_state"] = hood.state if not hood.skipped else names.SKIPPED
     if hood.skipped:
         reasons["neighbourhood"] = hood.state.removeprefix("skipped: ")
@@ -116,7 +136,8 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
         "remote_addr": _remote_addr(request),
         "last_check_result": results,
         "skipped_checks": reasons,
-        "discovery": {"stale": hood.stale, **hood.details},
+        "udp_paths": udp,
+        "discovery": _discovery(hood),
         "incoming_checks": state.incoming.count(),
         **state.extra(),
     }

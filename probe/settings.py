@@ -25,6 +25,8 @@ DEFAULT_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 DEFAULT_SERVICE_DNS = "kubernetes.default.svc.cluster.local"
 DEFAULT_SERVICEACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 LOG_FORMATS = ("json", "logfmt")
+#: As users write them; any case is accepted.
+LOG_LEVELS = ("debug", "info", "warning", "error")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 
 
@@ -61,6 +63,8 @@ class Settings:
     check_me_ingress: bool = True
     check_me_service: bool = True
     check_neighbourhood: bool = True
+    #: Also send each neighbour a UDP train a round (loss, round trips, MTU).
+    check_neighbourhood_udp: bool = True
     check_dns_cluster: bool = True
     check_interval: float = 5.0
     check_timeout: float = 6.0
@@ -205,6 +209,9 @@ def parse_check_url(text: str) -> tuple[str, str]:
         return kind, text.strip()
     if kind == names.KIND_TCP:
         checkurls.parse_tcp_url(text)
+        return kind, text.strip()
+    if kind == names.KIND_UDP:
+        checkurls.parse_udp_url(text)
         return kind, text.strip()
     return kind, parse_url(text)
 
@@ -362,6 +369,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_CHECK_ME_INGRESS": ("check_me_ingress", parse_bool),
     "KUBENURSE_CHECK_ME_SERVICE": ("check_me_service", parse_bool),
     "KUBENURSE_CHECK_NEIGHBOURHOOD": ("check_neighbourhood", parse_bool),
+    "KUBENURSE_CHECK_NEIGHBOURHOOD_UDP": ("check_neighbourhood_udp", parse_bool),
     "KUBENURSE_CHECK_DNS_CLUSTER": ("check_dns_cluster", parse_bool),
     "KUBENURSE_CHECK_INTERVAL": ("check_interval", parse_positive_duration),
     "KUBENURSE_CHECK_TIMEOUT": ("check_timeout", parse_positive_duration),
@@ -385,7 +393,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", _nonempty),
     "KUBECONFIG": ("kubeconfig", parse_kubeconfig),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
-    "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of("DEBUG", "INFO", "WARNING", "ERROR")(t.upper())),
+    "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of(*LOG_LEVELS)(t.lower()).upper()),
     "KUBENURSE_TRACE_URL_TEMPLATE": ("trace_url_template", parse_trace_url_template),
     "KUBENURSE_NODE_EVENTS": ("node_events", parse_bool),
 }

@@ -36,6 +36,9 @@ EXPECTED_ALERTS = {
     "KubenurseChecksStalled",
     "KubenurseClusterDNSFailing",
     "KubenurseTLSCertificateExpiring",
+    "KubenursePathLossy",
+    "KubenursePathMTU",
+    "KubenurseTCPRetransmits",
 }
 
 
@@ -101,11 +104,13 @@ def test_unit_tests_catch_a_broken_alert(alert: str, mutation: str, tmp_path: Pa
 
 
 def contract_series() -> set[str]:
-    """Series names the probe exposes (CONTRACT.md), built from the probe's own names."""
+    """Series names the probe exposes (docs/reference.md), built from the probe's own names."""
     histograms = [f"{names.REQUEST_DURATION}_seconds", f"{names.TRACE_REQUEST_DURATION}_seconds"]
     series = {f"{h}{suffix}" for h in histograms for suffix in ("_bucket", "_sum", "_count")}
     series |= {f"{names.REQUESTS}_total", f"{names.ERRORS}_total", names.INCOMING_CHECKS}
     series.add(f"{names.TLS_CERT_EXPIRY}_seconds")
+    series |= {f"{names.TCP_RETRANSMITS}_total", f"{names.UDP_PACKETS_SENT}_total", f"{names.UDP_PACKETS_LOST}_total"}
+    series |= {f"{names.UDP_RTT}_seconds{suffix}" for suffix in ("_bucket", "_sum", "_count")}
     return series
 
 

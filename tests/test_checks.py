@@ -295,7 +295,7 @@ def test_skipped_checks_say_why() -> None:
         names.API_SERVER_DNS: "KUBERNETES_SERVICE_HOST not set (not in a cluster)",
         names.ME_INGRESS: "KUBENURSE_INGRESS_URL not set",
         names.ME_SERVICE: "disabled by KUBENURSE_CHECK_ME_SERVICE",
-        names.DNS_CLUSTER: "not in a cluster (KUBERNETES_SERVICE_HOST not set)",
+        names.DNS_CLUSTER: "KUBERNETES_SERVICE_HOST not set (not in a cluster)",
     }
     assert plan.targets == ()
 

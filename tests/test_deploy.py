@@ -545,10 +545,13 @@ def test_selectors_pick_exactly_the_probe_pods(objects: tuple[Obj, ...], setting
             assert not selects(other["spec"]["selector"], labels), f"{other['metadata']['name']}"
 
 
-def service_port_to_container_port(service: Obj, container: Obj, port: int | str) -> int:
-    """Follow a Service port (number or name) to the container port it lands on."""
+def service_port_to_container_port(service: Obj, container: Obj, port: int | str, protocol: str = "TCP") -> int:
+    """Follow a Service port (number or name, and protocol) to the container port it lands on."""
     by_name = {p["name"]: p["containerPort"] for p in container["ports"]}
-    matches = [p for p in service["spec"]["ports"] if port in (p["port"], p.get("name"))]
+    matches = [
+        p for p in service["spec"]["ports"]
+        if port in (p["port"], p.get("name")) and (p.get("protocol", "TCP") == protocol or port == p.get("name"))
+    ]
     assert len(matches) == 1, f"Service {service['metadata']['name']} has no port {port}"
     target = matches[0].get("targetPort", matches[0]["port"])
     assert target in by_name or target in by_name.values(), f"targetPort {target} is no container port"
@@ -572,7 +575,12 @@ def test_container_and_service_ports_match_the_probe(objects: tuple[Obj, ...], s
     assert ports["http"] == settings.http_port
     assert service_port_to_container_port(service, container, "http") == settings.http_port
     for p in service["spec"]["ports"]:
-        service_port_to_container_port(service, container, p["port"])  # every port lands somewhere
+        service_port_to_container_port(service, container, p["name"])  # every port lands somewhere
+    # Neighbours' UDP checks reach the echo on the HTTP port number.
+    assert service_port_to_container_port(service, container, settings.http_port, "UDP") == settings.http_port
+    assert {(p["containerPort"], p["protocol"]) for p in container["ports"] if p["name"] == "udp-echo"} == {
+        (settings.http_port, "UDP")
+    }
     if settings.use_tls:
         assert ports["https"] == settings.https_port
         assert service_port_to_container_port(service, container, "https") == settings.https_port
@@ -775,12 +783,15 @@ def test_dockerfile_runtime_stage_runs_read_only_as_the_daemonset_user() -> None
     assert final["ENTRYPOINT"] == '["kubenurse"]', "exec form, the console script"
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert "kubenurse" in scripts
-    assert sorted(int(p) for p in final["EXPOSE"].split()) == sorted({Settings().http_port, Settings().https_port})
+    assert sorted(final["EXPOSE"].split()) == sorted(
+        {f"{Settings().http_port}/tcp", f"{Settings().https_port}/tcp", f"{Settings().http_port}/udp"}
+    )
     if KUBECTL is not None:
         container = probe_container(build("overlays/tls"))
         assert container["securityContext"]["runAsUser"] == int(user[0])
         assert container["securityContext"]["runAsGroup"] == int(user[1])
-        assert sorted(p["containerPort"] for p in container["ports"]) == sorted(map(int, final["EXPOSE"].split()))
+        exposed = sorted(final["EXPOSE"].split())
+        assert sorted(f"{p['containerPort']}/{p['protocol'].lower()}" for p in container["ports"]) == exposed
 
 
 def test_dockerfile_installs_only_the_pinned_lock() -> None:

@@ -251,5 +251,5 @@ def test_dns_cluster_is_built_in_and_can_be_turned_off() -> None:
     assert skipped.skip_reason == "disabled by KUBENURSE_CHECK_DNS_CLUSTER"
     outside = plan_round(Settings(), hood)
     assert [r.skip_reason for r in outside.skipped if r.check_type == names.DNS_CLUSTER] == [
-        "not in a cluster (KUBERNETES_SERVICE_HOST not set)"
+        "KUBERNETES_SERVICE_HOST not set (not in a cluster)"
     ]

@@ -426,9 +426,13 @@ def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
     assert [check.name for check in settings.extra_checks] == ["google", "corp_api"]
     assert settings.histogram_buckets[0] == 0.0005
     # HTTPS on 8443, in the Service too
-    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "https": 8443}
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"http": 8080, "udp-echo": 8080, "https": 8443}
     service = the(objects, "Service", "nurse-prod")
-    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [("web", 80), ("https", 8443)]
+    assert [(p["name"], p["port"]) for p in service["spec"]["ports"]] == [
+        ("web", 80),
+        ("udp-echo", 8080),
+        ("https", 8443),
+    ]
     assert service["metadata"]["labels"]["exposed"] == "no"
     # nameOverride: the name label and the container
     assert ds["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "nurse"

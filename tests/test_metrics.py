@@ -26,6 +26,7 @@ CONTRACT_FAMILIES = {
     "kubenurse_httpclient_trace_request_duration_seconds": ("histogram", {"type", "event"}),
     "kubenurse_httpclient_requests": ("counter", {"type", "code"}),
     "kubenurse_errors": ("counter", {"type", "event"}),
+    "kubenurse_tcp_retransmits": ("counter", {"type"}),
     "kubenurse_neighbourhood_incoming_checks": ("gauge", set()),
 }
 

@@ -1,4 +1,4 @@
-"""Neighbour selection (CONTRACT.md "Neighbours"), pure: every rule, the ring, the limit."""
+"""Neighbour selection (docs/reference.md, "Neighbours"), pure: every rule, the ring, the limit."""
 
 from __future__ import annotations
 

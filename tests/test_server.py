@@ -200,11 +200,15 @@ async def test_alive_outside_a_cluster_says_what_was_skipped(run_probe: RunProbe
     # Every reason reads the same way: the variable that is missing, then what that means.
     assert reasons[names.API_SERVER_DIRECT] == "KUBERNETES_SERVICE_HOST not set (not in a cluster)"
     assert reasons[names.API_SERVER_DNS] == "KUBERNETES_SERVICE_HOST not set (not in a cluster)"
+    assert reasons[names.DNS_CLUSTER] == "KUBERNETES_SERVICE_HOST not set (not in a cluster)"
+    assert all(re.match(r"[A-Z_]+ not set\b", reason) for reason in reasons.values()), reasons
     assert reasons[names.ME_INGRESS] == "KUBENURSE_INGRESS_URL not set"
     assert reasons[names.ME_SERVICE] == "KUBENURSE_SERVICE_URL not set"
     assert result["neighbourhood_state"] == "skipped"
     assert reasons["neighbourhood"] == "KUBERNETES_SERVICE_HOST not set (not in a cluster) and KUBECONFIG not set"
     assert result["neighbourhood"] == []
+    # No discovery runs at all: nothing to be stale, and /alive says so instead of "stale": false.
+    assert doc["discovery"] == {"running": False, "reason": reasons["neighbourhood"]}
 
 
 async def test_ipv6_listen_neighbour_and_extra_check(run_probe: RunProbe, start_target: StartTarget) -> None:

@@ -570,8 +570,9 @@ async def test_history_is_bounded() -> None:
 
 
 async def test_kubernetes_asyncio_410_behaviour(server: ApiServerStandin, core: client.CoreV1Api) -> None:
-    """What the client really does with 410 (NOTES.md): with timeout_seconds it raises at once;
-    without, it retries once from the same (still too old) version, then raises."""
+    """What the client really does with 410 (kubernetes_asyncio 36.1, checked here): with
+    timeout_seconds it raises at once; without, it retries once from the same (still too
+    old) version, then raises."""
     server.add_pod("p1", namespace=NS, node_name="n1", pod_ip="10.0.0.1")
     old = str(server.resource_version)
     server.compact()

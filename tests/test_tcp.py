@@ -66,9 +66,13 @@ async def run(url: str, *, settings: Settings | None = None, resolv_conf: str = 
     return result, series(metrics, "db"), spans
 
 
-def counts(code: str, events: list[str], *, duration: bool, error: str | None = None) -> dict[str, float]:
+def counts(
+    code: str, events: list[str], *, duration: bool, error: str | None = None, retransmits: float | None = 0.0
+) -> dict[str, float]:
     t = 'type="db"'
     expected = {f'kubenurse_httpclient_requests_total{{code="{code}",{t}}}': 1.0}
+    if retransmits is not None:  # a connect was tried: the kernel's resend count (SYNs)
+        expected[f"kubenurse_tcp_retransmits_total{{{t}}}"] = retransmits
     for event in events:
         expected[f'kubenurse_httpclient_trace_request_duration_seconds_count{{event="{event}",{t}}}'] = 1.0
     if duration:
@@ -137,7 +141,9 @@ async def test_name_is_resolved_first(listener: int, servers: DnsServers, tmp_pa
 async def test_unknown_name_fails_at_dns_done(servers: DnsServers, tmp_path: Path) -> None:
     result, seen, _ = await run("tcp://nope.test:5432", resolv_conf=resolv_conf(tmp_path, servers))
     assert result.summary == "dns_done: NXDOMAIN: nope.test does not exist"
-    assert seen == counts("round_trip_error", ["dns_start", "dns_done"], duration=False, error="dns_done")
+    assert seen == counts(
+        "round_trip_error", ["dns_start", "dns_done"], duration=False, error="dns_done", retransmits=None
+    )
 
 
 async def test_loop_delay_is_not_in_the_figure(listener: int) -> None:

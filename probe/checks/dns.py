@@ -208,7 +208,7 @@ async def _tcp(query: dns.message.Message, server: tuple[str, int], timeout: flo
     wire = query.to_wire()
     buffer = bytearray()
     last_rx = [0]
-    with socket.socket(_family(server[0]), socket.SOCK_STREAM) as sock:
+    with kernel.ConnectingSocket(_family(server[0]), socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
 
         def read() -> bool:
@@ -223,8 +223,9 @@ async def _tcp(query: dns.message.Message, server: tuple[str, int], timeout: flo
         try:
             async with asyncio.timeout(timeout):
                 await loop.sock_connect(sock, server)
-                connected_ns = time.perf_counter_ns()
-                handshake_ns = kernel.tcp_rtt_ns(sock) or connected_ns - connect_ns
+                handshake_ns, _ = kernel.connect_network_ns(
+                    sock, connect_ns, sock.connect_seen_ns or time.perf_counter_ns()
+                )
                 kernel.enable_rx_timestamps(sock)
                 before_ns = time.perf_counter_ns()
                 await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)

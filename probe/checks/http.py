@@ -111,6 +111,7 @@ class HttpChecker:
             result = dataclasses.replace(
                 result,
                 timing_source=timeline.source,
+                retransmits=timeline.retransmits(),
                 trace_id=format(context.trace_id, "032x") if context.is_valid and context.trace_flags.sampled else None,
             )
             spans.finish_client_span(self._tracer, span, result, timeline)

@@ -6,7 +6,9 @@ phase is therefore timed where it happens:
 
 - DNS: inside the resolver call (probe.checks.resolver), on its own thread;
 - TCP connect: from right before the `connect` syscall, lasting the SYN / SYN-ACK round
-  trip the kernel measured (`TCP_INFO.tcpi_rtt`, read before anything was sent);
+  trip the kernel measured (`TCP_INFO.tcpi_rtt`, read before anything was sent); when a SYN
+  was resent (`TCP_INFO.tcpi_total_retrans`), until the loop saw the connection complete,
+  so the kernel's wait before the resend is in the figure (`Timeline.sources` says so);
 - TLS: from right after the ClientHello's `send` to the kernel receive time of the server
   flight that completed the handshake, summed over the handshake's round trips (TLS 1.2
   has two), so time the client spent between flights is not in it;
@@ -16,7 +18,7 @@ phase is therefore timed where it happens:
   (`SO_TIMESTAMPNS` via `recvmsg`; for TLS, of the segment that decrypted to the first
   application data, so session tickets arriving first do not count).
 
-The hooks are public ones (NOTES.md): the connector's `socket_factory` gives a socket
+The hooks are public ones (aiohttp 3.14, asyncio): the connector's `socket_factory` gives a socket
 subclass whose `connect`/`send`/`recv`/`recv_into` asyncio calls directly, and an
 `SSLContext` subclass whose `sslobject_class` sees the handshake end and the first
 decrypted bytes. aiohttp's trace signals remain as the fallback marks where the kernel
@@ -77,6 +79,13 @@ class Timeline:
     source: str = kernel.LOOP
     #: The first TLS connection of this request (its peer's certificates: certs.py).
     ssl_object: ssl.SSLObject | None = None
+    #: done event -> source, for a phase timed otherwise than `source` says (a connect
+    #: whose SYN was resent is timed by the loop).
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def retransmits(self) -> int | None:
+        """Segments the kernel resent on this request's connection (SYNs included)."""
+        return self.sock.retransmits() if self.sock is not None and self.sock.timeline is self else None
 
     def mark(self, event: str, at_ns: int | None = None) -> None:
         """A fallback mark: the first one wins, a measured one (`put`) overrides it."""
@@ -150,7 +159,7 @@ def _mark(event: str) -> None:
         timeline.mark(event)
 
 
-class TimedSocket(socket.socket):
+class TimedSocket(kernel.ConnectingSocket):
     """A client socket that times its own connect, sends and receives.
 
     asyncio calls `connect`, `send`, `recv` and `recv_into` of this very object, so each
@@ -178,6 +187,9 @@ class TimedSocket(socket.socket):
     _record_left = 0
     _record_header = b""
     _record_started: tuple[int, int] = (0, 0)
+    #: tcpi_total_retrans when the current request took the connection, and at close.
+    _retrans_base = 0
+    _retrans_at_close: int | None = None
 
     def setup(self, timeline: Timeline) -> None:
         self.timeline = timeline
@@ -193,14 +205,38 @@ class TimedSocket(socket.socket):
         super().connect(address)
 
     def _connected(self, timeline: Timeline) -> None:
-        """Before the first byte is sent, the kernel's one RTT sample is the handshake's."""
-        rtt = kernel.tcp_rtt_ns(self)
+        """Before the first byte is sent, the kernel's one RTT sample is the handshake's,
+        unless a SYN was resent (kernel.connect_network_ns)."""
         started = timeline.marks.get(names.CONNECT_START)
-        if rtt is not None and started is not None:
-            timeline.put(names.CONNECT_DONE, started + rtt, rtt)
-            timeline.source = kernel.KERNEL if self._kernel_rx else kernel.LOOP
-        else:
+        if started is None:
             timeline.mark(names.CONNECT_DONE)
+            return
+        network, source = kernel.connect_network_ns(self, started, self.connect_seen_ns or time.perf_counter_ns())
+        timeline.put(names.CONNECT_DONE, started + network, network)
+        timeline.source = kernel.KERNEL if self._kernel_rx else kernel.LOOP
+        if source != timeline.source:
+            timeline.sources[names.CONNECT_DONE] = source
+
+    # -- losses --------------------------------------------------------------------------
+
+    def _total_retrans(self) -> int | None:
+        if self._retrans_at_close is not None:
+            return self._retrans_at_close
+        info = kernel.tcp_info(self)
+        return info.total_retrans if info is not None else None
+
+    def retransmits(self) -> int | None:
+        """Segments resent since the current request took this connection."""
+        total = self._total_retrans()
+        return None if total is None else max(total - self._retrans_base, 0)
+
+    def close(self) -> None:
+        # asyncio closes the socket a loop turn after the answer was read: keep the count.
+        if self._retrans_at_close is None and self.fileno() >= 0:
+            info = kernel.tcp_info(self)
+            if info is not None:
+                self._retrans_at_close = info.total_retrans
+        super().close()
 
     # -- send ----------------------------------------------------------------------------
 
@@ -245,6 +281,7 @@ class TimedSocket(socket.socket):
 
     def _rebind(self, timeline: Timeline) -> None:
         self.timeline = timeline
+        self._retrans_base = self._total_retrans() or 0
         self._app_write = False
         self._request_started_ns = self._request_sent_ns = None
         self._answered = False

@@ -1,11 +1,15 @@
 """What the kernel can tell about a TCP socket's timing, with a fallback where it cannot.
 
-Two sources (checked on Linux 6.x, NOTES.md):
+Two sources (checked on Linux 6.x; docs/measurement.md says what each figure spans):
 
 - `SO_TIMESTAMPNS`: every `recvmsg` returns the kernel's receive time of the data
   (CLOCK_REALTIME), however late the event loop reads it.
 - `TCP_INFO.tcpi_rtt`: right after connect, before any data was sent, the one RTT sample
-  is the SYN / SYN-ACK round trip: the TCP handshake as the kernel timed it.
+  is the SYN / SYN-ACK round trip: the TCP handshake as the kernel timed it. That holds only
+  when no SYN was resent: after a resent SYN the sample is the last SYN's (or none), and the
+  second the kernel waited before resending is in no RTT. `TCP_INFO.tcpi_total_retrans`
+  (SYNs included, checked on Linux 6.18) says whether that happened; then the connect ends
+  when the socket became writable (`TcpInfo.resent`).
 
 `capabilities()` finds out once per process which of the two work here (a gVisor sandbox or
 another OS may have neither) so every figure can say where it came from.
@@ -18,12 +22,15 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
+from typing import Any
 
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 SCM_TIMESTAMPNS = SO_TIMESTAMPNS
 TCP_INFO = getattr(socket, "TCP_INFO", 11)
 #: struct tcp_info: tcpi_rtt (u32, microseconds) sits at byte 68 on Linux.
 _TCPI_RTT_OFFSET = 68
+#: tcpi_total_retrans (u32): segments resent over the connection's life, SYNs included.
+_TCPI_TOTAL_RETRANS_OFFSET = 100
 _TCP_INFO_LEN = 104
 _TIMESPEC = struct.Struct("@qq")
 #: Room for one SCM_TIMESTAMPNS control message.
@@ -54,16 +61,74 @@ def rx_timestamp_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
     return None
 
 
-def tcp_rtt_ns(sock: socket.socket) -> int | None:
-    """The kernel's smoothed RTT of this connection (ns); None where TCP_INFO is missing."""
+@dataclass(frozen=True)
+class TcpInfo:
+    """What TCP_INFO says about a connection's timing and its losses."""
+
+    #: The kernel's smoothed RTT (ns); None before any sample.
+    rtt_ns: int | None
+    #: Segments the kernel resent on this connection so far, SYNs included.
+    total_retrans: int
+
+    @property
+    def resent(self) -> bool:
+        return self.total_retrans > 0
+
+
+def tcp_info(sock: socket.socket) -> TcpInfo | None:
+    """The connection's TCP_INFO; None where the kernel has none (not Linux, closed socket)."""
     try:
         info = sock.getsockopt(socket.IPPROTO_TCP, TCP_INFO, _TCP_INFO_LEN)
     except (OSError, AttributeError):
         return None
-    if len(info) < _TCPI_RTT_OFFSET + 4:
+    if len(info) < _TCPI_TOTAL_RETRANS_OFFSET + 4:
         return None
     (rtt_us,) = struct.unpack_from("@I", info, _TCPI_RTT_OFFSET)
-    return rtt_us * 1000 if rtt_us else None
+    (retrans,) = struct.unpack_from("@I", info, _TCPI_TOTAL_RETRANS_OFFSET)
+    return TcpInfo(rtt_us * 1000 if rtt_us else None, retrans)
+
+
+class ConnectingSocket(socket.socket):
+    """A socket that notes when the event loop saw its non-blocking connect complete.
+
+    asyncio's `sock_connect` (and aiohttp through it) reads `SO_ERROR` from this very object
+    in the writability callback, so the first such read after `connect` is the moment the
+    loop learnt of the SYN-ACK: late by the loop's own lateness, but never early, and with
+    every resent SYN's wait in it.
+    """
+
+    connect_called_ns: int | None = None
+    connect_seen_ns: int | None = None
+
+    def connect(self, address: Any) -> None:
+        self.connect_called_ns = time.perf_counter_ns()
+        try:
+            super().connect(address)
+        except (BlockingIOError, InterruptedError):
+            raise
+        self.connect_seen_ns = time.perf_counter_ns()  # completed at once (or failed: no matter)
+
+    def getsockopt(self, level: int, option: int, *args: Any) -> Any:
+        value = super().getsockopt(level, option, *args)
+        if (
+            level == socket.SOL_SOCKET
+            and option == socket.SO_ERROR
+            and self.connect_called_ns is not None
+            and self.connect_seen_ns is None
+        ):
+            self.connect_seen_ns = time.perf_counter_ns()
+        return value
+
+
+def connect_network_ns(sock: socket.socket, started_ns: int, seen_ns: int) -> tuple[int, str]:
+    """The handshake's network time and where it came from, right after the connect completed
+    (before anything was sent): the kernel's RTT sample when no SYN was resent; otherwise,
+    from `started_ns` to `seen_ns` (when the loop saw the connection), which holds the
+    kernel's wait before each resend."""
+    info = tcp_info(sock)
+    if info is None or info.rtt_ns is None or info.resent:
+        return max(seen_ns - started_ns, 0), LOOP
+    return info.rtt_ns, KERNEL
 
 
 @dataclass(frozen=True)
@@ -106,7 +171,8 @@ def capabilities() -> Capabilities:
             with socket.create_connection(server.getsockname(), timeout=2) as client:
                 peer, _ = server.accept()
                 with peer:
-                    info = tcp_rtt_ns(client) is not None
+                    measured = tcp_info(client)
+                    info = measured is not None and measured.rtt_ns is not None
                     if enable_rx_timestamps(client):
                         client.settimeout(2)
                         for _ in range(20):  # the kernel switches timestamping on lazily

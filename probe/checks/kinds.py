@@ -12,6 +12,7 @@ from probe.checks.dns import DnsChecker
 from probe.checks.http import HttpChecker
 from probe.checks.result import CheckResult, Target
 from probe.checks.tcp import TcpChecker
+from probe.checks.udp import UdpChecker
 from probe.settings import Settings
 
 
@@ -57,5 +58,6 @@ def build_checkers(
             names.KIND_HTTP: HttpChecker(settings, record=record, tracer=tracer),
             names.KIND_DNS: DnsChecker(settings, record=record, tracer=tracer),
             names.KIND_TCP: TcpChecker(settings, record=record, tracer=tracer),
+            names.KIND_UDP: UdpChecker(settings, record=record, tracer=tracer),
         }
     )

@@ -25,7 +25,9 @@ class Target:
     def key(self) -> str:
         """What identifies this check: its type, and the pod for a neighbour (two probe pods
         can share a node, and so a `path_<node>` type, during a rolling update)."""
-        return self.check_type if self.neighbour is None else f"{self.check_type}/{self.neighbour.pod_name}"
+        key = self.check_type if self.neighbour is None else f"{self.check_type}/{self.neighbour.pod_name}"
+        # A neighbour is checked over HTTP and over UDP under the same type.
+        return f"{key} ({self.kind})" if self.kind == names.KIND_UDP else key
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,13 @@ class CheckResult:
     cert_not_after: float | None = None
     #: Low-cardinality class of the failure (span `error.type`), e.g. "NXDOMAIN", "timeout".
     error_type: str | None = None
+    #: TCP segments the kernel resent on the check's connections (SYNs included); None
+    #: where the check had no TCP connection or the kernel does not say.
+    retransmits: int | None = None
+    #: UDP checks: datagrams sent and not back within the timeout, and each round trip (s).
+    udp_sent: int | None = None
+    udp_lost: int | None = None
+    udp_rtts: tuple[float, ...] = ()
 
     @property
     def key(self) -> str:

@@ -62,11 +62,18 @@ class Round:
     neighbourhood: Neighbourhood
     finished_at: float  # wall clock
     duration: float
+    #: The neighbours' UDP paths, by type (they share their type with the HTTP check).
+    udp: Mapping[str, CheckResult] = dataclasses.field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
         """Every performed check ok (skipped ones do not count against it)."""
-        return all(r.ok for r in self.results.values() if not r.skipped)
+        return all(r.ok for r in (*self.results.values(), *self.udp.values()) if not r.skipped)
+
+
+def is_udp_path(result: CheckResult) -> bool:
+    target = result.target
+    return target is not None and target.neighbour is not None and target.kind == names.KIND_UDP
 
 
 def by_type(results: Iterable[CheckResult]) -> dict[str, CheckResult]:
@@ -201,8 +208,11 @@ class Prober:
     def _complete(self, started: float) -> Round:
         assert self._neighbourhood is not None
         self.rounds += 1
-        self.last_round = Round(by_type(self._latest.values()), self._neighbourhood, time.time(),
-                                time.monotonic() - started)
+        latest = list(self._latest.values())
+        self.last_round = Round(
+            by_type(r for r in latest if not is_udp_path(r)), self._neighbourhood, time.time(),
+            time.monotonic() - started, udp=by_type(r for r in latest if is_udp_path(r)),
+        )
         return self.last_round
 
     def _tick(self) -> None:

@@ -67,6 +67,8 @@ def finish_client_span(
     if result.status_code is not None:
         span.set_attribute("http.response.status_code", result.status_code)
     span.set_attribute(names.ATTR_TIMING_SOURCE, timeline.source)
+    if result.retransmits is not None:
+        span.set_attribute(names.ATTR_TCP_RETRANSMITS, result.retransmits)
     if result.duration is not None:
         span.set_attribute(names.ATTR_NETWORK_DURATION, result.duration)
     context = trace.set_span_in_context(span)
@@ -78,6 +80,8 @@ def finish_client_span(
         # metrics record for it, so a trace and a histogram never disagree.
         started = timeline.marks[start_event]
         child = tracer.start_span(name, context=context, start_time=timeline.wall_ns(started))
+        if end_event in timeline.sources:
+            child.set_attribute(names.ATTR_TIMING_SOURCE, timeline.sources[end_event])
         network = timeline.phase_ns(end_event)
         if network is not None:
             child.end(end_time=timeline.wall_ns(started + network))

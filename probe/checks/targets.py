@@ -62,7 +62,7 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
     if not s.check_dns_cluster:
         skipped.append(CheckResult.skip(names.DNS_CLUSTER, "disabled by KUBENURSE_CHECK_DNS_CLUSTER"))
     elif not s.in_cluster and s.kubernetes_service_dns is None:
-        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "not in a cluster (KUBERNETES_SERVICE_HOST not set)"))
+        skipped.append(CheckResult.skip(names.DNS_CLUSTER, "KUBERNETES_SERVICE_HOST not set (not in a cluster)"))
     elif is_ip(s.api_server_dns_name):
         skipped.append(CheckResult.skip(names.DNS_CLUSTER, "KUBERNETES_SERVICE_DNS is an IP: nothing to resolve"))
     else:
@@ -75,4 +75,7 @@ def plan_round(settings: Settings, neighbourhood: Neighbourhood) -> Plan:
             host = f"[{n.pod_ip}]" if ":" in n.pod_ip else n.pod_ip
             url = f"{scheme}://{host}:{port}/alwayshappy"
             targets.append(Target(names.path_type(n.node_name), url, headers=origin, neighbour=n))
+            if settings.check_neighbourhood_udp:  # the echo listens on the HTTP port number
+                udp = f"udp://{host}:{settings.http_port}"
+                targets.append(Target(names.path_type(n.node_name), udp, neighbour=n, kind=names.KIND_UDP))
     return Plan(tuple(targets), tuple(skipped))

@@ -34,6 +34,10 @@ class Connect:
     network_ns: int | None
     error_type: str | None = None
     error: str | None = None
+    #: SYNs the kernel resent before the connection was made (or given up).
+    retransmits: int | None = None
+    #: Where `network_ns` came from: kernel.KERNEL (the handshake RTT) or kernel.LOOP.
+    source: str = kernel.KERNEL
 
     @property
     def ok(self) -> bool:
@@ -44,23 +48,28 @@ async def connect(address: str, port: int, timeout: float) -> Connect:
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     loop = asyncio.get_running_loop()
     where = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    with kernel.ConnectingSocket(family, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         start_ns = time.perf_counter_ns()
+
+        def resent() -> int | None:
+            info = kernel.tcp_info(sock)
+            return info.total_retrans if info is not None else None
+
         try:
             async with asyncio.timeout(timeout):
                 # Awaited directly (no task in between): the connect syscall runs right now.
                 await loop.sock_connect(sock, (address, port))
         except TimeoutError:
             error = f"timeout: no answer from {where} within {timeout:.2g}s"
-            return Connect(address, port, start_ns, None, "timeout", error)
+            return Connect(address, port, start_ns, None, "timeout", error, resent())
         except ConnectionRefusedError:
-            return Connect(address, port, start_ns, None, "connection_refused", f"connection refused by {where}")
+            error = f"connection refused by {where}"
+            return Connect(address, port, start_ns, None, "connection_refused", error, resent())
         except OSError as e:
-            return Connect(address, port, start_ns, None, type(e).__name__, f"{where}: {e.strerror or e}")
-        done_ns = time.perf_counter_ns()
-        rtt_ns = kernel.tcp_rtt_ns(sock)
-    return Connect(address, port, start_ns, rtt_ns if rtt_ns is not None else done_ns - start_ns)
+            return Connect(address, port, start_ns, None, type(e).__name__, f"{where}: {e.strerror or e}", resent())
+        network_ns, source = kernel.connect_network_ns(sock, start_ns, sock.connect_seen_ns or time.perf_counter_ns())
+        return Connect(address, port, start_ns, network_ns, retransmits=resent(), source=source)
 
 
 async def _address(endpoint: TcpEndpoint, timeout: float, resolv_conf: str) -> dns.Resolution:
@@ -93,10 +102,14 @@ def result_of(target: Target, resolution: dns.Resolution | None, attempt: Connec
         return CheckResult(
             target.check_type, f"{names.CONNECT_DONE}: {attempt.error}", target,
             error_event=names.CONNECT_DONE, events=events, error_type=attempt.error_type,
+            retransmits=attempt.retransmits,
         )
     assert attempt.network_ns is not None
     events[names.CONNECT_DONE] = offset + attempt.network_ns / 1e9
-    return CheckResult(target.check_type, names.OK, target, duration=events[names.CONNECT_DONE], events=events)
+    return CheckResult(
+        target.check_type, names.OK, target, duration=events[names.CONNECT_DONE], events=events,
+        retransmits=attempt.retransmits,
+    )
 
 
 class TcpChecker:
@@ -159,4 +172,8 @@ class TcpChecker:
         end = attempt.start_ns + attempt.network_ns if attempt.network_ns is not None else None
         phases.append(netspan.Phase("connect", attempt.start_ns, end, names.CONNECT_DONE))
         attributes["network.peer.address"], attributes["network.peer.port"] = address, endpoint.port
+        if attempt.retransmits is not None:
+            attributes[names.ATTR_TCP_RETRANSMITS] = attempt.retransmits
+        if attempt.ok and attempt.source != kernel.KERNEL:
+            attributes[names.ATTR_TIMING_SOURCE] = attempt.source
         return result_of(target, resolution, attempt)

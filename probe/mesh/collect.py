@@ -227,7 +227,7 @@ def mesh_document(
     unreached: Mapping[str, str] | None = None,
     capped: bool = False,
 ) -> dict[str, object]:
-    """`/mesh.json` as CONTRACT.md ("Mesh") specifies it, plus `trace_id`/`trace_url` on
+    """`/mesh.json` as docs/reference.md ("/mesh.json") specifies it, plus `trace_id`/`trace_url` on
     paths and checks and, for probes that did not answer, `unreached_reason`."""
     unreached = unreached or {}
 

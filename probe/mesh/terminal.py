@@ -19,13 +19,22 @@ TIMEOUT_SECONDS = 10.0
 #: Wider than this, the matrix is left out (the verdicts say what matters; /mesh has the rest).
 MATRIX_MAX_NODES = 60
 
-USAGE = """usage: kubenurse mesh [URL]
+USAGE = """usage: kubenurse mesh [URL | --port P]
 
 Print where the cluster's network is broken, as the probe at URL sees it (its /mesh.json):
 the verdicts, then a matrix of every checked path (rows: from, columns: to;
 . ok, s slow, X failing, blank not checked). Without URL: the local sandbox, else
-http://localhost:8080. Exit status 0 when nothing is wrong, 1 otherwise, 2 when no
-probe answers."""
+http://localhost:8080; --port P: the sandbox started with --port P. Exit status 0 when
+nothing is wrong, 1 otherwise, 2 when no probe answers."""
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def sandbox_urls(port: int) -> tuple[str, ...]:
+    """The first nodes of a sandbox listening on `port` (node-1 is 127.0.0.2)."""
+    return tuple(f"http://127.0.0.{i}:{port}" for i in range(2, 7))
 
 
 def fetch(base: str, timeout: float = TIMEOUT_SECONDS) -> Mapping[str, Any]:
@@ -62,7 +71,7 @@ def _slow_limit(paths: Sequence[Mapping[str, Any]]) -> float:
 def render(document: Mapping[str, Any]) -> str:
     lines = [
         f"mesh as seen by {document.get('source')} at {document.get('generated_at')}: "
-        f"{len(document.get('nodes', []))} nodes, {len(document.get('paths', []))} paths",
+        f"{_count(len(document.get('nodes', [])), 'node')}, {_count(len(document.get('paths', [])), 'path')}",
         "",
     ]
     for v in document["verdicts"]:
@@ -70,8 +79,10 @@ def render(document: Mapping[str, Any]) -> str:
         lines += [f"    - {e}" for e in v.get("evidence", [])]
     nodes = [n["node"] for n in document.get("nodes", [])]
     paths = document.get("paths", [])
-    if not nodes or len(nodes) > MATRIX_MAX_NODES:
-        if nodes:
+    if len(nodes) < 2 or len(nodes) > MATRIX_MAX_NODES:
+        if len(nodes) == 1:  # a 1x1 matrix shows nothing: one probe has no path to another
+            lines += ["", "(one probe: no path between nodes to show)"]
+        elif nodes:
             lines += ["", f"({len(nodes)} nodes: the matrix is on the /mesh page)"]
         return "\n".join(lines) + "\n"
     limit = _slow_limit(paths)
@@ -97,10 +108,18 @@ def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr
     if args and args[0] in ("-h", "--help"):
         print(USAGE, file=out)
         return 0
-    if len(args) > 1:
-        print("kubenurse mesh: at most one URL (try --help)", file=err)
+    port = None
+    if args and args[0].startswith("--port"):
+        value = args[0].partition("=")[2] or (args[1] if len(args) > 1 else "")
+        args = args[2:] if "=" not in args[0] else args[1:]
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            print(f"kubenurse mesh: --port needs a port number, not {value!r}", file=err)
+            return 2
+        port = int(value)
+    if len(args) > 1 or (port and args):
+        print("kubenurse mesh: one URL or --port P (try --help)", file=err)
         return 2
-    candidates = [args[0]] if args else list(DEFAULT_URLS)
+    candidates = [args[0]] if args else list(sandbox_urls(port) if port else DEFAULT_URLS)
     failures = []
     for base in candidates:
         try:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from probe import names
 
-# Verdict kinds (CONTRACT.md, "Mesh").
+# Verdict kinds (docs/mesh.md, "Reading the verdicts").
 OK = "ok"
 NODE_UNREACHABLE = "node_unreachable"
 NODE_ISOLATED = "node_isolated"
@@ -137,6 +137,10 @@ def _events(items: Iterable[PathView | CheckView]) -> str:
     for item in items:
         counts[_event(item.error_event)] = counts.get(_event(item.error_event), 0) + 1
     return ", ".join(f"{event} x{n}" for event, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _share(part: int, whole: int) -> str:
@@ -540,7 +544,8 @@ def _other_checks(checks: Mapping[str, Mapping[str, CheckView]], explained: set[
 
 def _all_well(evidence: Evidence, paths: Sequence[PathView]) -> Verdict:
     facts = [
-        f"{len(evidence.nodes)} probes, {len(paths)} paths and {len(evidence.checks)} other checks, all ok",
+        f"{_count(len(evidence.nodes), 'probe')}, {_count(len(paths), 'path')} and "
+        f"{_count(len(evidence.checks), 'other check')}, all ok",
     ]
     timed = [p.latency for p in paths if p.latency is not None]
     if timed:

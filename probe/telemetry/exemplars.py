@@ -26,7 +26,7 @@ _Key = tuple[str, tuple[tuple[str, str], ...], str]
 
 
 def _exposed_name(name: str, unit: str) -> str:
-    # What the exporter prints for a histogram with this unit (NOTES.md).
+    # What the exporter prints for a histogram with this unit (it appends `_seconds` for "s").
     return f"{name}_seconds" if unit == "s" and not name.endswith("_seconds") else name
 
 

@@ -89,7 +89,8 @@ class Metrics:
             self.provider._disabled = False
         meter = self.provider.get_meter(names.METER_NAME)
         # Buckets come from the advisory, not a View, so an OTLP reader may still choose
-        # exponential histograms while /metrics keeps these explicit bounds (NOTES.md).
+        # exponential histograms while /metrics keeps these explicit bounds (Views would apply
+        # to every reader).
         self.request_duration = meter.create_histogram(
             names.REQUEST_DURATION,
             unit=names.UNIT_SECONDS,
@@ -108,6 +109,23 @@ class Metrics:
         )
         self.errors = meter.create_counter(
             names.ERRORS, description="Kubenurse error counter partitioned by error type"
+        )
+        self.tcp_retransmits = meter.create_counter(
+            names.TCP_RETRANSMITS,
+            description="TCP segments the kernel resent on the checks' connections, SYNs included",
+        )
+        self.udp_sent = meter.create_counter(
+            names.UDP_PACKETS_SENT, description="Datagrams the UDP checks sent to probes' UDP echo"
+        )
+        self.udp_lost = meter.create_counter(
+            names.UDP_PACKETS_LOST,
+            description="Datagrams of the UDP checks that did not come back within the check timeout",
+        )
+        self.udp_rtt = meter.create_histogram(
+            names.UDP_RTT,
+            unit=names.UNIT_SECONDS,
+            description="Round trips of the UDP checks' datagrams (kernel send to kernel receive)",
+            explicit_bucket_boundaries_advisory=list(buckets),
         )
         self.cert_expiry = meter.create_gauge(
             names.TLS_CERT_EXPIRY,
@@ -130,6 +148,16 @@ class Metrics:
         if result.skipped:
             return
         check_type = {names.LABEL_TYPE: result.check_type}
+        if result.udp_sent is not None:
+            # A UDP train is no HTTP request: a neighbour's UDP path shares its type with the
+            # HTTP check of that neighbour, whose httpclient series it must not touch.
+            self.udp_sent.add(result.udp_sent, check_type)
+            self.udp_lost.add(result.udp_lost or 0, check_type)
+            for rtt in result.udp_rtts:
+                self.udp_rtt.record(rtt, check_type)
+            if result.error_event:
+                self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
+            return
         for event, offset in result.events.items():
             self.trace_duration.record(offset, {**check_type, names.LABEL_EVENT: event})
         if result.status_code is not None:
@@ -139,6 +167,8 @@ class Metrics:
         self.requests.add(1, {**check_type, names.LABEL_CODE: code})
         if result.duration is not None:
             self.request_duration.record(result.duration, check_type)
+        if result.retransmits is not None:
+            self.tcp_retransmits.add(result.retransmits, check_type)
         if result.cert_not_after is not None:
             self.cert_expiry.set(result.cert_not_after, check_type)
         if result.error_event:

@@ -1,0 +1,309 @@
+"""UDP checks: a train of datagrams to a probe's UDP echo, counting what came back.
+
+`udp://HOST:PORT` (and every neighbour, on its HTTP port number, unless
+KUBENURSE_CHECK_NEIGHBOURHOOD_UDP=false) gets TRAIN datagrams a round, sent together. Each
+carries a marker, the train's id and its sequence number; one in BIG_EVERY is as large as
+the path MTU allows (the route's MTU, at most MAX_BIG) and sent with don't-fragment set, so a
+path that silently drops full-size packets (an MTU mismatch on an overlay) shows as `mtu`
+while the small ones still come back.
+
+Each round trip is the send syscall's start to the kernel's receive timestamp of the echo
+(SO_TIMESTAMPNS), so the figure is the network's however late the loop reads it. A datagram
+not back within the check timeout is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import socket
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from opentelemetry import trace
+
+from probe import names
+from probe.checks import dns, kernel, netspan
+from probe.checks.result import CheckResult, Target
+from probe.checkurls import DnsQuery, is_ip, parse_udp_url
+from probe.settings import Settings
+
+#: Datagrams per train (a round), and which of them are full-size.
+TRAIN = 10
+BIG_EVERY = 5
+#: The largest "full-size" datagram (a jumbo-frame path is checked at this size; loopback's
+#: 64 KiB MTU would otherwise ask for 64 KiB datagrams). The echo accepts up to this.
+MAX_BIG = 9000
+SMALL = 64
+_MAGIC = b"KNUE"
+_HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IP_MTU = getattr(socket, "IP_MTU", 14)
+IPV6_MTU_DISCOVER = getattr(socket, "IPV6_MTU_DISCOVER", 23)
+IPV6_PMTUDISC_DO = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+IPV6_MTU = getattr(socket, "IPV6_MTU", 24)
+
+
+@dataclass
+class Train:
+    """What one train found: counts by size, the round trips, the path MTU it assumed."""
+
+    address: str
+    port: int
+    mtu: int = 0
+    big_size: int = 0
+    small_sent: int = 0
+    small_lost: int = 0
+    big_sent: int = 0
+    big_lost: int = 0
+    #: Round trips (ns) of the datagrams that came back, in sequence order.
+    rtts_ns: list[int] = field(default_factory=list)
+    #: Why no datagram could be sent or heard (refused, unreachable), if so.
+    error: str | None = None
+    error_type: str | None = None
+    #: Where the round trips came from: kernel.KERNEL (receive stamps) or kernel.LOOP.
+    source: str = kernel.KERNEL
+
+    @property
+    def sent(self) -> int:
+        return self.small_sent + self.big_sent
+
+    @property
+    def lost(self) -> int:
+        return self.small_lost + self.big_lost
+
+    @property
+    def mtu_problem(self) -> bool:
+        """Every full-size datagram lost while some small ones came back."""
+        return self.big_sent > 0 and self.big_lost == self.big_sent and self.small_lost < self.small_sent
+
+
+def _path_mtu(sock: socket.socket, v6: bool) -> int:
+    try:
+        if v6:
+            return int(sock.getsockopt(socket.IPPROTO_IPV6, IPV6_MTU))
+        return int(sock.getsockopt(socket.IPPROTO_IP, IP_MTU))
+    except OSError:
+        return 1500
+
+
+def _dont_fragment(sock: socket.socket, v6: bool) -> None:
+    try:
+        if v6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    except OSError:
+        pass
+
+
+def _where(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+async def send_train(address: str, port: int, timeout: float, count: int = TRAIN) -> Train:
+    """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them."""
+    v6 = ":" in address
+    train = Train(address, port)
+    train_id = int.from_bytes(os.urandom(8), "big")
+    sent_ns: dict[int, int] = {}
+    back: dict[int, int] = {}
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    kernel_rx = kernel.capabilities().rx_timestamps
+    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        if kernel_rx:
+            kernel_rx = kernel.enable_rx_timestamps(sock)
+        if not kernel_rx:
+            train.source = kernel.LOOP
+        _dont_fragment(sock, v6)
+        try:
+            # Connected: only the echo is heard, and its ICMP refusals are.
+            sock.connect((address, port))
+        except OSError as e:
+            train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
+            return train
+        train.mtu = _path_mtu(sock, v6)
+        train.big_size = max(min(train.mtu, MAX_BIG) - (48 if v6 else 28), SMALL)
+
+        def read() -> None:
+            while True:
+                try:
+                    data, ancdata, _, _ = sock.recvmsg(MAX_BIG, kernel.ANCILLARY_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as e:  # ICMP port unreachable and the like
+                    if not done.done():
+                        done.set_exception(e)
+                    return
+                at = kernel.rx_timestamp_ns(ancdata) if kernel_rx else None
+                if at is None:
+                    train.source = kernel.LOOP
+                    at = time.perf_counter_ns()
+                if len(data) < _HEADER.size:
+                    continue
+                magic, got_id, seq = _HEADER.unpack_from(data)
+                if magic != _MAGIC or got_id != train_id or seq not in sent_ns or seq in back:
+                    continue
+                back[seq] = at
+                if len(back) == len(sent_ns) and not done.done():
+                    done.set_result(None)
+
+        loop.add_reader(sock.fileno(), read)
+        try:
+            for seq in range(count):
+                big = seq % BIG_EVERY == BIG_EVERY - 1
+                size = train.big_size if big else SMALL
+                payload = _HEADER.pack(_MAGIC, train_id, seq).ljust(size, b"\0")
+                before = time.perf_counter_ns()
+                try:
+                    sock.send(payload)
+                except (BlockingIOError, InterruptedError):
+                    pass  # a full send buffer: the datagram counts as sent and lost
+                except ConnectionRefusedError:
+                    raise  # an ICMP refusal of an earlier datagram, reported by this send
+                except OSError as e:
+                    if e.errno == 90:  # EMSGSIZE: the kernel learnt a smaller path MTU
+                        train.mtu = _path_mtu(sock, v6)
+                    elif not sent_ns:
+                        raise
+                sent_ns[seq] = before
+                if big:
+                    train.big_sent += 1
+                else:
+                    train.small_sent += 1
+            try:
+                async with asyncio.timeout(timeout):
+                    await done
+            except TimeoutError:
+                pass
+        except ConnectionRefusedError:
+            train.error = f"{_where(address, port)} refused (nothing answers UDP on that port)"
+            train.error_type = "connection_refused"
+        except OSError as e:
+            train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
+        finally:
+            loop.remove_reader(sock.fileno())
+    for seq, started in sorted(sent_ns.items()):
+        big = seq % BIG_EVERY == BIG_EVERY - 1
+        if seq in back:
+            train.rtts_ns.append(max(back[seq] - started, 0))
+        elif big:
+            train.big_lost += 1
+        else:
+            train.small_lost += 1
+    return train
+
+
+# --- the check -----------------------------------------------------------------------------
+
+
+def result_of(target: Target, train: Train) -> CheckResult:
+    """ok while anything came back and full-size datagrams are not the ones going missing."""
+    return dataclasses.replace(
+        _verdict(target, train),
+        udp_sent=train.sent,
+        udp_lost=train.lost,
+        udp_rtts=tuple(ns / 1e9 for ns in train.rtts_ns),
+        timing_source=train.source,
+    )
+
+
+def _verdict(target: Target, train: Train) -> CheckResult:
+    where = _where(train.address, train.port)
+    rtts = sorted(train.rtts_ns)
+    median = rtts[len(rtts) // 2] / 1e9 if rtts else None
+    if train.error is not None and not rtts:
+        return CheckResult(
+            target.check_type, f"{names.ROUND_TRIP_ERROR}: {train.error}", target,
+            error_event=names.ROUND_TRIP_ERROR, error_type=train.error_type or "error",
+        )
+    if not rtts:
+        text = f"no datagram came back from {where} (0 of {train.sent} within the timeout)"
+        return CheckResult(
+            target.check_type, f"{names.ROUND_TRIP_ERROR}: {text}", target,
+            error_event=names.ROUND_TRIP_ERROR, error_type="timeout",
+        )
+    if train.mtu_problem:
+        size = train.big_size + (48 if ":" in train.address else 28)
+        text = (
+            f"full-size datagrams ({size} bytes, don't fragment) to {where} lost, "
+            f"small ones came back: the path drops packets its MTU ({train.mtu}) allows"
+        )
+        return CheckResult(
+            target.check_type, f"{names.MTU}: {text}", target, error_event=names.MTU, error_type="mtu", duration=median
+        )
+    return CheckResult(target.check_type, names.OK, target, duration=median)
+
+
+class UdpChecker:
+    """Performs `udp://` checks (and the neighbours' UDP paths); `record` is called with each
+    result inside the check's span."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        record: Callable[[CheckResult], None] = lambda _r: None,
+        tracer: trace.Tracer | None = None,
+        resolv_conf: str = dns.RESOLV_CONF,
+    ) -> None:
+        self._timeout = settings.check_timeout
+        self._record = record
+        self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
+        self._resolv_conf = resolv_conf
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def check(self, target: Target) -> CheckResult:
+        clock = netspan.Clock()
+        span = netspan.start(self._tracer, target, clock)
+        with trace.use_span(span, end_on_exit=False):
+            phases: list[netspan.Phase] = []
+            attributes: dict[str, str | int] = {"network.transport": "udp"}
+            try:
+                result = await self._check(target, clock, phases, attributes)
+            except Exception as e:  # never let one check take the round down
+                result = CheckResult(
+                    target.check_type, f"{names.ROUND_TRIP_ERROR}: {type(e).__name__}: {e}", target,
+                    error_event=names.ROUND_TRIP_ERROR, error_type=type(e).__name__,
+                )
+            netspan.finish(self._tracer, span, result, clock, phases, attributes)
+            self._record(result)
+        return result
+
+    async def _check(
+        self, target: Target, clock: netspan.Clock, phases: list[netspan.Phase], attributes: dict[str, str | int]
+    ) -> CheckResult:
+        endpoint = parse_udp_url(target.url)
+        attributes["server.address"], attributes["server.port"] = endpoint.host, endpoint.port
+        address = endpoint.host
+        if not is_ip(address):
+            resolution = await dns.resolve(DnsQuery(endpoint.host, "A"), self._timeout, self._resolv_conf)
+            phases.append(dns.dns_phase(resolution))
+            if not resolution.ok:
+                return CheckResult(
+                    target.check_type, f"{names.DNS_DONE}: {resolution.error}", target,
+                    error_event=names.DNS_DONE, error_type=resolution.error_type,
+                )
+            address = resolution.records[0]
+        remaining = self._timeout - (time.perf_counter_ns() - clock.start_ns) / 1e9
+        started = time.perf_counter_ns()
+        train = await send_train(address, endpoint.port, max(remaining, 0.001))
+        result = result_of(target, train)
+        end = started + max(train.rtts_ns) if train.rtts_ns else None
+        phases.append(netspan.Phase("udp train", started, end, names.ROUND_TRIP_ERROR))
+        attributes["network.peer.address"], attributes["network.peer.port"] = address, endpoint.port
+        attributes[names.ATTR_UDP_SENT] = train.sent
+        attributes[names.ATTR_UDP_LOST] = train.lost
+        attributes[names.ATTR_UDP_MTU] = train.mtu
+        return result

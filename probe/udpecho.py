@@ -1,0 +1,153 @@
+"""The UDP echo every probe answers on its HTTP port number: neighbours' UDP checks send
+their trains here (probe/checks/udp.py).
+
+A datagram goes back exactly as it came, so an answer is never larger than its question,
+and only within budgets no stranger can stretch: datagrams over MAX_DATAGRAM are ignored, each
+source address may have BYTES_PER_SECOND_PER_SOURCE (a train of ten neighbours' datagrams is
+about 20 KB), all sources together BYTES_PER_SECOND, and sources on privileged ports or on
+our own port are never answered (two echoes must not be made to talk to each other, and a
+spoofed source must not turn us against a DNS or NTP server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from probe.checks.udp import MAX_BIG
+
+log = logging.getLogger("probe.udpecho")
+
+#: The largest datagram echoed: the checks' full-size datagrams are at most MAX_BIG.
+MAX_DATAGRAM = MAX_BIG
+#: Per source address: bytes a second and the burst (room for a few trains at once).
+BYTES_PER_SECOND_PER_SOURCE = 64 * 1024
+BURST_PER_SOURCE = 128 * 1024
+#: All sources together.
+BYTES_PER_SECOND = 4 * 1024 * 1024
+BURST = 8 * 1024 * 1024
+#: Source addresses whose budget is remembered (the oldest is forgotten beyond this).
+MAX_SOURCES = 8192
+
+
+class ByteBudget:
+    """A token bucket of bytes."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.last = burst, now
+
+    def take(self, amount: int, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= amount:
+            self.tokens -= amount
+            return True
+        return False
+
+
+@dataclass
+class EchoStats:
+    echoed: int = 0
+    echoed_bytes: int = 0
+    too_large: int = 0
+    over_budget: int = 0
+    refused_source: int = 0
+    errors: int = 0
+    state: str = "off"
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    def as_alive(self) -> dict[str, object]:
+        return {
+            "state": self.state,
+            "echoed": self.echoed,
+            "ignored_too_large": self.too_large,
+            "ignored_over_budget": self.over_budget,
+            "ignored_source_port": self.refused_source,
+        }
+
+
+class UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self, own_port: int, clock: Any = time.monotonic) -> None:
+        self.own_port = own_port
+        self.stats = EchoStats()
+        self._clock = clock
+        self._sources: OrderedDict[str, ByteBudget] = OrderedDict()
+        self._all = ByteBudget(BYTES_PER_SECOND, BURST, clock())
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+        if len(data) > MAX_DATAGRAM:
+            self.stats.too_large += 1
+            return
+        host, port = str(addr[0]), int(addr[1])
+        if port < 1024 or port == self.own_port:
+            self.stats.refused_source += 1
+            return
+        now = self._clock()
+        budget = self._sources.get(host)
+        if budget is None:
+            budget = ByteBudget(BYTES_PER_SECOND_PER_SOURCE, BURST_PER_SOURCE, now)
+            self._sources[host] = budget
+            if len(self._sources) > MAX_SOURCES:
+                self._sources.popitem(last=False)
+        else:
+            self._sources.move_to_end(host)
+        if not budget.take(len(data), now) or not self._all.take(len(data), now):
+            self.stats.over_budget += 1
+            return
+        assert self.transport is not None
+        self.transport.sendto(data, addr)
+        self.stats.echoed += 1
+        self.stats.echoed_bytes += len(data)
+
+    def error_received(self, exc: Exception) -> None:
+        self.stats.errors += 1  # an ICMP error for an earlier echo: nothing to do
+
+
+def _socket(host: str | None, port: int) -> socket.socket:
+    """Bound to `host`, or with None to every address, IPv6 and IPv4 (like the HTTP side)."""
+    if host is None:
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:  # no IPv6 here
+            host = "0.0.0.0"
+        else:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+            except OSError:
+                sock.close()
+                raise
+            return sock
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+async def start_echo(host: str | None, port: int) -> tuple[asyncio.DatagramTransport | None, UdpEcho]:
+    """Listen for UDP on host:port; a port that cannot be had is logged and the probe goes on
+    (its HTTP side still serves; neighbours will read this node's UDP path as lost)."""
+    echo = UdpEcho(port)
+    loop = asyncio.get_running_loop()
+    try:
+        sock = _socket(host, port)
+        transport, _ = await loop.create_datagram_endpoint(lambda: echo, sock=sock)
+    except OSError as e:
+        echo.stats.state = f"off: cannot listen on UDP port {port}: {e.strerror or e}"
+        log.error("no UDP echo", extra={"port": port, "error": e.strerror or str(e)})
+        return None, echo
+    echo.stats.state = "on"
+    return transport, echo

@@ -1,0 +1,204 @@
+"""UDP checks and the UDP echo on real loopback sockets: a train to a real echo, a closed
+port, an echo that drops full-size datagrams, a flood from a thousand source ports; and what
+a user sees of each on /metrics, in the span and on /alive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import cast
+
+import aiohttp
+import pytest
+from opentelemetry.trace import StatusCode
+
+from probe import names
+from probe.app import Probe
+from probe.checks import udp
+from probe.checks.result import Target
+from probe.checks.targets import plan_round
+from probe.checks.udp import UdpChecker
+from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
+from probe.settings import Settings, load_settings
+from probe.udpecho import BURST, BURST_PER_SOURCE, MAX_DATAGRAM, UdpEcho, start_echo
+from tests.conftest import free_port
+from tests.kind_helpers import Spans, new_metrics, series
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[tuple[int, UdpEcho]]:
+    port = free_port()
+    transport, protocol = await start_echo("127.0.0.1", port)
+    assert transport is not None, protocol.stats.state
+    yield port, protocol
+    transport.close()
+
+
+class BigDropper(asyncio.DatagramProtocol):
+    """An echo behind a path that loses every datagram over `limit` bytes (an MTU black hole)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        if len(data) <= self.limit and self.transport is not None:
+            self.transport.sendto(data, addr)
+
+
+async def check(url: str, timeout: float = 1.0) -> tuple[object, dict[str, float], Spans]:
+    metrics = new_metrics()
+    spans = Spans()
+    checker = UdpChecker(Settings(check_timeout=timeout), record=metrics.record, tracer=spans.tracer)
+    result = await checker.check(Target("echo", url, kind=names.KIND_UDP))
+    return result, series(metrics, "echo"), spans
+
+
+async def test_a_train_comes_back_whole(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    result, seen, spans = await check(f"udp://127.0.0.1:{port}")
+    assert result.ok, result.summary  # type: ignore[attr-defined]
+    assert (result.udp_sent, result.udp_lost) == (udp.TRAIN, 0)  # type: ignore[attr-defined]
+    rtts = result.udp_rtts  # type: ignore[attr-defined]
+    assert len(rtts) == udp.TRAIN and all(0 < r < 0.05 for r in rtts), rtts
+    assert protocol.stats.echoed == udp.TRAIN
+    assert seen == {
+        'kubenurse_udp_packets_sent_total{type="echo"}': udp.TRAIN,
+        'kubenurse_udp_packets_lost_total{type="echo"}': 0,
+        'kubenurse_udp_rtt_seconds_count{type="echo"}': udp.TRAIN,
+    }
+    (span,) = spans.named("check echo")
+    attrs = dict(span.attributes or {})
+    assert attrs[names.ATTR_UDP_SENT] == udp.TRAIN and attrs[names.ATTR_UDP_LOST] == 0
+    assert attrs["network.transport"] == "udp"
+
+
+async def test_full_size_lost_small_back_is_mtu() -> None:
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_datagram_endpoint(lambda: BigDropper(1400), local_addr=("127.0.0.1", 0))
+    port = transport.get_extra_info("sockname")[1]
+    try:
+        result, seen, spans = await check(f"udp://127.0.0.1:{port}", timeout=0.5)
+    finally:
+        transport.close()
+    big = udp.TRAIN // udp.BIG_EVERY
+    assert not result.ok  # type: ignore[attr-defined]
+    assert result.error_event == names.MTU, result.summary  # type: ignore[attr-defined]
+    assert result.udp_lost == big and result.udp_sent == udp.TRAIN  # type: ignore[attr-defined]
+    assert seen['kubenurse_errors_total{event="mtu",type="echo"}'] == 1
+    assert seen['kubenurse_udp_packets_lost_total{type="echo"}'] == big
+    assert "don't fragment" in result.summary  # type: ignore[attr-defined]
+    (span,) = spans.named("check echo")
+    assert span.status.status_code == StatusCode.ERROR
+
+
+async def test_nothing_listening_is_refused() -> None:
+    result, seen, _ = await check(f"udp://127.0.0.1:{free_port()}")
+    assert result.error_event == names.ROUND_TRIP_ERROR  # type: ignore[attr-defined]
+    assert "refused" in result.summary, result.summary  # type: ignore[attr-defined]
+    assert 'kubenurse_httpclient_requests_total{code="round_trip_error",type="echo"}' not in seen
+
+
+async def test_echo_ignores_large_datagrams_and_privileged_or_own_ports(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", port))
+        sock.send(b"x" * (MAX_DATAGRAM + 1))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.sock_recv(sock, 65536), 0.3)
+        sock.send(b"small")
+        assert await asyncio.wait_for(loop.sock_recv(sock, 65536), 2) == b"small"
+    # A datagram "from" the echo's own port: two echoes must not be set talking to each other.
+    protocol.datagram_received(b"loop", ("127.0.0.1", port))
+    protocol.datagram_received(b"dns", ("127.0.0.1", 53))
+    assert protocol.stats.too_large == 1 and protocol.stats.refused_source == 2
+    assert protocol.stats.echoed == 1
+
+
+async def test_a_flood_from_a_thousand_ports_gets_a_bounded_answer(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    size = 1200
+    socks = []
+    try:
+        for _ in range(1000):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.setblocking(False)
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        started = time.monotonic()
+        for _ in range(3):
+            for sock in socks:
+                sock.sendto(b"f" * size, ("127.0.0.1", port))
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        elapsed = time.monotonic() - started
+        received = 0
+        for sock in socks:
+            while True:
+                try:
+                    received += len(sock.recv(65536))
+                except BlockingIOError:
+                    break
+    finally:
+        for sock in socks:
+            sock.close()
+    sent = 3000 * size
+    # One source address: its budget, plus what refilled meanwhile, and never more than came in.
+    bound = BURST_PER_SOURCE + elapsed * 64 * 1024 + size
+    assert received <= bound, (received, bound)
+    assert received == protocol.stats.echoed_bytes
+    assert protocol.stats.over_budget > 0
+    assert received < sent / 2
+    assert BURST >= BURST_PER_SOURCE
+
+
+def test_each_neighbour_gets_a_udp_target_unless_turned_off() -> None:
+    hood = Neighbourhood(
+        neighbours=(Neighbour("pod-b", "10.0.0.2", "10.1.0.2", "node-b"),)
+    )
+    settings = Settings(http_port=8080)
+    planned = plan_round(settings, hood).targets
+    udp_targets = [t for t in planned if t.kind == names.KIND_UDP]
+    assert [(t.check_type, t.url) for t in udp_targets] == [("path_node-b", "udp://10.0.0.2:8080")]
+    assert len({t.key for t in planned}) == len(planned)
+    off = plan_round(Settings(http_port=8080, check_neighbourhood_udp=False), hood).targets
+    assert not [t for t in off if t.kind == names.KIND_UDP]
+
+
+async def test_a_probe_answers_udp_and_checks_it(tmp_path: object) -> None:
+    port = free_port()
+    settings = load_settings(
+        {
+            "KUBENURSE_LISTEN_HOST": "127.0.0.1",
+            "KUBENURSE_HTTP_PORT": str(port),
+            "KUBENURSE_CHECK_INTERVAL": "200ms",
+            "KUBENURSE_EXTRA_CHECKS": f"self_udp:udp://127.0.0.1:{port}",
+            "POD_NAME": "pod-a",
+        }
+    )
+    probe = Probe(settings, StaticNeighbours.unavailable("test"))
+    await probe.start()
+    try:
+        deadline = time.monotonic() + 10
+        while probe.prober.rounds < 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/alive") as resp:
+                alive = json.loads(await resp.text())
+            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                text = await resp.text()
+    finally:
+        await probe.stop()
+    assert alive["last_check_result"]["self_udp"] == "ok"
+    assert alive["udp_echo"]["state"] == "on" and alive["udp_echo"]["echoed"] >= 2 * udp.TRAIN
+    assert 'kubenurse_udp_packets_sent_total{type="self_udp"}' in text
+    assert 'kubenurse_udp_packets_lost_total{type="self_udp"} 0.0' in text
