@@ -13,6 +13,7 @@ import difflib
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -449,7 +450,7 @@ def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
     assert ingress["spec"]["tls"] == [{"hosts": ["nurse.apps.example.com"], "secretName": "nurse-ingress-tls"}]
     (rule,) = ingress["spec"]["rules"]
     assert rule["host"] == "nurse.apps.example.com"
-    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "nurse-prod", "port": {"name": "web"}}
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "nurse-prod", "port": {"number": 80}}
     # extraObjects, map and string, both through tpl
     assert the(objects, "ConfigMap", "kubenurse-extra-map")["data"] == {"a": "b"}
     assert the(objects, "Secret", "kubenurse-extra-string")["stringData"] == {"c": "d"}
@@ -651,6 +652,10 @@ def test_prometheus_rules_copy_is_the_source() -> None:
 # --- what every render must be ---------------------------------------------------------------
 
 
+#: A port name the API server accepts: up to 15 of a-z, 0-9 and '-', at least one letter.
+IANA_SVC_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9]))*")
+
+
 def renders() -> dict[str, tuple[Obj, ...]]:
     return {
         "defaults": render(),
@@ -677,6 +682,17 @@ def test_every_render_validates_and_is_restricted() -> None:
                 problems.append(f"{where}: {'.'.join(map(str, e.path))}: {e.message}")
         pod_spec = daemonset(objects)["spec"]["template"]["spec"]
         problems += [f"{name}: {p}" for p in pod_security_violations(pod_spec, "restricted")]
+        # What the API server checks beyond the schema: named ports are IANA service names
+        # (kubenurse's Service port name 8080-8080 is not one, so nothing may refer to it by name).
+        for ingress in find(objects, "Ingress"):
+            for rule in ingress["spec"]["rules"]:
+                for path in rule["http"]["paths"]:
+                    port = path["backend"]["service"]["port"]
+                    if "name" in port and not IANA_SVC_NAME.fullmatch(port["name"]):
+                        problems.append(f"{name}: Ingress backend port name {port['name']!r}")
+        for port in container(objects)["ports"]:
+            if not IANA_SVC_NAME.fullmatch(port["name"]):
+                problems.append(f"{name}: container port name {port['name']!r}")
     assert not problems, "\n".join(problems)
 
 
