@@ -16,6 +16,7 @@ MODULES = (
     "bench.bench_blackbox",
     "bench.bench_kinds",
     "bench.bench_mesh",
+    "bench.bench_udp",
 )
 
 

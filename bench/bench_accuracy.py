@@ -8,7 +8,7 @@ long its handshake took on the server's side. Each request carries an id, so eve
 figure is paired with the truth of that very request. The connect phase has no server-side
 truth; on loopback the kernel's handshake is ~0.02 ms, so its reading is shown as is.
 
-The probe side is the probe's own HttpChecker, recording into the probe's own metrics, with
+The probe side is the probe's own check pipeline, recording into the probe's own metrics, with
 K checks started at the same instant: the worst case (the scheduler spreads them).
 Then a real probe process checking 15 targets every 100 ms is measured twice: alone, and
 while `wrk` loads its own server with /alive requests (mean reported minus mean true).
@@ -35,7 +35,7 @@ from pathlib import Path
 
 from bench.core import Row, cpu_seconds, fetch, free_port, percentile, probe_process, running, scrape_value
 from probe import names
-from probe.checks.http import HttpChecker
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import Target
 from probe.settings import Settings
 from probe.telemetry.metrics import Metrics
@@ -84,7 +84,7 @@ def truth(url: str, ca: str | None) -> dict[str, dict[str, float | None]]:
 async def probe_side(url: str, k: int, ca: str | None, tag: str) -> dict[str, dict[str, float]]:
     """K checks at once, repeated: id -> reported figures (seconds)."""
     metrics = Metrics(buckets=Settings().histogram_buckets, incoming=lambda: 0)
-    checker = HttpChecker(Settings(extra_ca_file=ca), record=metrics.record)
+    checker = Pipeline(Settings(extra_ca_file=ca), record=metrics.record)
     await checker.start()
     out: dict[str, dict[str, float]] = {}
     try:

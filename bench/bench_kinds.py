@@ -27,9 +27,9 @@ from unittest import mock
 from bench.core import Row, fetch, free_port, percentile, running
 from probe import names
 from probe.checks import kernel
-from probe.checks.dns import DnsChecker
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import Target
-from probe.checks.tcp import TcpChecker
+from probe.checkurls import parse_dns_url, parse_tcp_url
 from probe.settings import Settings
 
 DELAY = 0.020
@@ -46,7 +46,7 @@ def dns_delay_server() -> Iterator[int]:
         yield port
 
 
-async def errors_of(check: DnsChecker | TcpChecker, target: Target, event: str, k: int, truth: float) -> list[float]:
+async def errors_of(check: Pipeline, target: Target, event: str, k: int, truth: float) -> list[float]:
     errors: list[float] = []
     for _ in range(3):  # warm up
         await check.check(target)
@@ -78,25 +78,27 @@ async def run_async() -> list[Row]:
     rows.append(("kinds: timing source here", caps.describe()))
     settings = Settings()
     with dns_delay_server() as port:
-        dns_target = Target("bench", f"dns://127.0.0.1:{port}/bench.test", kind=names.KIND_DNS)
+        dns_url = f"dns://127.0.0.1:{port}/bench.test"
+        dns_target = Target("bench", dns_url, parse_dns_url(dns_url))
         lateness = f"http://127.0.0.1:{port}/lateness"
         for k in CONCURRENCY:
             fetch(lateness)
-            kernel_errors = await errors_of(DnsChecker(settings), dns_target, names.DNS_DONE, k, DELAY)
+            kernel_errors = await errors_of(Pipeline(settings), dns_target, names.DNS_DONE, k, DELAY)
             late = json.loads(fetch(lateness))
             with loop_marks():
-                loop_errors = await errors_of(DnsChecker(settings), dns_target, names.DNS_DONE, k, DELAY)
+                loop_errors = await errors_of(Pipeline(settings), dns_target, names.DNS_DONE, k, DELAY)
             rows.append((f"dns_done - true {DELAY * 1e3:.0f} ms, K={k}, kernel", summary(kernel_errors)))
             rows.append((f"dns_done - true {DELAY * 1e3:.0f} ms, K={k}, loop marks", summary(loop_errors)))
             rows.append((f"dns server's own lateness, K={k}", summary(late)))
     server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0, backlog=1024)
     async with server:
         tcp_port = server.sockets[0].getsockname()[1]
-        tcp_target = Target("bench", f"tcp://127.0.0.1:{tcp_port}", kind=names.KIND_TCP)
+        tcp_url = f"tcp://127.0.0.1:{tcp_port}"
+        tcp_target = Target("bench", tcp_url, parse_tcp_url(tcp_url))
         for k in CONCURRENCY:
-            kernel_errors = await errors_of(TcpChecker(settings), tcp_target, names.CONNECT_DONE, k, 0.0)
+            kernel_errors = await errors_of(Pipeline(settings), tcp_target, names.CONNECT_DONE, k, 0.0)
             with loop_marks():
-                loop_errors = await errors_of(TcpChecker(settings), tcp_target, names.CONNECT_DONE, k, 0.0)
+                loop_errors = await errors_of(Pipeline(settings), tcp_target, names.CONNECT_DONE, k, 0.0)
             rows.append((f"tcp connect_done (true ~0.03 ms), K={k}, kernel", summary(kernel_errors)))
             rows.append((f"tcp connect_done (true ~0.03 ms), K={k}, loop marks", summary(loop_errors)))
     return rows

@@ -194,7 +194,7 @@ class Sandbox:
         self.api_server.write_serviceaccount(self.dir / "serviceaccount", NAMESPACE)
 
         for spec in self.specs:
-            proxy = DelayProxy(spec.address, self.probe_port, self._upstream(spec))
+            proxy = DelayProxy(spec.address, self.probe_port, self._upstream(spec), udp=True)
             self.nodes[spec.name] = Node(spec, proxy, log_path=self.dir / "logs" / f"{spec.name}.log")
         self.service = DelayProxy("127.0.0.1", self._port(2), self._endpoints)
         await self._listen("the Service stand-in", self._port(2), self.service.start)
@@ -361,6 +361,19 @@ class Sandbox:
     def slow(self, name: str, delay: float) -> str:
         self.node(name).proxy.delay = delay
         return f"{name}: requests to {self.node(name).spec.address} now arrive {delay * 1000:g} ms late"
+
+    def lossy(self, name: str, share: float) -> str:
+        self.node(name).proxy.loss = share
+        if not share:
+            return f"{name}: no datagram lost on purpose"
+        return f"{name}: {share:.0%} of the UDP datagrams to and from {self.node(name).spec.address} are lost"
+
+    def mtu(self, name: str, size: int | None) -> str:
+        proxy = self.node(name).proxy
+        proxy.max_datagram = size or 65535
+        if size is None:
+            return f"{name}: datagrams of any size pass"
+        return f"{name}: UDP datagrams over {size} bytes to and from {self.node(name).spec.address} are dropped"
 
     def fast(self, name: str) -> str:
         self.node(name).proxy.delay = 0.0

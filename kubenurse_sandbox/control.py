@@ -31,6 +31,8 @@ commands (NODE is node-2 or just 2):
   start NODE           start it again
   slow NODE DURATION   delay every connection to NODE by DURATION (200ms, 1.5s; over 6s: timeouts)
   fast NODE            remove the delay
+  lossy NODE PERCENT   lose PERCENT of the UDP datagrams to and from NODE (0 to stop)
+  mtu NODE BYTES|off   drop UDP datagrams over BYTES to and from NODE (a path MTU black hole)
   api down | api up    an API-server outage (api_server_* checks fail) and its end
   help                 this text
   quit                 stop everything, as Ctrl-C does"""
@@ -107,6 +109,22 @@ class Commands:
             if delay > 60:
                 raise CommandError("at most 60s")
             return s.slow(self._node(args[0]), delay)
+        if verb == "lossy":
+            _expect(verb, args, 2, "lossy NODE PERCENT  (e.g. lossy node-2 10%)")
+            try:
+                share = float(args[1].rstrip("%")) / 100
+            except ValueError:
+                raise CommandError(f"{args[1]!r} is not a percentage") from None
+            if not 0 <= share <= 1:
+                raise CommandError("between 0% and 100%")
+            return s.lossy(self._node(args[0]), share)
+        if verb == "mtu":
+            _expect(verb, args, 2, "mtu NODE BYTES|off  (e.g. mtu node-2 1400)")
+            if args[1] == "off":
+                return s.mtu(self._node(args[0]), None)
+            if not args[1].isdigit() or not 68 <= int(args[1]) <= 65535:
+                raise CommandError(f"{args[1]!r}: a size in bytes, 68 to 65535, or off")
+            return s.mtu(self._node(args[0]), int(args[1]))
         raise CommandError(f"unknown command {verb!r}")
 
     def _node(self, word: str) -> str:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from probe import __version__, resources
 from probe.checks import kernel
-from probe.checks.kinds import build_checkers
+from probe.checks.pipeline import Pipeline
 from probe.checks.rounds import Prober
 from probe.discovery import Discovery, Fixed, make_discovery
 from probe.discovery.kube import locate
@@ -66,7 +66,7 @@ class Probe:
             cardinality_limit=limit,
         )
         tracer = otel.tracer(self.tracing)
-        self.checker = build_checkers(settings, record=self.metrics.record, tracer=tracer)
+        self.checker = Pipeline(settings, record=self.metrics.record, tracer=tracer)
         self.prober = Prober(settings, self.neighbours, self.checker.check, on_departed=self._forget_series)
         self.state = ServerState(
             last_round=lambda: self.prober.last_round,
@@ -169,7 +169,7 @@ def node_event_reporter(
     if not settings.node_events:
         return None
     credentials = locate(settings)
-    namespace = settings.pod_namespace or settings.namespace
+    namespace = settings.own_namespace  # the credentials are not loaded yet: settings alone
     if isinstance(credentials, str) or not namespace:
         reason = credentials if isinstance(credentials, str) else "POD_NAMESPACE and KUBENURSE_NAMESPACE unset"
         log.warning("node events off", extra={"reason": reason})

@@ -1,13 +1,16 @@
-"""What an extra check's URL asks for: its kind (by scheme) and, for DNS and TCP, the parts.
+"""What a check's URL asks for: one typed target per check kind, chosen by the URL's scheme.
 
-Pure functions: settings validates with them at start, and the DNS and TCP checkers read
-their targets with the same ones, so what was accepted is what gets checked.
+Pure functions, below settings: settings parses every extra check's URL here once, keeps the
+typed target, and the check of that kind (probe/checks/<kind>.py) reads it as it is: what was
+accepted is what gets checked. A new kind adds its target type, its parser and its schemes.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import dns.rdatatype
@@ -15,18 +18,23 @@ import dns.rdatatype
 from probe import names
 
 DNS_PORT = 53
-SCHEMES = {
-    "http": names.KIND_HTTP,
-    "https": names.KIND_HTTP,
-    "dns": names.KIND_DNS,
-    "tcp": names.KIND_TCP,
-    "udp": names.KIND_UDP,
-}
+
+
+@dataclass(frozen=True)
+class HttpGet:
+    """A GET of the URL; the service-account token only where `send_token` (the API server)."""
+
+    kind: ClassVar[str] = names.KIND_HTTP
+    send_token: bool = False
+    #: (name, value) pairs sent with the request.
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
 class DnsQuery:
     """`dns://NAME` (the pod's resolver) or `dns://SERVER[:PORT]/NAME` (that server)."""
+
+    kind: ClassVar[str] = names.KIND_DNS
 
     name: str
     rdtype: str = "A"
@@ -36,12 +44,24 @@ class DnsQuery:
 
 @dataclass(frozen=True)
 class TcpEndpoint:
+    """`tcp://HOST:PORT`: connect, then close."""
+
+    kind: ClassVar[str] = names.KIND_TCP
     host: str
     port: int
 
     @property
     def is_address(self) -> bool:
         return is_ip(self.host)
+
+
+@dataclass(frozen=True)
+class UdpEndpoint:
+    """`udp://HOST:PORT`: a train of datagrams to a probe's UDP echo (probe/checks/udp.py)."""
+
+    kind: ClassVar[str] = names.KIND_UDP
+    host: str
+    port: int
 
 
 def is_ip(text: str) -> bool:
@@ -52,12 +72,13 @@ def is_ip(text: str) -> bool:
     return True
 
 
-def kind_of(url: str) -> str:
-    """The check kind of a URL; ValueError for a scheme no kind has."""
+def parse(url: str) -> Spec:
+    """The typed target of a check URL, by its scheme; ValueError saying what is wrong."""
     scheme = urlsplit(url.strip()).scheme.lower()
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use http, https, dns, tcp or udp")
-    return SCHEMES[scheme]
+        *others, last = SCHEMES
+        raise ValueError(f"unknown scheme {scheme or '(none)'!r}: use {', '.join(others)} or {last}")
+    return SCHEMES[scheme](url)
 
 
 def _check_name(name: str) -> str:
@@ -98,10 +119,11 @@ def parse_dns_url(url: str) -> DnsQuery:
     return DnsQuery(_check_name(path), rdtype, (server, port))
 
 
-def parse_tcp_url(url: str) -> TcpEndpoint:
+def _host_port(url: str, scheme: str) -> tuple[str, int]:
+    """HOST and PORT of `scheme://HOST:PORT`, nothing else allowed."""
     parts = urlsplit(url.strip())
-    if parts.scheme.lower() != "tcp":
-        raise ValueError("not a tcp:// URL")
+    if parts.scheme.lower() != scheme:
+        raise ValueError(f"not a {scheme}:// URL")
     if not parts.hostname:
         raise ValueError("has no host")
     try:
@@ -109,30 +131,32 @@ def parse_tcp_url(url: str) -> TcpEndpoint:
     except ValueError as e:
         raise ValueError(str(e)) from None
     if not port:
-        raise ValueError("has no port (tcp://HOST:PORT)")
+        raise ValueError(f"has no port ({scheme}://HOST:PORT)")
     if parts.path.strip("/") or parts.query:
-        raise ValueError("takes no path or query (tcp://HOST:PORT)")
-    return TcpEndpoint(parts.hostname, port)
+        raise ValueError(f"takes no path or query ({scheme}://HOST:PORT)")
+    return parts.hostname, port
 
 
-@dataclass(frozen=True)
-class UdpEndpoint:
-    host: str
-    port: int
+def parse_tcp_url(url: str) -> TcpEndpoint:
+    return TcpEndpoint(*_host_port(url, "tcp"))
 
 
 def parse_udp_url(url: str) -> UdpEndpoint:
-    parts = urlsplit(url.strip())
-    if parts.scheme.lower() != "udp":
-        raise ValueError("not a udp:// URL")
-    if not parts.hostname:
-        raise ValueError("has no host")
-    try:
-        port = parts.port
-    except ValueError as e:
-        raise ValueError(str(e)) from None
-    if not port:
-        raise ValueError("has no port (udp://HOST:PORT)")
-    if parts.path.strip("/") or parts.query:
-        raise ValueError("takes no path or query (udp://HOST:PORT)")
-    return UdpEndpoint(parts.hostname, port)
+    return UdpEndpoint(*_host_port(url, "udp"))
+
+
+def parse_http_url(_url: str) -> HttpGet:
+    """A plain GET (settings checks the URL itself: probe.settings.parse_url)."""
+    return HttpGet()
+
+
+#: What a check performs, one type per kind.
+Spec = HttpGet | DnsQuery | TcpEndpoint | UdpEndpoint
+#: URL scheme -> the parser of its kind's target. One line per scheme of each kind.
+SCHEMES: Mapping[str, Callable[[str], Spec]] = {
+    "http": parse_http_url,
+    "https": parse_http_url,
+    "dns": parse_dns_url,
+    "tcp": parse_tcp_url,
+    "udp": parse_udp_url,
+}

@@ -49,6 +49,9 @@ class PodInfo:
     phase: str
     terminating: bool = False
 
+    def neighbour(self) -> Neighbour:
+        return Neighbour(self.name, self.pod_ip, self.host_ip, self.node_name, self.phase)
+
 
 @dataclass(frozen=True, slots=True)
 class NodeInfo:
@@ -73,6 +76,13 @@ class Neighbourhood:
     stale: bool = False
     #: Free-form facts for /alive (last sync, errors ...).
     details: Mapping[str, object] = field(default_factory=dict)
+    #: With `skipped`: why, as /alive's `skipped_checks` shows it.
+    skip_reason: str | None = None
+
+    @classmethod
+    def skip(cls, reason: str, details: Mapping[str, object] | None = None) -> Neighbourhood:
+        """No neighbourhood, and why."""
+        return cls(state=f"skipped: {reason}", skipped=True, details=details or {}, skip_reason=reason)
 
 
 class NeighbourSource(Protocol):
@@ -112,7 +122,7 @@ class StaticNeighbours:
 
     @classmethod
     def unavailable(cls, reason: str) -> StaticNeighbours:
-        return cls(Neighbourhood(state=f"skipped: {reason}", skipped=True))
+        return cls(Neighbourhood.skip(reason))
 
     async def start(self) -> None:
         pass
@@ -131,6 +141,17 @@ def ring_hash(node_name: str) -> int:
     return int.from_bytes(hashlib.sha256(node_name.encode()).digest()[:8], "big")
 
 
+def candidate(pod: PodInfo, own_pod: str) -> bool:
+    """The pod's own part of eligibility: Running, not terminating, not this pod, with an IP."""
+    return pod.phase == "Running" and not pod.terminating and pod.name != own_pod and bool(pod.pod_ip)
+
+
+def takes_checks(node: NodeInfo | None) -> bool:
+    """The node's part (unless unschedulable nodes are allowed): it exists (None: it is
+    gone) and is schedulable. /ready reads the same of this pod's own node."""
+    return node is not None and node.schedulable
+
+
 def eligible(
     pods: Iterable[PodInfo],
     nodes: Mapping[str, NodeInfo],
@@ -139,16 +160,10 @@ def eligible(
     allow_unschedulable: bool,
 ) -> list[PodInfo]:
     """Pods that may be checked at all, before the limit applies."""
-    chosen = []
-    for pod in pods:
-        if pod.phase != "Running" or pod.terminating or pod.name == own_pod or not pod.pod_ip:
-            continue
-        if not allow_unschedulable:
-            node = nodes.get(pod.node_name)
-            if node is None or not node.schedulable:
-                continue
-        chosen.append(pod)
-    return chosen
+    return [
+        pod for pod in pods
+        if candidate(pod, own_pod) and (allow_unschedulable or takes_checks(nodes.get(pod.node_name)))
+    ]
 
 
 def ring_order(pods: Iterable[PodInfo], own_node: str, limit: int = 0) -> list[PodInfo]:
@@ -172,7 +187,7 @@ def select_neighbours(
     """The neighbours this pod checks: eligible pods, the next `limit` on the ring (0 = all)."""
     candidates = eligible(pods, nodes, own_pod=own_pod, allow_unschedulable=allow_unschedulable)
     candidates = ring_order(candidates, own_node, limit)
-    return tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in candidates)
+    return tuple(p.neighbour() for p in candidates)
 
 
 _UNKNOWN = NodeInfo("")
@@ -214,7 +229,7 @@ def ring_front(
     """
     if limit <= 0:
         raise ValueError("ring_front needs a limit; with 0 every node is needed")
-    candidates = [p for p in pods if p.phase == "Running" and not p.terminating and p.name != own_pod and p.pod_ip]
+    candidates = [p for p in pods if candidate(p, own_pod)]
     taken: list[PodInfo] = []
     counted = 0  # pods taken, plus those of nodes without facts yet (they may well be taken)
     wanted: list[str] = []
@@ -233,12 +248,12 @@ def ring_front(
                 continue
             extra += full
             info = facts.get(node, _UNKNOWN)
-            usable = None if info is _UNKNOWN else (info is not None and info.schedulable)
+            usable = None if info is _UNKNOWN else takes_checks(info)
         if usable is not False and counted < limit:
             counted += 1
             if usable:
                 taken.append(pod)
-    return RingFront(tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in taken), tuple(wanted))
+    return RingFront(tuple(p.neighbour() for p in taken), tuple(wanted))
 
 
 def known_eligible(
@@ -254,14 +269,9 @@ def known_eligible(
     left out; a node without facts counts as schedulable (a taint-only cordon or a deleted
     node away from the ring front is not known). For views of the whole cluster (the mesh),
     never for the neighbours, which `ring_front` selects exactly."""
-    chosen = []
-    for pod in pods:
-        if pod.phase != "Running" or pod.terminating or pod.name == own_pod or not pod.pod_ip:
-            continue
-        if pod.node_name in cordoned:
-            continue
-        info = facts.get(pod.node_name, _UNKNOWN)
-        if info is not _UNKNOWN and (info is None or not info.schedulable):
-            continue
-        chosen.append(pod)
-    return tuple(Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase) for p in ring_order(chosen, own_node))
+    chosen = [
+        pod for pod in pods
+        if candidate(pod, own_pod) and pod.node_name not in cordoned
+        and ((info := facts.get(pod.node_name, _UNKNOWN)) is _UNKNOWN or takes_checks(info))
+    ]
+    return tuple(p.neighbour() for p in ring_order(chosen, own_node))

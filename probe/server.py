@@ -22,6 +22,7 @@ from probe.checks.result import CheckResult
 from probe.checks.rounds import Round
 from probe.mesh.routes import add_routes as add_mesh_routes
 from probe.neighbours import Neighbour, Neighbourhood
+from probe.ratelimit import TokenBucket
 from probe.settings import Settings
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics
@@ -44,21 +45,6 @@ def hidden_header(name: str) -> bool:
 # not become a flood of spans (and exporter work) on the receiving side.
 SERVER_SPANS_PER_SECOND = 20.0
 SERVER_SPAN_BURST = 40.0
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self._rate, self._burst, self._clock = rate, burst, clock
-        self._tokens, self._last = burst, clock()
-
-    def take(self) -> bool:
-        now = self._clock()
-        self._tokens = min(self._burst, self._tokens + (now - self._last) * self._rate)
-        self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 @dataclass
@@ -97,9 +83,10 @@ def _remote_addr(request: web.Request) -> str:
 
 def _udp_text(result: CheckResult) -> str:
     """A neighbour's UDP path as /alive shows it: the verdict, then what the train found."""
-    if result.udp_sent is None:
+    udp = result.facts.udp
+    if udp is None:
         return result.summary
-    found = f"{result.udp_lost or 0} of {result.udp_sent} datagrams lost"
+    found = f"{udp.lost} of {udp.sent} datagrams lost"
     if result.duration is not None:
         found += f", median round trip {result.duration * 1e3:.2f} ms"
     return f"{result.summary} ({found})"
@@ -126,7 +113,7 @@ def alive_document(request: web.Request, state: ServerState) -> tuple[dict[str, 
     udp = {check_type: _udp_text(result) for check_type, result in sorted(last.udp.items())} if last else {}
     results["neighbourhood_state"] = hood.state if not hood.skipped else names.SKIPPED
     if hood.skipped:
-        reasons["neighbourhood"] = hood.state.removeprefix("skipped: ")
+        reasons["neighbourhood"] = hood.skip_reason or ""
     results["neighbourhood"] = [n.as_alive() for n in hood.neighbours]
     document: dict[str, object] = {
         "hostname": socket.gethostname(),

@@ -17,7 +17,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from probe import checkurls, names
-from probe.labels import SelectorError, parse_selector
+from probe.labels import SelectorError, parse_label_selector
 
 T = TypeVar("T")
 
@@ -45,6 +45,21 @@ class ExtraCheck:
     url: str
     #: names.KIND_HTTP, KIND_DNS or KIND_TCP, from the URL's scheme.
     kind: str = names.KIND_HTTP
+    #: What the check performs: the URL parsed by its kind, here, once (never again per check).
+    target: checkurls.Spec = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "target", checkurls.parse(self.url))
+
+
+@dataclass(frozen=True)
+class Namespaces:
+    """Which namespace is meant (`Settings.namespaces`); None where nothing names one."""
+
+    #: This pod's: where its own pod object and its Events live.
+    own: str | None
+    #: Where the neighbour pods are listed.
+    neighbours: str | None
 
 
 @dataclass(frozen=True)
@@ -105,7 +120,23 @@ class Settings:
 
     @property
     def own_namespace(self) -> str | None:
-        return self.pod_namespace or self.namespace
+        """This pod's namespace as far as the settings alone tell (see `namespaces`)."""
+        return self.namespaces().own
+
+    def namespaces(self, found: str | None = None) -> Namespaces:
+        """The one rule for which namespace is meant, wherever one is needed.
+
+        This pod's own namespace: POD_NAMESPACE (the downward API), else `found`, the
+        namespace the discovery credentials name (the service account's `namespace` file,
+        which the kubelet writes for this very pod; outside a cluster the kubeconfig
+        context's), else KUBENURSE_NAMESPACE. Before the credentials are read (`found` is
+        None: the telemetry resource, the Events) that is POD_NAMESPACE, else
+        KUBENURSE_NAMESPACE, the documented default.
+        The neighbours' namespace: KUBENURSE_NAMESPACE (kubenurse's "namespace in which to
+        look for the neighbour kubenurses"), else this pod's own.
+        """
+        own = self.pod_namespace or found or self.namespace
+        return Namespaces(own=own, neighbours=self.namespace or own)
 
     @property
     def in_cluster(self) -> bool:
@@ -118,7 +149,8 @@ class Settings:
 
 # --- value parsers: each raises ValueError with a short reason --------------------------
 
-_BOOL = {
+#: Go's strconv.ParseBool, which kubenurse and the API server's query parameters use.
+GO_BOOLS = {
     **dict.fromkeys(("1", "t", "T", "TRUE", "true", "True"), True),
     **dict.fromkeys(("0", "f", "F", "FALSE", "false", "False"), False),
 }
@@ -129,7 +161,7 @@ _DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 def parse_bool(text: str) -> bool:
     """Go's strconv.ParseBool, which kubenurse uses."""
     try:
-        return _BOOL[text.strip()]
+        return GO_BOOLS[text.strip()]
     except KeyError:
         raise ValueError("not a boolean (use true or false)") from None
 
@@ -203,17 +235,8 @@ _BUILTIN_CHECKS = frozenset(
 
 def parse_check_url(text: str) -> tuple[str, str]:
     """(kind, url) of one extra check's URL, by scheme; ValueError saying what is wrong."""
-    kind = checkurls.kind_of(text)
-    if kind == names.KIND_DNS:
-        checkurls.parse_dns_url(text)
-        return kind, text.strip()
-    if kind == names.KIND_TCP:
-        checkurls.parse_tcp_url(text)
-        return kind, text.strip()
-    if kind == names.KIND_UDP:
-        checkurls.parse_udp_url(text)
-        return kind, text.strip()
-    return kind, parse_url(text)
+    kind = checkurls.parse(text).kind
+    return kind, parse_url(text) if kind == names.KIND_HTTP else text.strip()
 
 
 def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
@@ -259,7 +282,7 @@ def parse_limit(text: str) -> int:
 
 def parse_selector_text(text: str) -> str:
     try:
-        parse_selector(text)
+        parse_label_selector(text)
     except SelectorError as e:
         raise ValueError(str(e)) from None
     return text.strip()

@@ -19,7 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from probe.checks.udp import MAX_BIG
+from probe.checks.udp import MAX_BIG, train_of
+from probe.ratelimit import TokenBucket
 
 log = logging.getLogger("probe.udpecho")
 
@@ -33,22 +34,9 @@ BYTES_PER_SECOND = 4 * 1024 * 1024
 BURST = 8 * 1024 * 1024
 #: Source addresses whose budget is remembered (the oldest is forgotten beyond this).
 MAX_SOURCES = 8192
-
-
-class ByteBudget:
-    """A token bucket of bytes."""
-
-    def __init__(self, rate: float, burst: float, now: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens, self.last = burst, now
-
-    def take(self, amount: int, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens >= amount:
-            self.tokens -= amount
-            return True
-        return False
+#: Trains remembered per source: what arrived of each, so the sender can tell which way a
+#: datagram was lost (there, or on the way back).
+TRAINS_PER_SOURCE = 10
 
 
 @dataclass
@@ -77,8 +65,10 @@ class UdpEcho(asyncio.DatagramProtocol):
         self.own_port = own_port
         self.stats = EchoStats()
         self._clock = clock
-        self._sources: OrderedDict[str, ByteBudget] = OrderedDict()
-        self._all = ByteBudget(BYTES_PER_SECOND, BURST, clock())
+        self._sources: OrderedDict[str, TokenBucket] = OrderedDict()
+        self._all = TokenBucket(BYTES_PER_SECOND, BURST, clock)
+        #: source address -> train id -> datagrams of it that arrived (the latest trains).
+        self._arrived: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -92,22 +82,39 @@ class UdpEcho(asyncio.DatagramProtocol):
         if port < 1024 or port == self.own_port:
             self.stats.refused_source += 1
             return
-        now = self._clock()
+        self._note_arrival(host, data)
         budget = self._sources.get(host)
         if budget is None:
-            budget = ByteBudget(BYTES_PER_SECOND_PER_SOURCE, BURST_PER_SOURCE, now)
+            budget = TokenBucket(BYTES_PER_SECOND_PER_SOURCE, BURST_PER_SOURCE, self._clock)
             self._sources[host] = budget
             if len(self._sources) > MAX_SOURCES:
                 self._sources.popitem(last=False)
         else:
             self._sources.move_to_end(host)
-        if not budget.take(len(data), now) or not self._all.take(len(data), now):
+        if not budget.take(len(data)) or not self._all.take(len(data)):
             self.stats.over_budget += 1
             return
         assert self.transport is not None
         self.transport.sendto(data, addr)
         self.stats.echoed += 1
         self.stats.echoed_bytes += len(data)
+
+    def _note_arrival(self, host: str, data: bytes) -> None:
+        train = train_of(data)
+        if train is None:
+            return
+        trains = self._arrived.get(host)
+        if trains is None:
+            trains = self._arrived[host] = OrderedDict()
+            if len(self._arrived) > MAX_SOURCES:
+                self._arrived.popitem(last=False)
+        trains[train] = trains.get(train, 0) + 1
+        if len(trains) > TRAINS_PER_SOURCE:
+            trains.popitem(last=False)
+
+    def arrived(self, host: str) -> dict[int, int]:
+        """Of the latest trains from `host`: train id -> datagrams that arrived here."""
+        return dict(self._arrived.get(host, {}))
 
     def error_received(self, exc: Exception) -> None:
         self.stats.errors += 1  # an ICMP error for an earlier echo: nothing to do

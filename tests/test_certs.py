@@ -12,7 +12,7 @@ from cryptography import x509
 
 from probe import names
 from probe.checks.certs import earliest_not_after, not_after
-from probe.checks.http import HttpChecker
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
 from tests.conftest import StartTarget
@@ -61,7 +61,7 @@ def server_context(cert: trustme.LeafCert | trustme.CA) -> ssl.SSLContext:
 
 async def check(settings: Settings, url: str) -> tuple[CheckResult, dict[str, float]]:
     metrics = new_metrics()
-    checker = HttpChecker(settings, record=metrics.record)
+    checker = Pipeline(settings, record=metrics.record)
     await checker.start()
     try:
         result = await checker.check(Target("secure", url))

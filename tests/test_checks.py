@@ -18,9 +18,10 @@ import pytest
 import trustme
 
 from probe import names
-from probe.checks.http import HttpChecker
-from probe.checks.result import CheckResult, Target
+from probe.checks.pipeline import Pipeline
+from probe.checks.result import CheckResult, Failure, Target
 from probe.checks.rounds import FailureLog, Prober
+from probe.checkurls import HttpGet, UdpEndpoint
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import Settings, load_settings
 from tests.conftest import StartTarget, free_port
@@ -36,7 +37,7 @@ PLAIN_EVENTS = [
 
 async def run_check(settings: Settings, target: Target) -> CheckResult:
     recorded: list[CheckResult] = []
-    checker = HttpChecker(settings, record=recorded.append)
+    checker = Pipeline(settings, record=recorded.append)
     await checker.start()
     try:
         result = await checker.check(target)
@@ -194,7 +195,7 @@ async def test_token_goes_to_api_server_checks_only(
         }
     )
     hood = Neighbourhood(neighbours=(Neighbour("pod-b", "127.0.0.1", "127.0.0.1", "node-b"),))
-    checker = HttpChecker(settings)
+    checker = Pipeline(settings)
     await checker.start()
     try:
         prober = Prober(settings, StaticNeighbours(hood), checker.check)
@@ -215,7 +216,7 @@ async def test_round_runs_checks_concurrently(start_target: StartTarget) -> None
         server.delay = 0.4
     extra = "|".join(f"t{i}:{s.url}/alwayshappy" for i, s in enumerate(servers))
     settings = load_settings({"KUBENURSE_EXTRA_CHECKS": extra})
-    checker = HttpChecker(settings)
+    checker = Pipeline(settings)
     await checker.start()
     try:
         round_ = await Prober(settings, StaticNeighbours.unavailable("test"), checker.check).run_round()
@@ -236,7 +237,7 @@ async def test_a_hanging_check_never_overlaps_itself_and_others_keep_their_caden
             "KUBENURSE_CHECK_TIMEOUT": "400ms",
         }
     )
-    checker = HttpChecker(settings)
+    checker = Pipeline(settings)
     await checker.start()
     in_flight: dict[str, int] = {"hang": 0, "fine": 0}
     most: dict[str, int] = {"hang": 0, "fine": 0}
@@ -305,10 +306,12 @@ def test_neighbour_targets_use_pod_ip_port_and_origin_header() -> None:
 
     hood = Neighbourhood(neighbours=(Neighbour("pod-b", "10.0.0.7", "192.0.2.1", "node-b"),))
     plan = plan_round(Settings(pod_name="pod-a", http_port=8080), hood)
-    (target,) = plan.targets
+    target, echo = plan.targets  # HTTP, and UDP to the echo on the same port number
     assert (target.check_type, target.url) == ("path_node-b", "http://10.0.0.7:8080/alwayshappy")
-    assert target.headers == {names.NEIGHBOUR_ORIGIN_HEADER: "pod-a"}
-    assert not target.send_token
+    assert (echo.check_type, echo.spec) == ("path_node-b", UdpEndpoint("10.0.0.7", 8080))
+    assert echo.neighbour == target.neighbour
+    assert target.spec == HttpGet(headers=((names.NEIGHBOUR_ORIGIN_HEADER, "pod-a"),))
+    assert target.neighbour == hood.neighbours[0]
     tls = plan_round(Settings(pod_name="pod-a", use_tls=True, https_port=9443), hood)
     assert tls.targets[0].url == "https://10.0.0.7:9443/alwayshappy"
 
@@ -316,12 +319,12 @@ def test_neighbour_targets_use_pod_ip_port_and_origin_header() -> None:
 def test_failure_log_does_not_flood(caplog: pytest.LogCaptureFixture) -> None:
     now = [0.0]
     failures = FailureLog(clock=lambda: now[0])
-    broken = CheckResult("path_x", "connect_done: refused", error_event=names.CONNECT_DONE)
+    broken = CheckResult(check_type="path_x", failure=Failure(names.CONNECT_DONE, "ConnectionRefusedError", "refused"))
     with caplog.at_level("INFO", logger="probe.checks"):
         for _ in range(100):  # 100 rounds, 5 s apart: 500 s
             failures.update(broken)
             now[0] += 5
-        failures.update(CheckResult("path_x", "ok"))
+        failures.update(CheckResult(check_type="path_x"))
     lines = [r for r in caplog.records if r.getMessage() == "check failed"]
     assert len(lines) == 2  # the first failure and one reminder after 300 s
     assert lines[1].failures == 61  # type: ignore[attr-defined]
@@ -334,7 +337,7 @@ async def test_token_never_follows_a_redirect(start_target: StartTarget, tmp_pat
     (tmp_path / "token").write_text("s3cret-token")
     settings = Settings(serviceaccount_dir=str(tmp_path))
     redirect = f"{api.url}/redirect?to={elsewhere.url}/version"
-    result = await run_check(settings, Target(names.API_SERVER_DIRECT, redirect, send_token=True))
+    result = await run_check(settings, Target(names.API_SERVER_DIRECT, redirect, HttpGet(send_token=True)))
     assert result.error_event == "status_code_302"
     assert elsewhere.requests == []
     # Without a token, redirects are followed as Go's client does.
@@ -349,7 +352,8 @@ async def test_insecure_never_covers_the_token(
     impostor = await start_target(ssl_context=server_tls)  # its CA is trusted nowhere here
     (tmp_path / "token").write_text("s3cret-token")
     settings = Settings(insecure=True, serviceaccount_dir=str(tmp_path))
-    api = await run_check(settings, Target(names.API_SERVER_DIRECT, f"{impostor.url}/version", send_token=True))
+    version = f"{impostor.url}/version"
+    api = await run_check(settings, Target(names.API_SERVER_DIRECT, version, HttpGet(send_token=True)))
     other = await run_check(settings, Target("extra", f"{impostor.url}/alwayshappy"))
     assert api.error_event == names.TLS_HANDSHAKE_DONE
     assert other.ok
@@ -363,12 +367,15 @@ async def test_two_probe_pods_on_one_node_are_both_checked_and_a_failing_one_is_
     `path_<node>` type (the contract's labels have no pod), so the node's result is the worse
     of the two, naming the pod, and the log does not flap between failed and recovered."""
     healthy = await start_target(host="127.0.0.2")
-    settings = load_settings({"KUBENURSE_HTTP_PORT": str(healthy.port), "KUBENURSE_CHECK_INTERVAL": "100ms"})
+    settings = load_settings({
+        "KUBENURSE_HTTP_PORT": str(healthy.port), "KUBENURSE_CHECK_INTERVAL": "100ms",
+        "KUBENURSE_CHECK_NEIGHBOURHOOD_UDP": "false",  # these neighbours answer HTTP only
+    })
     hood = Neighbourhood(neighbours=(
         Neighbour("pod-new", "127.0.0.2", "127.0.0.2", "node-b"),
         Neighbour("pod-old", "127.0.0.3", "127.0.0.3", "node-b"),  # nothing listens: refused
     ))
-    checker = HttpChecker(settings)
+    checker = Pipeline(settings)
     await checker.start()
     caplog.set_level(logging.INFO, logger="probe.checks")
     prober = Prober(settings, StaticNeighbours(hood), checker.check)

@@ -117,6 +117,13 @@ def test_dashboard_shows_what_the_issue_asks_for() -> None:
     assert re.search(dns_p95, text), "a DNS panel"
     assert 'code="ok"' in text, "a panel for the kinds without an HTTP status (dns, tcp)"
     assert "kubenurse_tls_certificate_expiry_timestamp_seconds" in text
+    # Loss: UDP loss share, retransmissions per check, UDP round trips, MTU failures.
+    udp_share = r"rate\(kubenurse_udp_packets_lost_total[^\n]*\n\s*/\s*\nsum by \(type\) \(rate\("
+    udp_share += "kubenurse_udp_packets_sent"
+    assert re.search(udp_share, text)
+    assert re.search(r"rate\(kubenurse_tcp_retransmits_total", text)
+    assert "kubenurse_udp_rtt_seconds_bucket" in text
+    assert 'event="mtu"' in text
     assert {"datasource", "job", "node", "type"} <= set(variables(dashboard))
 
 

@@ -16,9 +16,11 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from probe import names
 from probe.checks import dns, kernel
-from probe.checks.dns import DnsChecker, ResolverConfig, candidates, parse_resolv_conf
+from probe.checks.dns import DnsKind, ResolverConfig, candidates, parse_resolv_conf
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import CheckResult, Target
 from probe.checks.targets import plan_round
+from probe.checkurls import DnsQuery, parse_dns_url
 from probe.neighbours import StaticNeighbours
 from probe.settings import Settings
 from tests.conftest import free_port
@@ -38,8 +40,10 @@ async def run(url: str, *, settings: Settings | None = None, resolv_conf: str = 
               check_type: str = "lookup") -> tuple[CheckResult, dict[str, float], Spans]:
     metrics = new_metrics()
     spans = Spans()
-    checker = DnsChecker(settings or Settings(), record=metrics.record, tracer=spans.tracer, resolv_conf=resolv_conf)
-    result = await checker.check(Target(check_type, url, kind=names.KIND_DNS))
+    settings = settings or Settings()
+    kinds = {DnsQuery: DnsKind(settings, resolv_conf=resolv_conf)}
+    checker = Pipeline(settings, record=metrics.record, tracer=spans.tracer, kinds=kinds)
+    result = await checker.check(Target(check_type, url, parse_dns_url(url)))
     return result, series(metrics, check_type), spans
 
 
@@ -231,8 +235,9 @@ def test_candidates_follow_ndots() -> None:
 async def test_loop_delay_is_not_in_the_figure(servers: DnsServers) -> None:
     if not kernel.capabilities().rx_timestamps:
         pytest.skip(f"this kernel has no receive timestamps: {kernel.capabilities().describe()}")
-    checker = DnsChecker(Settings())
-    task = asyncio.create_task(checker.check(Target("lookup", f"dns://{servers.dnsmasq}/ok.test", kind="dns")))
+    checker = Pipeline(Settings())
+    url = f"dns://{servers.dnsmasq}/ok.test"
+    task = asyncio.create_task(checker.check(Target("lookup", url, parse_dns_url(url))))
     await asyncio.sleep(0)  # the query is sent; the answer arrives while the loop is blocked
     time.sleep(0.3)
     result = await task

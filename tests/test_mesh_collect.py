@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from probe.checks.result import CheckResult, Target
+from probe.checks.result import CheckResult, Failure, Skip, Target, Why
 from probe.checks.rounds import Round
 from probe.mesh.collect import (
     REPORT_PATH,
@@ -143,8 +143,9 @@ async def test_cap_limits_how_many_are_asked(pods) -> None:  # type: ignore[no-u
 
 def test_trace_links_come_from_the_template() -> None:
     target = Target("path_n2", "http://127.0.0.3:8080/alwayshappy", neighbour=Neighbour("pod-2", "127.0.0.3", "", "n2"))
-    failed = CheckResult("path_n2", "connection refused", target, error_event="connect_done", trace_id="ab" * 16)
-    skipped = CheckResult.skip("me_ingress", "KUBENURSE_INGRESS_URL not set")
+    refused = Failure("connect_done", "ClientConnectorError", "connection refused")
+    failed = CheckResult(check_type="path_n2", target=target, failure=refused, trace_id="ab" * 16)
+    skipped = CheckResult(check_type="me_ingress", skip=Skip(Why.NOT_SET, "KUBENURSE_INGRESS_URL"))
     last = Round({"path_n2": failed, "me_ingress": skipped}, Neighbourhood(neighbours=(target.neighbour,)), 0.0, 0.1)
     own = own_report(last, node="n1", pod="pod-1", ready=True, now=1.0)
     assert [r["type"] for r in own["results"]] == ["path_n2"], "skipped checks are no evidence"

@@ -219,7 +219,7 @@ async def test_departed_node_series_disappear(start_target: StartTarget) -> None
 
 def _ok_result(check_type: str) -> CheckResult:
     events = {event: 0.001 * (i + 1) for i, event in enumerate(names.EVENTS)}  # HTTPS: all nine
-    return CheckResult(check_type, names.OK, status_code=200, duration=0.01, events=events)
+    return CheckResult(check_type=check_type, status_code=200, duration=0.01, events=events)
 
 
 def test_sdk_disabled_still_serves_every_series(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -269,3 +269,23 @@ def test_known_eligible_leaves_out_what_is_known_unusable() -> None:
     assert [n.pod_name for n in chosen] == ["d"]  # n1 cordoned, n2 gone, n3 tainted, e pending
     everything = known_eligible(pods, cordoned=(), facts={}, own_pod="me", own_node="n0")
     assert sorted(n.pod_name for n in everything) == ["a", "b", "c", "d"]  # unknown nodes count as usable
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_every_selection_applies_the_same_pod_and_node_rules(seed: int) -> None:
+    """`eligible`, `known_eligible` and `ring_front` share one eligibility rule: given the
+    full facts they pick the same pods (terminating, IP-less, pending, this pod, gone,
+    cordoned and tainted nodes all mixed in)."""
+    rng = random.Random(seed)
+    pods, all_nodes = _cluster(rng, rng.randrange(5, 120))
+    pods += [pod("gone", "node-1", terminating=True), pod("no-ip", "node-2", ip=""), pod("p-0-0", "node-3")]
+    rng.shuffle(pods)
+    facts: dict[str, NodeInfo | None] = {p.node_name: all_nodes.get(p.node_name) for p in pods}
+    want = ring_order(eligible(pods, all_nodes, own_pod="p-0-0", allow_unschedulable=False), "node-0")
+    names = [p.name for p in want]
+    assert "gone" not in names and "no-ip" not in names and "p-0-0" not in names
+    known = known_eligible(pods, cordoned=(), facts=facts, own_pod="p-0-0", own_node="node-0")
+    assert [n.pod_name for n in known] == names
+    front = ring_front(pods, cordoned=(), facts=facts, own_pod="p-0-0", own_node="node-0",
+                       limit=len(pods), spares=0, max_wanted=len(pods))
+    assert [n.pod_name for n in front.neighbours] == names

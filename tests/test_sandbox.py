@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 SANDBOX = [sys.executable, "-m", "probe", "sandbox"]
 REPO = Path(__file__).resolve().parent.parent
@@ -364,6 +365,50 @@ def test_slow_from_the_prompt_raises_that_paths_latency(sandbox: Sandbox) -> Non
 
     sandbox.type("fast node-3")
     sandbox.wait_output(r"node-3: no added delay", timeout=5)
+
+
+def udp_counts(base: str, check_type: str) -> tuple[float, float]:
+    """(sent, lost) UDP datagrams of one check type on a probe's /metrics."""
+    text = get(f"{base}/metrics")[1]
+    found = {"sent": 0.0, "lost": 0.0}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("type") == check_type and s.name in (
+                "kubenurse_udp_packets_sent_total", "kubenurse_udp_packets_lost_total"
+            ):
+                found["sent" if "sent" in s.name else "lost"] += s.value
+    return found["sent"], found["lost"]
+
+
+def test_lossy_and_mtu_from_the_prompt(sandbox: Sandbox) -> None:
+    node1 = sandbox.nodes["node-1"]
+    eventually(lambda: (udp_counts(node1, "path_node-3")[0] > 0, None), 15, "a first UDP train")
+    sent0, lost0 = udp_counts(node1, "path_node-3")
+    assert sent0 > 0 and lost0 == 0, "baseline: the UDP echo of node-3 answers every datagram"
+    sandbox.type("lossy node-3 50%")
+    sandbox.wait_output(r"node-3: 50% of the UDP datagrams to and from 127\.0\.0\.4 are lost", timeout=5)
+    # A lossy train waits the check timeout for its stragglers: about one train in 5 s.
+    eventually(lambda: (udp_counts(node1, "path_node-3")[0] >= sent0 + 40, sent0), 40, "four UDP trains")
+    sent1, lost1 = udp_counts(node1, "path_node-3")
+    share = (lost1 - lost0) / (sent1 - sent0)
+    assert 0.5 <= share <= 0.95, f"lost {share:.0%} with 50% each way (75% expected)"
+    other = udp_counts(node1, "path_node-2")
+    assert other[1] == 0, "only node-3's path loses"
+    sandbox.type("lossy node-3 0")
+    sandbox.wait_output(r"node-3: no datagram lost on purpose", timeout=5)
+
+    sandbox.type("mtu node-3 1000")
+    sandbox.wait_output(r"node-3: UDP datagrams over 1000 bytes", timeout=5)
+
+    def mtu_failing() -> tuple[bool, object]:
+        status, doc = alive(node1)
+        text = doc.get("udp_paths", {}).get("path_node-3", "")
+        return text.startswith("mtu: "), (status, doc.get("udp_paths"))
+
+    eventually(mtu_failing, 20, "path_node-3 failing at mtu on node-1")
+    assert alive(node1)[1]["last_check_result"]["path_node-3"] == "ok", "HTTP to node-3 is unaffected"
+    sandbox.type("mtu node-3 off")
+    sandbox.wait_output(r"node-3: datagrams of any size pass", timeout=5)
 
 
 def test_stop_and_start_over_the_control_endpoint(sandbox: Sandbox) -> None:

@@ -16,7 +16,6 @@ import pytest
 import trustme
 
 import probe
-from probe import names
 from probe.checks.result import CheckResult
 from probe.settings import (
     DEFAULT_BUCKETS,
@@ -115,6 +114,7 @@ TABLE: list[Row] = [
     Row("KUBENURSE_CHECK_ME_INGRESS", "FALSE", "check_me_ingress", False, "disabled"),
     Row("KUBENURSE_CHECK_ME_SERVICE", "0", "check_me_service", False, "fals"),
     Row("KUBENURSE_CHECK_NEIGHBOURHOOD", "False", "check_neighbourhood", False, "2"),
+    Row("KUBENURSE_CHECK_NEIGHBOURHOOD_UDP", "false", "check_neighbourhood_udp", False, "nope"),
     Row("KUBENURSE_CHECK_DNS_CLUSTER", "false", "check_dns_cluster", False, "nein"),
     Row("KUBENURSE_CHECK_INTERVAL", "1m30s", "check_interval", 90.0, "5"),
     Row("KUBENURSE_CHECK_TIMEOUT", "2s", "check_timeout", 2.0, "0"),
@@ -216,6 +216,32 @@ def test_pod_namespace_defaults_to_kubenurse_namespace() -> None:
     assert both.own_namespace == "monitoring"
 
 
+@pytest.mark.parametrize(
+    ("pod_namespace", "namespace", "found", "own", "neighbours"),
+    [
+        # POD_NAMESPACE, KUBENURSE_NAMESPACE, the credentials' -> this pod's, the neighbours'
+        (None, None, None, None, None),
+        (None, None, "sa", "sa", "sa"),
+        (None, "kn", None, "kn", "kn"),
+        (None, "kn", "sa", "sa", "kn"),
+        ("pod", None, None, "pod", "pod"),
+        ("pod", None, "sa", "pod", "pod"),
+        ("pod", "kn", None, "pod", "kn"),
+        ("pod", "kn", "sa", "pod", "kn"),
+    ],
+)
+def test_one_namespace_rule(
+    pod_namespace: str | None, namespace: str | None, found: str | None, own: str | None, neighbours: str | None
+) -> None:
+    """Every place that needs a namespace asks Settings.namespaces: this pod's is
+    POD_NAMESPACE, then the credentials', then KUBENURSE_NAMESPACE; the neighbours' is
+    KUBENURSE_NAMESPACE, then this pod's."""
+    settings = Settings(pod_namespace=pod_namespace, namespace=namespace)
+    got = settings.namespaces(found)
+    assert (got.own, got.neighbours) == (own, neighbours)
+    assert settings.own_namespace == settings.namespaces().own
+
+
 # --- durations (Go's time.ParseDuration) -------------------------------------------------
 
 
@@ -286,7 +312,7 @@ def test_buckets_keep_integers_integral() -> None:
 def test_integral_bucket_prints_as_le_1() -> None:
     metrics = Metrics(buckets=parse_buckets("0.5,1,2"), incoming=lambda: 0)
     try:
-        metrics.record(CheckResult("extra", names.OK, status_code=200, duration=0.7))
+        metrics.record(CheckResult(check_type="extra", status_code=200, duration=0.7))
         body, _ = metrics.exposition("")
     finally:
         metrics.shutdown()

@@ -321,6 +321,17 @@ async def test_bad_selectors_are_400_status(http: Http) -> None:
         assert (status, body["reason"], body["code"]) == (400, "BadRequest", 400), params
 
 
+async def test_boolean_query_values_are_read_as_go_reads_them(http: Http) -> None:
+    # strconv.ParseBool: the same table the probe's settings use, with nothing trimmed.
+    for value in ("yes", " true", "on"):
+        status, body = await http.get("/api/v1/pods", watch=value)
+        assert (status, body["reason"]) == (400, "BadRequest"), value
+        assert "strconv.ParseBool" in body["message"]
+    for value in ("", "0", "f", "False"):
+        status, body = await http.get("/api/v1/pods", watch=value)
+        assert (status, body["kind"]) == (200, "PodList"), value
+
+
 @pytest.mark.parametrize(
     ("selector", "expected"),
     [

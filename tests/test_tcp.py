@@ -15,8 +15,10 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from probe import names
 from probe.checks import kernel
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import CheckResult, Target
-from probe.checks.tcp import TcpChecker
+from probe.checks.tcp import TcpKind
+from probe.checkurls import TcpEndpoint, parse_tcp_url
 from probe.settings import Settings
 from tests.conftest import free_port
 from tests.dns_servers import DnsServers, run_dns_servers
@@ -61,8 +63,10 @@ async def run(url: str, *, settings: Settings | None = None, resolv_conf: str = 
               ) -> tuple[CheckResult, dict[str, float], Spans]:
     metrics = new_metrics()
     spans = Spans()
-    checker = TcpChecker(settings or Settings(), record=metrics.record, tracer=spans.tracer, resolv_conf=resolv_conf)
-    result = await checker.check(Target("db", url, kind=names.KIND_TCP))
+    settings = settings or Settings()
+    kinds = {TcpEndpoint: TcpKind(settings, resolv_conf=resolv_conf)}
+    checker = Pipeline(settings, record=metrics.record, tracer=spans.tracer, kinds=kinds)
+    result = await checker.check(Target("db", url, parse_tcp_url(url)))
     return result, series(metrics, "db"), spans
 
 
@@ -149,8 +153,9 @@ async def test_unknown_name_fails_at_dns_done(servers: DnsServers, tmp_path: Pat
 async def test_loop_delay_is_not_in_the_figure(listener: int) -> None:
     if not kernel.capabilities().tcp_info:
         pytest.skip(f"this kernel has no TCP_INFO: {kernel.capabilities().describe()}")
-    checker = TcpChecker(Settings())
-    task = asyncio.create_task(checker.check(Target("db", f"tcp://127.0.0.1:{listener}", kind="tcp")))
+    checker = Pipeline(Settings())
+    url = f"tcp://127.0.0.1:{listener}"
+    task = asyncio.create_task(checker.check(Target("db", url, parse_tcp_url(url))))
     await asyncio.sleep(0)  # the SYN is out; the handshake completes while the loop is blocked
     time.sleep(0.3)
     result = await task

@@ -22,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from probe import names
 from probe.checks import kernel
-from probe.checks.http import HttpChecker
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import CheckResult, Target
 from probe.settings import Settings
 from probe.telemetry.metrics import Metrics
@@ -68,7 +68,7 @@ def slow_https(server_tls: ssl.SSLContext) -> Iterator[str]:
     yield from _serve(server_tls)
 
 
-async def _check_while_loop_is_busy(checker: HttpChecker, url: str) -> CheckResult:
+async def _check_while_loop_is_busy(checker: Pipeline, url: str) -> CheckResult:
     async def hog() -> None:
         await asyncio.sleep(0.010)  # the request is out; the answer comes in 60 ms
         time.sleep(LOOP_BUSY)  # the probe's loop is stuck (other checks, a scrape, a GC pause)
@@ -81,7 +81,7 @@ async def _check_while_loop_is_busy(checker: HttpChecker, url: str) -> CheckResu
 async def test_the_first_byte_comes_from_the_kernel_not_from_when_the_loop_got_round_to_it(
     scheme: str, slow_http: str, slow_https: str, ca_file: Path
 ) -> None:
-    checker = HttpChecker(Settings(extra_ca_file=str(ca_file)))
+    checker = Pipeline(Settings(extra_ca_file=str(ca_file)))
     await checker.start()
     try:
         await checker.check(Target("warm", slow_http))  # imports and first connections
@@ -108,7 +108,7 @@ async def test_without_kernel_timestamps_the_fallback_is_used_and_said(
     slow_http: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(kernel, "capabilities", lambda: kernel.Capabilities(rx_timestamps=False, tcp_info=False))
-    checker = HttpChecker(Settings())
+    checker = Pipeline(Settings())
     await checker.start()
     try:
         result = await _check_while_loop_is_busy(checker, slow_http)
@@ -137,7 +137,7 @@ async def test_spans_and_metrics_carry_the_same_durations(slow_https: str, ca_fi
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     metrics = Metrics(buckets=Settings().histogram_buckets, incoming=lambda: 0)
-    checker = HttpChecker(
+    checker = Pipeline(
         Settings(extra_ca_file=str(ca_file)), record=metrics.record, tracer=provider.get_tracer("test")
     )
     await checker.start()
@@ -178,7 +178,7 @@ async def test_a_reused_connection_times_the_request_that_uses_it(
 ) -> None:
     """KUBENURSE_REUSE_CONNECTIONS: the socket outlives its first request; the second check's
     figures are its own (no connect, no handshake, its own wait), not the first one's."""
-    checker = HttpChecker(Settings(extra_ca_file=str(ca_file), reuse_connections=True))
+    checker = Pipeline(Settings(extra_ca_file=str(ca_file), reuse_connections=True))
     await checker.start()
     url = slow_http if scheme == "http" else slow_https
     try:

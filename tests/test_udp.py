@@ -18,9 +18,10 @@ from opentelemetry.trace import StatusCode
 from probe import names
 from probe.app import Probe
 from probe.checks import udp
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import Target
 from probe.checks.targets import plan_round
-from probe.checks.udp import UdpChecker
+from probe.checkurls import parse_udp_url
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import Settings, load_settings
 from probe.udpecho import BURST, BURST_PER_SOURCE, MAX_DATAGRAM, UdpEcho, start_echo
@@ -55,8 +56,8 @@ class BigDropper(asyncio.DatagramProtocol):
 async def check(url: str, timeout: float = 1.0) -> tuple[object, dict[str, float], Spans]:
     metrics = new_metrics()
     spans = Spans()
-    checker = UdpChecker(Settings(check_timeout=timeout), record=metrics.record, tracer=spans.tracer)
-    result = await checker.check(Target("echo", url, kind=names.KIND_UDP))
+    checker = Pipeline(Settings(check_timeout=timeout), record=metrics.record, tracer=spans.tracer)
+    result = await checker.check(Target("echo", url, parse_udp_url(url)))
     return result, series(metrics, "echo"), spans
 
 
@@ -64,8 +65,8 @@ async def test_a_train_comes_back_whole(echo: tuple[int, UdpEcho]) -> None:
     port, protocol = echo
     result, seen, spans = await check(f"udp://127.0.0.1:{port}")
     assert result.ok, result.summary  # type: ignore[attr-defined]
-    assert (result.udp_sent, result.udp_lost) == (udp.TRAIN, 0)  # type: ignore[attr-defined]
-    rtts = result.udp_rtts  # type: ignore[attr-defined]
+    assert (result.facts.udp.sent, result.facts.udp.lost) == (udp.TRAIN, 0)  # type: ignore[attr-defined]
+    rtts = result.facts.udp.rtts  # type: ignore[attr-defined]
     assert len(rtts) == udp.TRAIN and all(0 < r < 0.05 for r in rtts), rtts
     assert protocol.stats.echoed == udp.TRAIN
     assert seen == {
@@ -90,7 +91,7 @@ async def test_full_size_lost_small_back_is_mtu() -> None:
     big = udp.TRAIN // udp.BIG_EVERY
     assert not result.ok  # type: ignore[attr-defined]
     assert result.error_event == names.MTU, result.summary  # type: ignore[attr-defined]
-    assert result.udp_lost == big and result.udp_sent == udp.TRAIN  # type: ignore[attr-defined]
+    assert result.facts.udp.lost == big and result.facts.udp.sent == udp.TRAIN  # type: ignore[attr-defined]
     assert seen['kubenurse_errors_total{event="mtu",type="echo"}'] == 1
     assert seen['kubenurse_udp_packets_lost_total{type="echo"}'] == big
     assert "don't fragment" in result.summary  # type: ignore[attr-defined]
@@ -202,3 +203,14 @@ async def test_a_probe_answers_udp_and_checks_it(tmp_path: object) -> None:
     assert alive["udp_echo"]["state"] == "on" and alive["udp_echo"]["echoed"] >= 2 * udp.TRAIN
     assert 'kubenurse_udp_packets_sent_total{type="self_udp"}' in text
     assert 'kubenurse_udp_packets_lost_total{type="self_udp"} 0.0' in text
+
+
+async def test_the_echo_counts_what_arrived_of_each_train(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    first = await udp.send_train("127.0.0.1", port, 1.0)
+    second = await udp.send_train("127.0.0.1", port, 1.0)
+    arrived = protocol.arrived("127.0.0.1")
+    assert arrived == {first.train_id: udp.TRAIN, second.train_id: udp.TRAIN}
+    assert protocol.arrived("127.0.0.2") == {}
+    protocol.datagram_received(b"not a train", ("127.0.0.1", 40000))
+    assert protocol.arrived("127.0.0.1") == arrived

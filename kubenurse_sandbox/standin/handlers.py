@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from probe.settings import GO_BOOLS
+
 from . import objects
 from .objects import KIND_NAMES, Obj
 from .selectors import SelectorError, parse_field_selector, parse_label_selector
@@ -33,8 +35,6 @@ VERSION_INFO = {
     "compiler": "gc",
     "platform": "linux/amd64",
 }
-_TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
-_FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
 
 
 class ApiError(Exception):
@@ -66,10 +66,10 @@ def too_old(rv: int, floor: int) -> ApiError:
 
 def parse_bool(query: Any, name: str) -> bool:
     value = query.get(name, "")
-    if value in _TRUE:
-        return True
-    if value in _FALSE or value == "":
+    if value == "":
         return False
+    if value in GO_BOOLS:  # as given: Go does not trim a query value
+        return GO_BOOLS[value]
     raise bad_request(f'{name}: Invalid value: "{value}": strconv.ParseBool: parsing "{value}": invalid syntax')
 
 

@@ -28,12 +28,11 @@ import dns.flags
 import dns.message
 import dns.rcode
 import dns.rdatatype
-from opentelemetry import trace
 
 from probe import names
-from probe.checks import kernel, netspan
-from probe.checks.result import CheckResult, Target
-from probe.checkurls import DNS_PORT, DnsQuery, is_ip, parse_dns_url
+from probe.checks import kernel
+from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target
+from probe.checkurls import DNS_PORT, DnsQuery, is_ip
 from probe.settings import Settings
 
 RESOLV_CONF = "/etc/resolv.conf"
@@ -381,28 +380,24 @@ def _timed_out(running: Resolution, qname: str, server: tuple[str, int]) -> Reso
 # --- the check -----------------------------------------------------------------------------
 
 
-def result_of(target: Target, resolution: Resolution) -> CheckResult:
-    """A DNS check's result: events, duration and the /alive text from what resolving gave."""
+def outcome_of(resolution: Resolution) -> Outcome:
+    """A DNS check's outcome: figures, span and failure from what resolving gave."""
     events = {names.DNS_START: 0.0}
     duration = None
     if resolution.answered_ns is not None:
         duration = resolution.network_ns / 1e9
         events[names.DNS_DONE] = duration
-    if resolution.ok:
-        return CheckResult(target.check_type, names.OK, target, duration=duration, events=events)
-    return CheckResult(
-        target.check_type,
-        f"{names.DNS_DONE}: {resolution.error}",
-        target,
-        error_event=names.DNS_DONE,
-        duration=duration,
-        events=events,
-        error_type=resolution.error_type,
+    failure = None
+    if not resolution.ok:
+        failure = Failure(names.DNS_DONE, resolution.error_type or "error", resolution.error or "no answer")
+    return Outcome(
+        phases=(dns_phase(resolution),), events=events, duration=duration, failure=failure,
+        facts=Facts(attributes=span_attributes(resolution)),
     )
 
 
-def span_attributes(resolution: Resolution) -> dict[str, str | int]:
-    attributes: dict[str, str | int] = {
+def span_attributes(resolution: Resolution) -> dict[str, AttributeValue]:
+    attributes: dict[str, AttributeValue] = {
         names.ATTR_DNS_QUESTION_NAME: resolution.name.rstrip("."),
         names.ATTR_DNS_QUESTION_TYPE: resolution.rdtype,
         names.ATTR_DNS_ANSWER_COUNT: len(resolution.records),
@@ -415,42 +410,17 @@ def span_attributes(resolution: Resolution) -> dict[str, str | int]:
     return attributes
 
 
-def dns_phase(resolution: Resolution) -> netspan.Phase:
-    return netspan.Phase("dns", resolution.first_sent_ns, resolution.answered_ns, names.DNS_DONE)
+def dns_phase(resolution: Resolution) -> Phase:
+    return Phase(names.DNS_START, names.DNS_DONE, resolution.first_sent_ns, resolution.answered_ns)
 
 
-class DnsChecker:
-    """Performs `dns://` checks; `record` is called with each result inside the check's span."""
+class DnsKind(Kind):
+    """`dns://` checks."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        record: Callable[[CheckResult], None] = lambda _r: None,
-        tracer: trace.Tracer | None = None,
-        resolv_conf: str = RESOLV_CONF,
-    ) -> None:
+    def __init__(self, settings: Settings, *, resolv_conf: str = RESOLV_CONF) -> None:
         self._timeout = settings.check_timeout
-        self._record = record
-        self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
         self._resolv_conf = resolv_conf
 
-    async def start(self) -> None:
-        pass
-
-    async def close(self) -> None:
-        pass
-
-    async def check(self, target: Target) -> CheckResult:
-        clock = netspan.Clock()
-        span = netspan.start(self._tracer, target, clock)
-        with trace.use_span(span, end_on_exit=False):
-            try:
-                resolution = await resolve(parse_dns_url(target.url), self._timeout, self._resolv_conf)
-            except Exception as e:  # never let one check take the round down
-                resolution = Resolution(target.url, "A", first_sent_ns=clock.start_ns)
-                resolution.error_type, resolution.error = type(e).__name__, f"{type(e).__name__}: {e}"
-            result = result_of(target, resolution)
-            netspan.finish(self._tracer, span, result, clock, [dns_phase(resolution)], span_attributes(resolution))
-            self._record(result)
-        return result
+    async def measure(self, target: Target) -> Outcome:
+        assert isinstance(target.spec, DnsQuery)
+        return outcome_of(await resolve(target.spec, self._timeout, self._resolv_conf))

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import errno
 import ssl
-from dataclasses import dataclass
 
 import aiohttp
 
 from probe import names
+from probe.checks.result import Failure
 
 _ERRNO_TEXT = {
     errno.ECONNREFUSED: "connection refused by {peer}",
@@ -23,19 +23,6 @@ _ERRNO_TEXT = {
     errno.ETIMEDOUT: "connect to {peer} timed out (the kernel gave up)",
     errno.EMFILE: "too many open files in the probe (connecting to {peer})",
 }
-
-
-@dataclass(frozen=True)
-class Failure:
-    """A failed check: where (`event`), the error's class (`error_type`), and the sentence."""
-
-    event: str
-    error_type: str
-    text: str
-
-    @property
-    def summary(self) -> str:
-        return f"{self.event}: {self.text}"
 
 
 def explain(

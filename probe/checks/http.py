@@ -1,4 +1,4 @@
-"""One check = one GET, timed phase by phase, traced as a CLIENT span, recorded by a sink."""
+"""The HTTP kind: one GET, timed phase by phase (httptrace.py), and the certificates' expiry."""
 
 from __future__ import annotations
 
@@ -6,17 +6,18 @@ import asyncio
 import contextlib
 import dataclasses
 import ssl
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import aiohttp
-from opentelemetry import propagate, trace
+from opentelemetry import propagate
 
 from probe import __version__, names
-from probe.checks import certs, failures, httptrace, spans
+from probe.checks import certs, failures, httptrace
 from probe.checks.resolver import TimedResolver
-from probe.checks.result import CheckResult, Target
+from probe.checks.result import PHASES, AttributeValue, CheckResult, Facts, Failure, Kind, Outcome, Phase, Target
+from probe.checkurls import HttpGet
 from probe.settings import Settings
 
 USER_AGENT = f"kubenurse/{__version__}"
@@ -42,19 +43,11 @@ def build_ssl_context(settings: Settings, *, verify: bool = True) -> ssl.SSLCont
     return context
 
 
-class HttpChecker:
-    """Performs checks. `record` is called with each result inside the check's span."""
+class HttpKind(Kind):
+    """`http://` and `https://` checks: one session for all of them."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        record: Callable[[CheckResult], None] = lambda _r: None,
-        tracer: trace.Tracer | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._record = record
-        self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
         self._ssl = build_ssl_context(settings, verify=not settings.insecure)
         # KUBENURSE_INSECURE never covers the checks that carry the service-account token:
         # the API server's CA is in the service-account CA bundle, and an unverified peer
@@ -95,34 +88,27 @@ class HttpChecker:
         except OSError:
             return None
 
-    async def check(self, target: Target) -> CheckResult:
-        timeline = httptrace.begin()
-        span = spans.start_client_span(self._tracer, target, timeline)
-        with trace.use_span(span, end_on_exit=False):
-            headers = dict(target.headers)
-            if target.send_token and (token := self._token()):
-                headers["Authorization"] = f"Bearer {token}"
-            propagate.inject(headers)
-            try:
-                result = await self._request(target, headers, timeline)
-            except Exception as e:  # never let one check take the round down
-                result = self._failed(target, e, names.ROUND_TRIP_ERROR, timeline)
-            context = span.get_span_context()
-            result = dataclasses.replace(
-                result,
-                timing_source=timeline.source,
-                retransmits=timeline.retransmits(),
-                trace_id=format(context.trace_id, "032x") if context.is_valid and context.trace_flags.sampled else None,
-            )
-            spans.finish_client_span(self._tracer, span, result, timeline)
-            # After the span ended: a second fetch of a failed peer's certificate is no part of the check.
-            result = await self._with_cert_expiry(result, target, timeline)
-            self._record(result)
-        return result
+    def attributes(self, target: Target) -> Mapping[str, AttributeValue]:
+        url = urlsplit(target.url)
+        return {
+            "http.request.method": "GET",
+            "server.address": url.hostname or "",
+            "server.port": url.port or (443 if url.scheme == "https" else 80),
+        }
 
-    def _failed(
-        self, target: Target, error: BaseException, event: str, timeline: httptrace.Timeline
-    ) -> CheckResult:
+    async def measure(self, target: Target) -> Outcome:
+        assert isinstance(target.spec, HttpGet)
+        timeline = httptrace.begin()
+        headers = dict(target.spec.headers)
+        if target.spec.send_token and (token := self._token()):
+            headers["Authorization"] = f"Bearer {token}"
+        propagate.inject(headers)
+        try:
+            return await self._request(target, target.spec, headers, timeline)
+        except Exception as e:  # explained with what the timeline knows, like every other failure
+            return self._failed(target, e, names.ROUND_TRIP_ERROR, timeline)
+
+    def _failed(self, target: Target, error: BaseException, event: str, timeline: httptrace.Timeline) -> Outcome:
         failure = failures.explain(
             error,
             event,
@@ -132,33 +118,30 @@ class HttpChecker:
             timeout=self._settings.check_timeout,
             connect_timeout=self._settings.check_connect_timeout,
         )
-        return CheckResult(
-            target.check_type, failure.summary, target,
-            error_event=failure.event, events=timeline.offsets(), error_type=failure.error_type,
-        )
+        return _outcome(timeline, failure=failure)
 
-    async def _with_cert_expiry(self, result: CheckResult, target: Target, timeline: httptrace.Timeline) -> CheckResult:
-        """Note when the peer's certificates expire. A handshake that failed leaves none to
-        read: then ask the peer again, without verifying, only for its certificates."""
-        if timeline.ssl_object is None:
+    async def after_span(self, target: Target, result: CheckResult) -> CheckResult:
+        """A handshake that failed leaves no certificates to read: then ask the peer again,
+        without verifying, only for its certificates (after the span: no part of the check)."""
+        if result.cert_not_after is not None or result.error_event != names.TLS_HANDSHAKE_DONE or not result.peer:
             return result
-        chain = certs.peer_chain(timeline.ssl_object)
-        if not chain and result.error_event == names.TLS_HANDSHAKE_DONE and timeline.peer is not None:
-            host = urlsplit(target.url).hostname
-            sni = None if host is None or certs.is_ip(host) else host
-            chain = await certs.fetch_chain(*timeline.peer, sni, self._settings.check_connect_timeout)
+        host = urlsplit(target.url).hostname
+        sni = None if host is None or certs.is_ip(host) else host
+        chain = await certs.fetch_chain(*result.peer, sni, self._settings.check_connect_timeout)
         expiry = certs.earliest_not_after(chain)
         return result if expiry is None else dataclasses.replace(result, cert_not_after=expiry)
 
-    async def _request(self, target: Target, headers: dict[str, str], timeline: httptrace.Timeline) -> CheckResult:
-        assert self._session is not None, "HttpChecker.start() first"
+    async def _request(
+        self, target: Target, spec: HttpGet, headers: dict[str, str], timeline: httptrace.Timeline
+    ) -> Outcome:
+        assert self._session is not None, "HttpKind.start() first"
         try:
             # The outer deadline is a backstop: aiohttp's own timeout should always fire first.
             async with asyncio.timeout(self._settings.check_timeout + 1):
                 # Redirects are followed like Go's client does, except where a token is sent:
                 # the token goes to the API server and nowhere else, not even by redirect.
-                redirects = not target.send_token
-                context = self._token_ssl if target.send_token else self._ssl
+                redirects = not spec.send_token
+                context = self._token_ssl if spec.send_token else self._ssl
                 async with self._session.get(
                     target.url, headers=headers, allow_redirects=redirects, ssl=context
                 ) as resp:
@@ -169,11 +152,38 @@ class HttpChecker:
                     await resp.content.read(MAX_BODY_BYTES)
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as e:
             return self._failed(target, e, httptrace.failed_event(e, timeline), timeline)
-        events = timeline.offsets()
-        if resp.status == 200:
-            return CheckResult(target.check_type, names.OK, target, 200, None, duration, events)
-        event = names.status_code_event(resp.status)
-        summary = f"{event}: unexpected status code {resp.status} {resp.reason or ''}".rstrip()
-        return CheckResult(target.check_type, summary, target, resp.status, event, duration, events)
+        failure = None
+        if resp.status != 200:
+            reason = f"unexpected status code {resp.status} {resp.reason or ''}".rstrip()
+            failure = Failure(names.status_code_event(resp.status), str(resp.status), reason)
+        return _outcome(timeline, failure=failure, status_code=resp.status, duration=duration)
 
 
+def _outcome(
+    timeline: httptrace.Timeline, *, failure: Failure | None, status_code: int | None = None,
+    duration: float | None = None,
+) -> Outcome:
+    """The outcome of the request the timeline timed: its phases, figures and certificates."""
+    phases = []
+    for _, start, done in PHASES:
+        if start in timeline.marks:
+            started, network = timeline.marks[start], timeline.phase_ns(done)
+            end = None if network is None else started + network
+            phases.append(Phase(start, done, started, end, timeline.sources.get(done, timeline.source)))
+    attributes: dict[str, AttributeValue] = {}
+    if status_code is not None:
+        attributes["http.response.status_code"] = status_code
+    if duration is not None:
+        attributes[names.ATTR_NETWORK_DURATION] = duration
+    chain = certs.peer_chain(timeline.ssl_object) if timeline.ssl_object is not None else []
+    return Outcome(
+        phases=tuple(phases),
+        events=timeline.offsets(),
+        peer=timeline.peer,
+        timing_source=timeline.source,
+        cert_not_after=certs.earliest_not_after(chain),
+        facts=Facts(retransmits=timeline.retransmits(), attributes=attributes),
+        failure=failure,
+        status_code=status_code,
+        duration=duration,
+    )

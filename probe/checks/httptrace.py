@@ -46,26 +46,17 @@ from aiohappyeyeballs import AddrInfoType
 
 from probe import names
 from probe.checks import kernel
+from probe.checks.result import PHASES
 
 _current: ContextVar[Timeline | None] = ContextVar("kubenurse_timeline", default=None)
 
-#: (start event, done event) of each phase, in order.
-PHASES = (
-    (names.DNS_START, names.DNS_DONE),
-    (names.CONNECT_START, names.CONNECT_DONE),
-    (names.TLS_HANDSHAKE_START, names.TLS_HANDSHAKE_DONE),
-    (names.GOT_CONN, names.WROTE_REQUEST),
-    (names.WROTE_REQUEST, names.GOT_FIRST_RESP_BYTE),
-)
-_START_OF = {done: start for start, done in PHASES}
+_START_OF = {done: start for _, start, done in PHASES}
 
 
 @dataclass
 class Timeline:
     """One request's phases: when each event happened and how much network time each took."""
 
-    start_ns: int = field(default_factory=time.perf_counter_ns)
-    wall_start_ns: int = field(default_factory=time.time_ns)
     #: event -> perf_counter_ns of the moment it happened (the best source available).
     marks: dict[str, int] = field(default_factory=dict)
     #: done event -> network duration (ns) of the phase that ends with it.
@@ -126,17 +117,10 @@ class Timeline:
         """Network time from the start of the check to the first byte of the answer."""
         return self.offsets().get(names.GOT_FIRST_RESP_BYTE)
 
-    def wall_ns(self, at_ns: int) -> int:
-        """Wall-clock time of a perf_counter_ns moment, for span timestamps."""
-        return self.wall_start_ns + (at_ns - self.start_ns)
-
     def last_phase_started(self) -> str | None:
-        """The `*_done` event of the phase that started but did not finish, if any."""
-        for start, done in (
-            (names.TLS_HANDSHAKE_START, names.TLS_HANDSHAKE_DONE),
-            (names.CONNECT_START, names.CONNECT_DONE),
-            (names.DNS_START, names.DNS_DONE),
-        ):
+        """The `*_done` event of the connection phase (dns, connect, tls) that started but did
+        not finish, if any."""
+        for _, start, done in reversed(PHASES[:3]):
             if start in self.marks and done not in self.marks:
                 return done
         return None

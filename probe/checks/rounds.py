@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from probe import names
-from probe.checks.result import CheckResult, Target
+from probe.checks.result import CheckResult, Status, Target
 from probe.checks.targets import Plan, plan_round
 from probe.neighbours import Neighbourhood, NeighbourSource
 from probe.settings import Settings
@@ -68,7 +68,7 @@ class Round:
     @property
     def healthy(self) -> bool:
         """Every performed check ok (skipped ones do not count against it)."""
-        return all(r.ok for r in (*self.results.values(), *self.udp.values()) if not r.skipped)
+        return not any(r.status is Status.FAILED for r in (*self.results.values(), *self.udp.values()))
 
 
 def is_udp_path(result: CheckResult) -> bool:
@@ -79,7 +79,7 @@ def is_udp_path(result: CheckResult) -> bool:
 def by_type(results: Iterable[CheckResult]) -> dict[str, CheckResult]:
     """One result per check type, as /alive shows them. Where two pods share a node (a
     rolling update), both are checked and the node's path is as bad as the worse of them:
-    a failing pod is never hidden behind a healthy one; the text names the pod."""
+    a failing pod is never hidden behind a healthy one (its text names the pod)."""
     grouped: dict[str, list[CheckResult]] = {}
     for result in results:
         grouped.setdefault(result.check_type, []).append(result)
@@ -89,12 +89,8 @@ def by_type(results: Iterable[CheckResult]) -> dict[str, CheckResult]:
             out[check_type] = group[0]
             continue
         group.sort(key=lambda r: r.key)
-        failing = [r for r in group if not r.ok and not r.skipped]
-        chosen = failing[0] if failing else group[0]
-        pod = chosen.target.neighbour.pod_name if chosen.target and chosen.target.neighbour else None
-        if failing and pod:
-            chosen = dataclasses.replace(chosen, summary=f"{chosen.summary} (pod {pod}, 1 of {len(group)} on the node)")
-        out[check_type] = chosen
+        failing = [r for r in group if r.status is Status.FAILED]
+        out[check_type] = dataclasses.replace(failing[0] if failing else group[0], pods_of_type=len(group))
     return out
 
 
@@ -109,12 +105,12 @@ class FailureLog:
     def update(self, result: CheckResult) -> None:
         check_type = result.key
         previous = self._failing.get(check_type)
-        if result.ok or result.skipped:
+        if result.failure is None:
             if previous is not None:
                 del self._failing[check_type]
                 log.info("check recovered", extra={"check": check_type, "failures": previous[2]})
             return
-        event = result.error_event or names.ROUND_TRIP_ERROR
+        event = result.failure.event
         now = self._clock()
         if previous is None or previous[0] != event or now - previous[1] >= REPEAT_LOG_SECONDS:
             count = 1 if previous is None or previous[0] != event else previous[2] + 1
@@ -182,7 +178,7 @@ class Prober:
         self._failures.forget(set(gone))
         for result in self._plan.skipped:
             self._latest[result.key] = result
-        path_types = {t.check_type for t in self._plan.targets if t.check_type.startswith(names.PATH_PREFIX)}
+        path_types = {t.check_type for t in self._plan.targets if t.neighbour is not None}
         departed = self._path_types - path_types
         self._path_types = path_types
         if departed:

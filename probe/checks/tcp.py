@@ -4,7 +4,9 @@ The connect figure is the kernel's: the time is taken right before the connect s
 right after the connection completed (before anything was sent) `TCP_INFO.tcpi_rtt` holds
 the one RTT sample there is, the SYN / SYN-ACK round trip. connect_done = connect_start +
 that RTT, so however late the event loop noticed the connection, the figure is the network's.
-Where TCP_INFO is missing, the loop's mark stands in.
+Where a SYN was resent (or TCP_INFO is missing) the loop's mark of the completed connection
+stands in, so the resend's wait is in the figure (kernel.connect_network_ns); the resends
+are counted either way.
 """
 
 from __future__ import annotations
@@ -12,15 +14,13 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-from opentelemetry import trace
-
 from probe import names
-from probe.checks import dns, kernel, netspan
-from probe.checks.result import CheckResult, Target
-from probe.checkurls import DnsQuery, TcpEndpoint, parse_tcp_url
+from probe.checks import dns, kernel
+from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target
+from probe.checkurls import DnsQuery, TcpEndpoint
 from probe.settings import Settings
 
 
@@ -82,98 +82,60 @@ async def _address(endpoint: TcpEndpoint, timeout: float, resolv_conf: str) -> d
     return resolution
 
 
-def result_of(target: Target, resolution: dns.Resolution | None, attempt: Connect | None) -> CheckResult:
+def outcome_of(endpoint: TcpEndpoint, resolution: dns.Resolution | None, attempt: Connect | None) -> Outcome:
     """Events are cumulative network time: DNS, then the connect right after it."""
     events: dict[str, float] = {}
+    phases: list[Phase] = []
+    attributes: dict[str, AttributeValue] = {}
     offset = 0.0
     if resolution is not None:
+        phases.append(dns.dns_phase(resolution))
+        attributes[names.ATTR_DNS_QUESTION_NAME] = endpoint.host
+        attributes[names.ATTR_DNS_ANSWER_COUNT] = len(resolution.records)
         events[names.DNS_START] = 0.0
         if resolution.answered_ns is not None:
             offset = resolution.network_ns / 1e9
             events[names.DNS_DONE] = offset
         if not resolution.ok:
-            return CheckResult(
-                target.check_type, f"{names.DNS_DONE}: {resolution.error}", target,
-                error_event=names.DNS_DONE, events=events, error_type=resolution.error_type,
-            )
+            failure = Failure(names.DNS_DONE, resolution.error_type or "error", resolution.error or "no address")
+            return Outcome(phases=tuple(phases), events=events, failure=failure, facts=Facts(attributes=attributes))
     assert attempt is not None
     events[names.CONNECT_START] = offset
+    end = attempt.start_ns + attempt.network_ns if attempt.network_ns is not None else None
+    source = attempt.source if attempt.ok else None
+    phases.append(Phase(names.CONNECT_START, names.CONNECT_DONE, attempt.start_ns, end, source))
+    peer, facts = (attempt.address, attempt.port), Facts(retransmits=attempt.retransmits, attributes=attributes)
     if not attempt.ok:
-        return CheckResult(
-            target.check_type, f"{names.CONNECT_DONE}: {attempt.error}", target,
-            error_event=names.CONNECT_DONE, events=events, error_type=attempt.error_type,
-            retransmits=attempt.retransmits,
-        )
+        failure = Failure(names.CONNECT_DONE, attempt.error_type or "error", attempt.error or "no connection")
+        return Outcome(phases=tuple(phases), events=events, peer=peer, failure=failure, facts=facts)
     assert attempt.network_ns is not None
     events[names.CONNECT_DONE] = offset + attempt.network_ns / 1e9
-    return CheckResult(
-        target.check_type, names.OK, target, duration=events[names.CONNECT_DONE], events=events,
-        retransmits=attempt.retransmits,
-    )
+    return Outcome(phases=tuple(phases), events=events, peer=peer, duration=events[names.CONNECT_DONE], facts=facts)
 
 
-class TcpChecker:
-    """Performs `tcp://` checks; `record` is called with each result inside the check's span."""
+class TcpKind(Kind):
+    """`tcp://` checks."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        record: Callable[[CheckResult], None] = lambda _r: None,
-        tracer: trace.Tracer | None = None,
-        resolv_conf: str = dns.RESOLV_CONF,
-    ) -> None:
+    def __init__(self, settings: Settings, *, resolv_conf: str = dns.RESOLV_CONF) -> None:
         self._timeout = settings.check_timeout
         self._connect_timeout = settings.check_connect_timeout
-        self._record = record
-        self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
         self._resolv_conf = resolv_conf
 
-    async def start(self) -> None:
-        pass
+    def attributes(self, target: Target) -> Mapping[str, AttributeValue]:
+        assert isinstance(target.spec, TcpEndpoint)
+        return {"network.transport": "tcp", "server.address": target.spec.host, "server.port": target.spec.port}
 
-    async def close(self) -> None:
-        pass
-
-    async def check(self, target: Target) -> CheckResult:
-        clock = netspan.Clock()
-        span = netspan.start(self._tracer, target, clock)
-        with trace.use_span(span, end_on_exit=False):
-            phases: list[netspan.Phase] = []
-            attributes: dict[str, str | int] = {"network.transport": "tcp"}
-            try:
-                result = await self._check(target, clock, phases, attributes)
-            except Exception as e:  # never let one check take the round down
-                result = CheckResult(
-                    target.check_type, f"{names.ROUND_TRIP_ERROR}: {type(e).__name__}: {e}", target,
-                    error_event=names.ROUND_TRIP_ERROR, error_type=type(e).__name__,
-                )
-            netspan.finish(self._tracer, span, result, clock, phases, attributes)
-            self._record(result)
-        return result
-
-    async def _check(
-        self, target: Target, clock: netspan.Clock, phases: list[netspan.Phase], attributes: dict[str, str | int]
-    ) -> CheckResult:
-        endpoint = parse_tcp_url(target.url)
-        attributes["server.address"], attributes["server.port"] = endpoint.host, endpoint.port
+    async def measure(self, target: Target) -> Outcome:
+        endpoint = target.spec
+        assert isinstance(endpoint, TcpEndpoint)
+        started_ns = time.perf_counter_ns()
         resolution = None
         address = endpoint.host
         if not endpoint.is_address:
             resolution = await _address(endpoint, self._timeout, self._resolv_conf)
-            phases.append(dns.dns_phase(resolution))
-            attributes[names.ATTR_DNS_QUESTION_NAME] = endpoint.host
-            attributes[names.ATTR_DNS_ANSWER_COUNT] = len(resolution.records)
             if not resolution.ok:
-                return result_of(target, resolution, None)
+                return outcome_of(endpoint, resolution, None)
             address = resolution.records[0]
-        remaining = self._timeout - (time.perf_counter_ns() - clock.start_ns) / 1e9
+        remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         attempt = await connect(address, endpoint.port, max(min(self._connect_timeout, remaining), 0.001))
-        end = attempt.start_ns + attempt.network_ns if attempt.network_ns is not None else None
-        phases.append(netspan.Phase("connect", attempt.start_ns, end, names.CONNECT_DONE))
-        attributes["network.peer.address"], attributes["network.peer.port"] = address, endpoint.port
-        if attempt.retransmits is not None:
-            attributes[names.ATTR_TCP_RETRANSMITS] = attempt.retransmits
-        if attempt.ok and attempt.source != kernel.KERNEL:
-            attributes[names.ATTR_TIMING_SOURCE] = attempt.source
-        return result_of(target, resolution, attempt)
+        return outcome_of(endpoint, resolution, attempt)

@@ -15,20 +15,17 @@ not back within the check timeout is lost.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from opentelemetry import trace
-
 from probe import names
-from probe.checks import dns, kernel, netspan
-from probe.checks.result import CheckResult, Target
-from probe.checkurls import DnsQuery, is_ip, parse_udp_url
+from probe.checks import dns, kernel
+from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target, UdpLoss
+from probe.checkurls import DnsQuery, UdpEndpoint, is_ip
 from probe.settings import Settings
 
 #: Datagrams per train (a round), and which of them are full-size.
@@ -40,6 +37,14 @@ MAX_BIG = 9000
 SMALL = 64
 _MAGIC = b"KNUE"
 _HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
+
+
+def train_of(datagram: bytes) -> int | None:
+    """The train id a check's datagram carries; None for any other datagram."""
+    if len(datagram) < _HEADER.size:
+        return None
+    magic, train_id, _ = _HEADER.unpack_from(datagram)
+    return int(train_id) if magic == _MAGIC else None
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 IP_MTU = getattr(socket, "IP_MTU", 14)
@@ -54,6 +59,8 @@ class Train:
 
     address: str
     port: int
+    #: The id every datagram of this train carries: the echo counts what it received by it.
+    train_id: int = 0
     mtu: int = 0
     big_size: int = 0
     small_sent: int = 0
@@ -108,8 +115,8 @@ def _where(address: str, port: int) -> str:
 async def send_train(address: str, port: int, timeout: float, count: int = TRAIN) -> Train:
     """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them."""
     v6 = ":" in address
-    train = Train(address, port)
     train_id = int.from_bytes(os.urandom(8), "big")
+    train = Train(address, port, train_id)
     sent_ns: dict[int, int] = {}
     back: dict[int, int] = {}
     loop = asyncio.get_running_loop()
@@ -203,107 +210,65 @@ async def send_train(address: str, port: int, timeout: float, count: int = TRAIN
 # --- the check -----------------------------------------------------------------------------
 
 
-def result_of(target: Target, train: Train) -> CheckResult:
+def outcome_of(train: Train, started_ns: int, resolution: dns.Resolution | None = None) -> Outcome:
     """ok while anything came back and full-size datagrams are not the ones going missing."""
-    return dataclasses.replace(
-        _verdict(target, train),
-        udp_sent=train.sent,
-        udp_lost=train.lost,
-        udp_rtts=tuple(ns / 1e9 for ns in train.rtts_ns),
+    rtts = sorted(train.rtts_ns)
+    phases = [dns.dns_phase(resolution)] if resolution is not None else []
+    end = started_ns + rtts[-1] if rtts else None
+    phases.append(Phase("udp_train", names.ROUND_TRIP_ERROR, started_ns, end, train.source, label="udp train"))
+    facts = Facts(
+        udp=UdpLoss(train.sent, train.lost, tuple(ns / 1e9 for ns in train.rtts_ns)),
+        attributes={names.ATTR_UDP_MTU: train.mtu},
+    )
+    return Outcome(
+        phases=tuple(phases),
+        peer=(train.address, train.port),
         timing_source=train.source,
+        facts=facts,
+        failure=_failure(train),
+        duration=rtts[len(rtts) // 2] / 1e9 if rtts else None,
     )
 
 
-def _verdict(target: Target, train: Train) -> CheckResult:
+def _failure(train: Train) -> Failure | None:
     where = _where(train.address, train.port)
-    rtts = sorted(train.rtts_ns)
-    median = rtts[len(rtts) // 2] / 1e9 if rtts else None
-    if train.error is not None and not rtts:
-        return CheckResult(
-            target.check_type, f"{names.ROUND_TRIP_ERROR}: {train.error}", target,
-            error_event=names.ROUND_TRIP_ERROR, error_type=train.error_type or "error",
-        )
-    if not rtts:
+    if train.error is not None and not train.rtts_ns:
+        return Failure(names.ROUND_TRIP_ERROR, train.error_type or "error", train.error)
+    if not train.rtts_ns:
         text = f"no datagram came back from {where} (0 of {train.sent} within the timeout)"
-        return CheckResult(
-            target.check_type, f"{names.ROUND_TRIP_ERROR}: {text}", target,
-            error_event=names.ROUND_TRIP_ERROR, error_type="timeout",
-        )
+        return Failure(names.ROUND_TRIP_ERROR, "timeout", text)
     if train.mtu_problem:
         size = train.big_size + (48 if ":" in train.address else 28)
-        text = (
+        return Failure(names.MTU, "mtu", (
             f"full-size datagrams ({size} bytes, don't fragment) to {where} lost, "
             f"small ones came back: the path drops packets its MTU ({train.mtu}) allows"
-        )
-        return CheckResult(
-            target.check_type, f"{names.MTU}: {text}", target, error_event=names.MTU, error_type="mtu", duration=median
-        )
-    return CheckResult(target.check_type, names.OK, target, duration=median)
+        ))
+    return None
 
 
-class UdpChecker:
-    """Performs `udp://` checks (and the neighbours' UDP paths); `record` is called with each
-    result inside the check's span."""
+class UdpKind(Kind):
+    """`udp://` checks, and the neighbours' UDP paths."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        *,
-        record: Callable[[CheckResult], None] = lambda _r: None,
-        tracer: trace.Tracer | None = None,
-        resolv_conf: str = dns.RESOLV_CONF,
-    ) -> None:
+    def __init__(self, settings: Settings, *, resolv_conf: str = dns.RESOLV_CONF) -> None:
         self._timeout = settings.check_timeout
-        self._record = record
-        self._tracer = tracer or trace.get_tracer(names.TRACER_NAME)
         self._resolv_conf = resolv_conf
 
-    async def start(self) -> None:
-        pass
+    def attributes(self, target: Target) -> Mapping[str, AttributeValue]:
+        assert isinstance(target.spec, UdpEndpoint)
+        return {"network.transport": "udp", "server.address": target.spec.host, "server.port": target.spec.port}
 
-    async def close(self) -> None:
-        pass
-
-    async def check(self, target: Target) -> CheckResult:
-        clock = netspan.Clock()
-        span = netspan.start(self._tracer, target, clock)
-        with trace.use_span(span, end_on_exit=False):
-            phases: list[netspan.Phase] = []
-            attributes: dict[str, str | int] = {"network.transport": "udp"}
-            try:
-                result = await self._check(target, clock, phases, attributes)
-            except Exception as e:  # never let one check take the round down
-                result = CheckResult(
-                    target.check_type, f"{names.ROUND_TRIP_ERROR}: {type(e).__name__}: {e}", target,
-                    error_event=names.ROUND_TRIP_ERROR, error_type=type(e).__name__,
-                )
-            netspan.finish(self._tracer, span, result, clock, phases, attributes)
-            self._record(result)
-        return result
-
-    async def _check(
-        self, target: Target, clock: netspan.Clock, phases: list[netspan.Phase], attributes: dict[str, str | int]
-    ) -> CheckResult:
-        endpoint = parse_udp_url(target.url)
-        attributes["server.address"], attributes["server.port"] = endpoint.host, endpoint.port
-        address = endpoint.host
+    async def measure(self, target: Target) -> Outcome:
+        endpoint = target.spec
+        assert isinstance(endpoint, UdpEndpoint)
+        started_ns = time.perf_counter_ns()
+        address, resolution = endpoint.host, None
         if not is_ip(address):
             resolution = await dns.resolve(DnsQuery(endpoint.host, "A"), self._timeout, self._resolv_conf)
-            phases.append(dns.dns_phase(resolution))
             if not resolution.ok:
-                return CheckResult(
-                    target.check_type, f"{names.DNS_DONE}: {resolution.error}", target,
-                    error_event=names.DNS_DONE, error_type=resolution.error_type,
-                )
+                failure = Failure(names.DNS_DONE, resolution.error_type or "error", resolution.error or "no address")
+                return Outcome(phases=(dns.dns_phase(resolution),), failure=failure)
             address = resolution.records[0]
-        remaining = self._timeout - (time.perf_counter_ns() - clock.start_ns) / 1e9
-        started = time.perf_counter_ns()
+        remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
+        sent_ns = time.perf_counter_ns()
         train = await send_train(address, endpoint.port, max(remaining, 0.001))
-        result = result_of(target, train)
-        end = started + max(train.rtts_ns) if train.rtts_ns else None
-        phases.append(netspan.Phase("udp train", started, end, names.ROUND_TRIP_ERROR))
-        attributes["network.peer.address"], attributes["network.peer.port"] = address, endpoint.port
-        attributes[names.ATTR_UDP_SENT] = train.sent
-        attributes[names.ATTR_UDP_LOST] = train.lost
-        attributes[names.ATTR_UDP_MTU] = train.mtu
-        return result
+        return outcome_of(train, sent_ns, resolution)

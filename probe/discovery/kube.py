@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from probe.ratelimit import TokenBucket
 from probe.settings import Settings
 
 log = logging.getLogger("probe.discovery")
@@ -275,22 +276,6 @@ def locate(settings: Settings) -> Credentials | str:
     if settings.kubernetes_service_host:
         return f"no service-account token in {directory} and KUBECONFIG not set"
     return "KUBERNETES_SERVICE_HOST not set (not in a cluster) and KUBECONFIG not set"
-
-
-class TokenBucket:
-    """At most `rate` requests a second on average, `burst` at once (client-go's QPS/burst)."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self._rate, self._burst = rate, float(max(burst, 1))
-        self._tokens, self._at = self._burst, time.monotonic()
-
-    def delay(self) -> float:
-        """Take a token; how long to wait before using it."""
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._at) * self._rate)
-        self._at = now
-        self._tokens -= 1
-        return 0.0 if self._tokens >= 0 else -self._tokens / self._rate
 
 
 class KubeClient:

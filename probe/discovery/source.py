@@ -32,6 +32,7 @@ from probe.neighbours import (
     known_eligible,
     ring_front,
     select_neighbours,
+    takes_checks,
 )
 from probe.settings import Settings
 
@@ -130,7 +131,7 @@ class KubeDiscovery:
             self._skip(str(e))
             return
         s = self.settings
-        self.own_namespace = s.pod_namespace or self.credentials.namespace or s.namespace
+        self.own_namespace = s.namespaces(self.credentials.namespace).own
         hood = self.kube_neighbours if self.kube_neighbours is not None and self.kube_neighbours.begin() else None
         if hood is not None or self.nodes.mode != "front":  # no neighbours: no cordoned-node watch
             self.nodes.start()
@@ -243,7 +244,7 @@ class ReadinessOnly:
         details: dict[str, object] = {"node": self._d.own_node, "node_watches": self._d.nodes.watching()}
         if retrying := _retrying(self._d.nodes.reflectors()):
             details["retrying"] = retrying
-        return Neighbourhood(state=f"skipped: {reason}", skipped=True, details=details)
+        return Neighbourhood.skip(reason, details)
 
 
 class KubeReadiness:
@@ -262,7 +263,7 @@ class KubeReadiness:
         known, node = d.nodes.known(d.own_node)
         if not known:
             return True  # not listed yet, or never reachable: the same
-        return node is not None and node.schedulable
+        return takes_checks(node)
 
 
 class KubeNeighbours:
@@ -292,14 +293,14 @@ class KubeNeighbours:
 
     def begin(self) -> bool:
         d, s = self._d, self._d.settings
-        self.namespace = s.namespace or s.pod_namespace or d.credentials.namespace
+        self.namespace = s.namespaces(d.credentials.namespace).neighbours
         if not self.namespace:
             reason = (
                 "KUBENURSE_NAMESPACE not set and this pod's namespace is unknown "
                 "(no POD_NAMESPACE, no namespace in the service account or kubeconfig)"
             )
             log.warning("neighbour discovery skipped", extra={"reason": reason})
-            self._skipped = Neighbourhood(state=f"skipped: {reason}", skipped=True)
+            self._skipped = Neighbourhood.skip(reason)
             return False
         self.pods = Reflector(
             d.client,
@@ -332,7 +333,7 @@ class KubeNeighbours:
     def current(self) -> Neighbourhood:
         d = self._d
         if d.skipped is not None:
-            return Neighbourhood(state=f"skipped: {d.skipped}", skipped=True)
+            return Neighbourhood.skip(d.skipped)
         if self._skipped is not None:
             return self._skipped
         pods = self.pods
@@ -356,13 +357,20 @@ class KubeNeighbours:
             self._snapshot_key = key if d.nodes.revision == key[1] else None
         return self._snapshot
 
+    @property
+    def _own_pod(self) -> str:
+        """This pod's name when it is listed among the candidates (same namespace): the
+        selection leaves it out. In another namespace a pod of the same name is someone else."""
+        d = self._d
+        return d.settings.pod_name if d.own_namespace == self.namespace else ""
+
     def _neighbours(self, pods: Reflector[PodInfo]) -> tuple[Neighbour, ...]:
         d, s = self._d, self._d.settings
         nodes = d.nodes
         key = (pods.data_revision, nodes.revision, d.own_node)
         if key == self._selection_key:
             return self._selection
-        own_pod = s.pod_name if d.own_namespace == self.namespace else ""
+        own_pod = self._own_pod
         if nodes.mode == "front":
             front = ring_front(
                 pods.items.values(),
@@ -397,7 +405,7 @@ class KubeNeighbours:
             return _NO_NEIGHBOURS
         key = (pods.data_revision, d.nodes.revision, d.own_node)
         if key != self._eligible_key:
-            own_pod = s.pod_name if d.own_namespace == self.namespace else ""
+            own_pod = self._own_pod
             if d.nodes.mode == "front":
                 self._eligible = known_eligible(
                     pods.items.values(), cordoned=d.nodes.cordoned(), facts=d.nodes.facts(),

@@ -47,7 +47,7 @@ def _result(result: CheckResult) -> dict[str, object]:
         "type": result.check_type,
         "ok": result.ok,
         "latency_seconds": None if result.duration is None else round(result.duration, 6),
-        "error_event": None if result.ok else (result.error_event or names.ROUND_TRIP_ERROR),
+        "error_event": None if result.failure is None else result.failure.event,
         "trace_id": result.trace_id,
     }
     target = result.target

@@ -148,12 +148,13 @@ class Metrics:
         if result.skipped:
             return
         check_type = {names.LABEL_TYPE: result.check_type}
-        if result.udp_sent is not None:
+        udp = result.facts.udp
+        if udp is not None:
             # A UDP train is no HTTP request: a neighbour's UDP path shares its type with the
             # HTTP check of that neighbour, whose httpclient series it must not touch.
-            self.udp_sent.add(result.udp_sent, check_type)
-            self.udp_lost.add(result.udp_lost or 0, check_type)
-            for rtt in result.udp_rtts:
+            self.udp_sent.add(udp.sent, check_type)
+            self.udp_lost.add(udp.lost, check_type)
+            for rtt in udp.rtts:
                 self.udp_rtt.record(rtt, check_type)
             if result.error_event:
                 self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
@@ -167,12 +168,12 @@ class Metrics:
         self.requests.add(1, {**check_type, names.LABEL_CODE: code})
         if result.duration is not None:
             self.request_duration.record(result.duration, check_type)
-        if result.retransmits is not None:
-            self.tcp_retransmits.add(result.retransmits, check_type)
+        if result.facts.retransmits is not None:
+            self.tcp_retransmits.add(result.facts.retransmits, check_type)
         if result.cert_not_after is not None:
             self.cert_expiry.set(result.cert_not_after, check_type)
-        if result.error_event:
-            self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
+        if result.failure is not None:
+            self.errors.add(1, {**check_type, names.LABEL_EVENT: result.failure.event})
 
     def forget(self, check_types: set[str]) -> int:
         """Drop every series of these check types (a node left the neighbourhood).
