@@ -197,7 +197,7 @@ daemonset:
   volumeMounts: [{name: corp-ca, mountPath: /etc/corp-ca, readOnly: true}]
   volumes: [{name: corp-ca, configMap: {name: corp-ca}}]
   priorityClassName: system-node-critical
-  rollingUpdate: {maxUnavailable: 1, maxSurge: 2}
+  rollingUpdate: {maxUnavailable: 0, maxSurge: 2}  # the API server allows no surge beside unavailable pods
 serviceMonitor:
   enabled: true
   labels: {release: kube-prometheus-stack}
@@ -380,7 +380,7 @@ def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
     assert {"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True} in c["volumeMounts"]
     assert {"name": "corp-ca", "configMap": {"name": "corp-ca"}} in spec["volumes"]
     assert spec["priorityClassName"] == "system-node-critical"
-    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 1, "maxSurge": 2}
+    assert ds["spec"]["updateStrategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 2}
     # serviceMonitor.*: and no scrape annotations besides it (each probe would count twice)
     monitor = the(objects, "ServiceMonitor", "nurse-prod")
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
