@@ -3,6 +3,11 @@ under containerd), before, during and after 1,100 idle connections plus one slow
 client, then 15,000 connections opened at once and closed; once with the hard limit of
 this machine, once with a hard limit of 1,024 too (nothing to raise).
 
+Header memory (issue 23, item 1; bench/floods.py): RSS before, at the peak and after for
+100 and 400 connections holding ~1 MB of unfinished headers each, 200 `/alive` requests with
+~1 MB of headers whose answers are never read, and 4,000 connections with heads just under
+the per-request limit (PYTHONMALLOC=malloc, as in the image).
+
 For each phase: /metrics scrape time, /alwayshappy latency, check cadence (checks per
 second), RSS, open files, log lines written. Numbers are printed, never asserted.
 `BENCH_PROBE_SRC=/path/to/another/checkout` runs that checkout's probe instead (to compare
@@ -25,6 +30,7 @@ from contextlib import contextmanager
 
 import aiohttp
 
+from bench import floods
 from bench.core import Row, delay_server, fetch, free_port, scrape_value
 
 HOST = "127.0.0.1"
@@ -243,6 +249,26 @@ async def scenario(url: str, tmp: str, name: str, hard_limit: int | None) -> lis
     return rows
 
 
+async def header_floods(url: str, tmp: str) -> list[Row]:
+    rows: list[Row] = []
+    log_path = os.path.join(tmp, "floods.log")
+    with hostile_probe(url, log_path, None, {"PYTHONMALLOC": "malloc"}) as (proc, port):
+        await asyncio.sleep(1.5)
+        label = "header flood: RSS MB before / peak / after"
+        for what, flood, connections, shape in (
+            ("unfinished ~1 MB headers", floods.unfinished_headers, 100, {}),
+            ("unfinished ~1 MB headers", floods.unfinished_headers, 400, {}),
+            ("/alive with ~1 MB headers, answers unread", floods.unread_alive, 200, {}),
+            ("unfinished 14 KB headers (under the limit)", floods.unfinished_headers, 4000, floods.UNDER_LIMIT),
+            ("/alive with 14 KB headers, answers unread", floods.unread_alive, 4000, floods.UNDER_LIMIT),
+        ):
+            result = await flood(proc.pid, HOST, port, connections, **shape)
+            rows.append((f"{label}: {connections} x {what}", result.row()))
+        after = await measure(proc, port, log_path, 2.0)
+        rows.append(("header flood: /alwayshappy ms afterwards", after["/alwayshappy ms"]))
+    return rows
+
+
 async def run_async() -> list[Row]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client needs > 15,000 files
@@ -251,6 +277,7 @@ async def run_async() -> list[Row]:
         with delay_server(0) as url, tempfile.TemporaryDirectory() as tmp:
             rows += await scenario(url, tmp, f"hostile, hard limit {hard}", None)
             rows += await scenario(url, tmp, f"hostile, hard limit {SOFT_LIMIT}", SOFT_LIMIT)
+            rows += await header_floods(url, tmp)
             # The image runs with PYTHONMALLOC=malloc: pymalloc keeps half-empty arenas.
             log_path = os.path.join(tmp, "malloc.log")
             with hostile_probe(url, log_path, None, {"PYTHONMALLOC": "malloc"}) as (proc, port):

@@ -53,7 +53,8 @@ class Probe:
                 discovery = make_discovery(settings)
         self.discovery = discovery
         self.neighbours = self.discovery.neighbours
-        self.incoming = IncomingChecks()
+        # Only pods discovery knows, from their own address, count as incoming checks.
+        self.incoming = IncomingChecks(pod_ip=self._known_pod_ip)
         resource = otel.build_resource(settings)
         self.tracing = otel.build_tracing(settings, resource)
         limit = series_limit(settings.neighbour_limit, len(settings.extra_checks))
@@ -75,6 +76,8 @@ class Probe:
             incoming=self.incoming,
             extra=self._alive_extra,
             eligible=getattr(self.neighbours, "eligible", tuple),
+            udp_arrivals=lambda: self.udp_echo.recent() if self.udp_echo is not None else {},
+            listed=getattr(self.neighbours, "listed", None),
         )
         self.app = build_app(settings, self.state, self.metrics, tracer, server_limits)
         self.servers: Servers | None = None
@@ -84,14 +87,28 @@ class Probe:
         self.udp_echo: UdpEcho | None = None
         self._udp_transport: asyncio.DatagramTransport | None = None
 
+    def _known_pod_ip(self, name: str) -> str | None:
+        lookup = getattr(self.neighbours, "pod_ip", None)
+        return lookup(name) if lookup is not None else None
+
     def _alive_extra(self) -> dict[str, object]:
         extra: dict[str, object] = {}
         if self.udp_echo is not None:
             extra["udp_echo"] = self.udp_echo.stats.as_alive()
+        if self.servers is not None:
+            guard = self.servers.guard
+            extra["server"] = {
+                "connections": guard.count,
+                "refused_too_large": guard.cut - guard.shed,
+                "closed_at_memory_ceiling": guard.shed,
+                "rss_bytes": resources.rss_bytes(),
+                "memory_ceiling_bytes": guard.ceiling,
+            }
         if self.tracing is None:
             return extra
         exporter = self.tracing.exporter
-        return extra | {
+        return {
+            **extra,
             "otlp": {
                 "spans_exported": exporter.exported,
                 "spans_dropped": exporter.dropped,

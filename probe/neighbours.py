@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
+import ipaddress
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -132,6 +133,22 @@ class StaticNeighbours:
 
     def current(self) -> Neighbourhood:
         return self.neighbourhood
+
+    def pod_ip(self, name: str) -> str | None:
+        return next((n.pod_ip for n in self.neighbourhood.neighbours if n.pod_name == name), None)
+
+
+def same_sender(pod_ip: str, sender: str) -> bool:
+    """Whether a connection from `sender` comes from the pod at `pod_ip`. Both loopback
+    counts too: several probes on one machine (tests, the sandbox) reach each other from
+    127.0.0.1 whatever their own address, and a pod IP in a cluster is never loopback."""
+    try:
+        a, b = ipaddress.ip_address(pod_ip), ipaddress.ip_address(sender.split("%", 1)[0])
+    except ValueError:
+        return False
+    a = a.ipv4_mapped or a if isinstance(a, ipaddress.IPv6Address) else a
+    b = b.ipv4_mapped or b if isinstance(b, ipaddress.IPv6Address) else b
+    return a == b or (a.is_loopback and b.is_loopback)
 
 
 @functools.lru_cache(maxsize=1 << 16)

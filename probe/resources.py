@@ -46,12 +46,54 @@ def _malloc_trim() -> object | None:
 _TRIM = _malloc_trim()
 
 
-def give_memory_back() -> bool:
-    """Collect cycles, then hand free heap pages back to the kernel (glibc's malloc_trim):
-    without it, thousands of closed connections leave the heap at its high-water mark.
-    Returns whether the allocator was asked."""
-    gc.collect()
+def give_memory_back(collect: bool = True) -> bool:
+    """Collect cycles (unless `collect` is False: a full collection stalls the loop), then
+    hand free heap pages back to the kernel (glibc's malloc_trim): without it, thousands of
+    closed connections leave the heap at its high-water mark. Returns whether the allocator
+    was asked."""
+    if collect:
+        gc.collect()
     if _TRIM is None:
         return False
     _TRIM(0)  # type: ignore[operator]
     return True
+
+
+_PAGE = resource.getpagesize()
+
+
+def rss_bytes() -> int:
+    """This process's resident set size, from /proc (0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+#: Memory ceiling without a container limit: the DaemonSet's 200 MiB limit minus a margin.
+DEFAULT_CEILING = 160 * 1024 * 1024
+#: Kept free below a container limit: the kernel counts more than RSS (page cache, socket buffers).
+CEILING_MARGIN = 40 * 1024 * 1024
+
+
+def memory_limit() -> int | None:
+    """The container's memory limit (cgroup v2 memory.max, or v1), None when unlimited."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text == "max" or not text.isdigit() or int(text) >= 1 << 60:
+            return None
+        return int(text)
+    return None
+
+
+def memory_ceiling(limit: int | None) -> int:
+    """The RSS the server keeps under: the container limit minus a margin (at least 80 %
+    of it), or DEFAULT_CEILING without a limit."""
+    if limit is None:
+        return DEFAULT_CEILING
+    return max(limit - CEILING_MARGIN, limit * 4 // 5)

@@ -101,6 +101,8 @@ class Settings:
     listen_host: str | None = None
     http_port: int = 8080
     https_port: int = 8443
+    #: None: /mesh, /mesh.json and /mesh/report are served on the HTTP(S) ports; a port: there only.
+    mesh_port: int | None = None
     serviceaccount_dir: str = DEFAULT_SERVICEACCOUNT_DIR
     kubeconfig: str | None = None
     log_format: str = "json"
@@ -218,8 +220,11 @@ def parse_url(text: str) -> str:
         raise ValueError("has no host")
     try:
         parts.port  # noqa: B018 - raises on a bad port
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+    except ValueError:
+        # urllib's own text ("Port could not be cast to integer value as ...") repeats the URL.
+        raise ValueError("the port must be a number from 1 to 65535") from None
+    if parts.port == 0:
+        raise ValueError("the port must be a number from 1 to 65535")
     return text.strip()
 
 
@@ -241,19 +246,19 @@ def parse_check_url(text: str) -> tuple[str, str]:
 
 def parse_extra_checks(text: str) -> tuple[ExtraCheck, ...]:
     checks: list[ExtraCheck] = []
-    for item in text.split("|"):
-        item = item.strip()
-        if not item:
-            continue
+    items = [item.strip() for item in text.split("|") if item.strip()]
+    for item in items:
+        # The whole value is printed once already: name the entry only when there are several.
+        entry = f"entry {item!r}: " if len(items) > 1 else ""
         name, sep, url = item.partition(":")
         if not sep or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ValueError(f"{item!r} is not name:url")
+            raise ValueError(f"{entry}not name:url")
         if name in _BUILTIN_CHECKS or name.startswith(names.PATH_PREFIX) or name.startswith("neighbourhood"):
-            raise ValueError(f"{item!r}: {name!r} is the name of a built-in check")
+            raise ValueError(f"{entry}{name!r} is the name of a built-in check")
         try:
             kind, url = parse_check_url(url)
         except ValueError as e:
-            raise ValueError(f"{item!r}: {e}") from None
+            raise ValueError(f"{entry}{e}") from None
         checks.append(ExtraCheck(name, url, kind))
     if len({c.name for c in checks}) != len(checks):
         raise ValueError("check names must be unique")
@@ -302,9 +307,30 @@ def pem_file(text: str) -> str:
     path = readable_file(text)
     try:
         ssl.create_default_context().load_verify_locations(cafile=path)
-    except (ssl.SSLError, ValueError) as e:
-        raise ValueError(f"not a PEM CA bundle: {e}") from None
+    except (ssl.SSLError, ValueError):
+        # OpenSSL's own text ("[X509: NO_CERTIFICATE_OR_CRL_FOUND] ...", "PEM lib") says little.
+        raise ValueError("not a PEM CA bundle (no readable BEGIN CERTIFICATE block)") from None
     return path
+
+
+def existing_directory(text: str) -> str:
+    """A directory that is there now (the service-account files are read from it later)."""
+    path = Path(text.strip())
+    if not path.is_dir():
+        raise ValueError("not a directory" if path.exists() else "no such directory")
+    return str(path)
+
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def parse_namespace(text: str) -> str:
+    """A Kubernetes namespace name: an RFC 1123 label (lower-case letters, digits, '-')."""
+    value = text.strip()
+    if not _DNS_LABEL.fullmatch(value):
+        raise ValueError("not a namespace name (at most 63 lower-case letters, digits and '-',"
+                         " starting and ending with a letter or digit)")
+    return value
 
 
 def parse_kubeconfig(text: str) -> str:
@@ -383,7 +409,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_INSECURE": ("insecure", parse_bool),
     "KUBENURSE_EXTRA_CA": ("extra_ca_file", pem_file),
     "KUBENURSE_EXTRA_CHECKS": ("extra_checks", parse_extra_checks),
-    "KUBENURSE_NAMESPACE": ("namespace", _nonempty),
+    "KUBENURSE_NAMESPACE": ("namespace", parse_namespace),
     "KUBENURSE_NEIGHBOUR_FILTER": ("neighbour_filter", parse_selector_text),
     "KUBENURSE_NEIGHBOUR_LIMIT": ("neighbour_limit", parse_limit),
     "KUBENURSE_ALLOW_UNSCHEDULABLE": ("allow_unschedulable", parse_bool),
@@ -413,7 +439,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], object]]] = {
     "KUBENURSE_LISTEN_HOST": ("listen_host", _nonempty),
     "KUBENURSE_HTTP_PORT": ("http_port", parse_port),
     "KUBENURSE_HTTPS_PORT": ("https_port", parse_port),
-    "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", _nonempty),
+    "KUBENURSE_MESH_PORT": ("mesh_port", parse_port),
+    "KUBENURSE_SERVICEACCOUNT_DIR": ("serviceaccount_dir", existing_directory),
     "KUBECONFIG": ("kubeconfig", parse_kubeconfig),
     "KUBENURSE_LOG_FORMAT": ("log_format", one_of(*LOG_FORMATS)),
     "KUBENURSE_LOG_LEVEL": ("log_level", lambda t: one_of(*LOG_LEVELS)(t.lower()).upper()),
@@ -524,6 +551,52 @@ def _otlp_settings(env: Mapping[str, str]) -> dict[str, object]:
     return values
 
 
+SAMPLERS = (
+    "always_on", "always_off", "traceidratio",
+    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+)
+
+
+def _check_sampler(env: Mapping[str, str]) -> None:
+    """OTEL_TRACES_SAMPLER(_ARG): the SDK logs an unknown sampler or ratio and samples
+    everything instead; here it is a bad setting."""
+    raw = env.get("OTEL_TRACES_SAMPLER", "")
+    if raw.strip() and raw.strip().lower() not in SAMPLERS:
+        raise SettingsError("OTEL_TRACES_SAMPLER", raw, f"must be one of {', '.join(SAMPLERS)}")
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "")
+    if arg.strip():
+        try:
+            ratio = float(arg)
+        except ValueError:
+            ratio = float("nan")
+        if not 0.0 <= ratio <= 1.0:
+            raise SettingsError("OTEL_TRACES_SAMPLER_ARG", arg, "must be a sampling ratio from 0 to 1 (e.g. 0.25)")
+
+
+def _check_resource_attributes(env: Mapping[str, str]) -> None:
+    """OTEL_RESOURCE_ATTRIBUTES: `key=value,key2=value2`; the SDK warns about a pair
+    without `=` (twice: it reads the variable twice) and starts without it."""
+    raw = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
+    for item in raw.split(","):
+        if not item.strip():
+            continue
+        key, sep, _ = item.partition("=")
+        if not sep or not key.strip():
+            what = f"{item.strip()!r} is not key=value" if "," in raw else "not key=value"
+            raise SettingsError("OTEL_RESOURCE_ATTRIBUTES", raw, f"{what} (e.g. deployment.environment=prod,team=net)")
+
+
+def _check_timeouts(settings: Settings, env: Mapping[str, str]) -> None:
+    """A connect timeout set above the whole check's could never fire. (Left at its default,
+    it is simply cut short by a shorter KUBENURSE_CHECK_TIMEOUT.)"""
+    raw = env.get("KUBENURSE_CHECK_CONNECT_TIMEOUT", "")
+    if raw.strip() and settings.check_connect_timeout > settings.check_timeout:
+        raise SettingsError(
+            "KUBENURSE_CHECK_CONNECT_TIMEOUT", raw,
+            f"longer than the whole check (KUBENURSE_CHECK_TIMEOUT={settings.check_timeout:g}s)",
+        )
+
+
 def _check_tls_pair(settings: Settings) -> None:
     if not settings.use_tls:
         return
@@ -535,7 +608,17 @@ def _check_tls_pair(settings: Settings) -> None:
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as e:
-        raise SettingsError("KUBENURSE_CERT_FILE", cert, f"cannot load with KUBENURSE_CERT_KEY: {e}") from None
+        raise SettingsError("KUBENURSE_CERT_FILE", cert, tls_pair_problem(e)) from None
+
+
+def tls_pair_problem(error: BaseException) -> str:
+    """Why a certificate and key do not load, in our words ("[SSL] PEM lib (_ssl.c:3905)" is OpenSSL's)."""
+    reason = getattr(error, "reason", None) or ""
+    if reason == "KEY_VALUES_MISMATCH":
+        return "KUBENURSE_CERT_KEY is not the key of this certificate"
+    if isinstance(error, ssl.SSLError):
+        return "KUBENURSE_CERT_FILE and KUBENURSE_CERT_KEY must be a PEM certificate and its PEM private key"
+    return f"cannot read it with KUBENURSE_CERT_KEY: {getattr(error, 'strerror', None) or error}"
 
 
 def load_settings(env: Mapping[str, str]) -> Settings:
@@ -550,6 +633,16 @@ def load_settings(env: Mapping[str, str]) -> Settings:
         except ValueError as e:
             raise SettingsError(variable, raw, str(e)) from None
     values.update(_otlp_settings(env))
+    _check_sampler(env)
+    _check_resource_attributes(env)
     settings = Settings(**values)  # type: ignore[arg-type]
+    _check_timeouts(settings, env)
     _check_tls_pair(settings)
+    if settings.mesh_port is not None and settings.mesh_port in (
+        settings.http_port, *([settings.https_port] if settings.use_tls else []),
+    ):
+        raise SettingsError(
+            "KUBENURSE_MESH_PORT", str(settings.mesh_port),
+            "must differ from KUBENURSE_HTTP_PORT and KUBENURSE_HTTPS_PORT (empty: the mesh on those ports)",
+        )
     return settings

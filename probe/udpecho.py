@@ -26,9 +26,12 @@ log = logging.getLogger("probe.udpecho")
 
 #: The largest datagram echoed: the checks' full-size datagrams are at most MAX_BIG.
 MAX_DATAGRAM = MAX_BIG
-#: Per source address: bytes a second and the burst (room for a few trains at once).
-BYTES_PER_SECOND_PER_SOURCE = 64 * 1024
-BURST_PER_SOURCE = 128 * 1024
+#: Per source address: bytes a second and the burst. A probe sends each neighbour one train
+#: a round (3.5 KB on a 1,500-byte path, 18 KB on jumbo frames or loopback); this leaves room
+#: for short intervals and for several pods behind one address, and bounds what a spoofed
+#: source can have sent to it.
+BYTES_PER_SECOND_PER_SOURCE = 1024 * 1024
+BURST_PER_SOURCE = 2 * 1024 * 1024
 #: All sources together.
 BYTES_PER_SECOND = 4 * 1024 * 1024
 BURST = 8 * 1024 * 1024
@@ -111,6 +114,17 @@ class UdpEcho(asyncio.DatagramProtocol):
         trains[train] = trains.get(train, 0) + 1
         if len(trains) > TRAINS_PER_SOURCE:
             trains.popitem(last=False)
+
+    def recent(self, limit: int = 4096) -> dict[int, int]:
+        """Train id -> datagrams that arrived, over the latest trains of every source (the
+        sources heard from last first): what the mesh report tells the senders."""
+        out: dict[int, int] = {}
+        for trains in reversed(self._arrived.values()):
+            for train, count in trains.items():
+                if len(out) >= limit:
+                    return out
+                out[train] = count
+        return out
 
     def arrived(self, host: str) -> dict[int, int]:
         """Of the latest trains from `host`: train id -> datagrams that arrived here."""

@@ -260,6 +260,18 @@ async def test_unreadable_kubeconfig_is_skipped_not_a_crash(tmp_path: Path) -> N
 # The cache -------------------------------------------------------------------------------
 
 
+async def test_known_pods_by_name_for_the_incoming_checks(api: ApiServerStandin, sa_dir: Path) -> None:
+    add_neighbour(api, "a", "node-a", "10.0.0.2")
+    api.add_pod("unlabelled", namespace=NS, node_name="node-a", pod_ip="10.0.0.9")
+    async with started(source(in_cluster(api, sa_dir))) as src:
+        await eventually(has_pod(src, "a"), "a listed")
+        lookup = src.neighbours.pod_ip  # type: ignore[attr-defined]
+        assert lookup("a") == "10.0.0.2"
+        assert lookup("unlabelled") is None and lookup("invented") is None, "only pods discovery lists"
+        api.delete_pod("a", namespace=NS)
+        await eventually(lambda: lookup("a") is None, "a forgotten once deleted")
+
+
 async def test_pods_come_and_go(api: ApiServerStandin, sa_dir: Path) -> None:
     add_neighbour(api, "a", "node-a", "10.0.0.2")
     add_neighbour(api, "b", "node-b", "10.0.0.3")
@@ -637,6 +649,36 @@ async def test_probe_checks_the_neighbours_alive_shows_and_counts_its_api_reques
     assert api.count("pods", verb="watch") >= 2 and api.count("nodes", verb="watch") >= 2
     assert api.count("version") >= 10  # one api_server_direct check per round, for scale
     assert api.count(authorized=False) == 0
+
+
+async def test_alive_shows_the_live_retry_state_during_an_outage(
+    api: ApiServerStandin, world: tuple[Neighbours, Settings]
+) -> None:
+    """Issue 23 item 6: the count and the time of the last attempt move while the API is down
+    (it once showed `failures_in_a_row 3` for a minute while 62 attempts were made)."""
+    _, settings = world
+    add_neighbour(api, "a", "node-a", "127.0.0.2")
+    async with running_probe(settings) as probe:
+        await eventually(async_equals(probe.neighbourhood, {"a"}), "a listed")
+        await api.down()
+
+        async def pods_retrying() -> dict[str, Any] | None:
+            return (await probe.alive())["discovery"].get("retrying", {}).get("pods")
+
+        first = await eventually(pods_retrying, "the pod watch retrying, in /alive")
+        await asyncio.sleep(1.0)  # backoff 0.05 s doubling to 0.25 s: several attempts a second
+        later = await pods_retrying()
+        assert later is not None
+        assert later["failures_in_a_row"] >= first["failures_in_a_row"] + 2, (first, later)
+        assert later["last_attempt_at"] > first["last_attempt_at"], (first, later)
+        assert later["retry_in_seconds"] is None or 0 <= later["retry_in_seconds"] <= FAST.backoff_max
+        assert "cannot connect" in later["error"]
+        await api.up()
+
+        async def recovered() -> bool:
+            return "retrying" not in (await probe.alive())["discovery"]
+
+        await eventually(recovered, "no retry state once the API server is back", 5)
 
 
 def async_equals(fetch: Callable[[], Awaitable[T]], expected: T) -> Callable[[], Awaitable[bool]]:

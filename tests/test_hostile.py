@@ -20,11 +20,11 @@ import pytest
 
 from probe import names
 from probe.app import Probe
-from probe.neighbours import Neighbourhood, StaticNeighbours
-from probe.server import ConnectionGuard, ServerLimits, connection_cap, hidden_header
+from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
+from probe.server import ConnectionGuard, ServerLimits, connection_cap, echoed_header
 from probe.settings import load_settings
 from tests.conftest import StartTarget, free_port
-from tests.test_server import HOST, Running, process_env, until
+from tests.test_server import HOST, Running, process_env, status_of, until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -36,7 +36,10 @@ async def start_probe() -> AsyncIterator[StartProbe]:
     probes: list[Probe] = []
     sessions: list[aiohttp.ClientSession] = []
 
-    async def start(limits: ServerLimits | None = None, env: dict[str, str] | None = None) -> Running:
+    async def start(
+        limits: ServerLimits | None = None, env: dict[str, str] | None = None,
+        neighbours: StaticNeighbours | None = None,
+    ) -> Running:
         settings = load_settings(
             {
                 "KUBENURSE_LISTEN_HOST": HOST,
@@ -47,7 +50,7 @@ async def start_probe() -> AsyncIterator[StartProbe]:
                 **(env or {}),
             }
         )
-        probe = Probe(settings, StaticNeighbours(Neighbourhood()), server_limits=limits)
+        probe = Probe(settings, neighbours or StaticNeighbours(Neighbourhood()), server_limits=limits)
         await probe.start()
         probes.append(probe)
         session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
@@ -97,27 +100,77 @@ PROXY_CREDENTIALS = {
     "X-Client-Secret": "s3cr3t-12",
     "X-Apikey": "s3cr3t-13",
 }
+# Named like credentials or not, these pass any name filter; issue 23 item 3 found them echoed.
+UNFORESEEN_CREDENTIALS = {
+    "X-Auth-Key": "s3cr3t-20",
+    "Ocp-Apim-Subscription-Key": "s3cr3t-21",
+    "X-Functions-Key": "s3cr3t-22",
+    "X-Access-Key": "s3cr3t-23",
+    "Authentication": "s3cr3t-24",
+    "X-Forwarded-Client-Cert": "By=spiffe://s3cr3t-25;Hash=ab",
+    "X-Ms-Client-Principal": "s3cr3t-26",
+    "X-Userinfo": "s3cr3t-27",
+    "X-Something-New": "s3cr3t-28",
+}
 HARMLESS = {"X-Request-Id": "r-1", "X-Forwarded-For": "10.1.2.3", "Accept": "*/*"}
 
 
-async def test_alive_leaves_out_every_credential_a_proxy_adds(start_probe: StartProbe) -> None:
+async def test_alive_echoes_values_only_from_the_allow_list(start_probe: StartProbe) -> None:
     p = await start_probe()
-    _, text, _ = await p.get("/alive", headers={**PROXY_CREDENTIALS, **HARMLESS})
+    sent = {**PROXY_CREDENTIALS, **UNFORESEEN_CREDENTIALS, **HARMLESS}
+    _, text, _ = await p.get("/alive", headers=sent)
     assert "s3cr3t" not in text
-    echoed = {k.lower(): v for k, v in json.loads(text)["headers"].items()}
+    document = json.loads(text)
+    echoed = {k.lower(): v for k, v in document["headers"].items()}
     for name, value in HARMLESS.items():
         assert echoed.get(name.lower()) == [value], (name, echoed)
+    # The rest by name only, so a user still sees what arrived.
+    withheld = {name.lower() for name in document["headers_withheld"]}
+    assert withheld == {name.lower() for name in {**PROXY_CREDENTIALS, **UNFORESEEN_CREDENTIALS}}
+
+
+async def test_alive_cuts_long_values(start_probe: StartProbe) -> None:
+    p = await start_probe()
+    _, text, _ = await p.get("/alive?" + "q" * 3000, headers={"User-Agent": "u" * 4000, "X-Request-Id": "r" * 4000})
+    document = json.loads(text)
+    assert len(document["user_agent"]) <= 512 and document["user_agent"].endswith("...")
+    assert len(document["headers"]["X-Request-Id"][0]) <= 512
+    assert len(document["request_uri"]) <= 1024
+    assert len(text) < 8000, len(text)
 
 
 @pytest.mark.parametrize(
-    ("name", "hidden"),
-    [(n, True) for n in PROXY_CREDENTIALS]
-    + [(n.lower(), True) for n in PROXY_CREDENTIALS]
-    + [("User-Agent", False), ("X-Request-Id", False), ("Traceparent", False), ("Host", False),
-       ("KUBENURSE-NEIGHBOUR-ORIGIN", False), ("Accept-Encoding", False)],
+    ("name", "echoed"),
+    [(n, False) for n in {**PROXY_CREDENTIALS, **UNFORESEEN_CREDENTIALS}]
+    + [(n.lower(), False) for n in UNFORESEEN_CREDENTIALS]
+    + [("User-Agent", True), ("X-Request-Id", True), ("Traceparent", True), ("Host", True),
+       ("KUBENURSE-NEIGHBOUR-ORIGIN", True), ("kubenurse-neighbour-origin", True), ("Accept-Encoding", True)],
 )
-def test_hidden_header_by_pattern(name: str, hidden: bool) -> None:
-    assert hidden_header(name) is hidden
+def test_echoed_header_by_name(name: str, echoed: bool) -> None:
+    assert echoed_header(name) is echoed
+
+
+# --- issue 23 item 4: a forged-origin flood does not move the incoming-checks gauge ----------
+
+
+async def test_forged_origin_flood_leaves_the_incoming_gauge_alone(start_probe: StartProbe) -> None:
+    # Discovery knows two pods: one whose IP is where these requests come from, one elsewhere.
+    known = Neighbourhood(neighbours=(
+        Neighbour("kubenurse-b", HOST, "10.0.0.2", "node-b"),
+        Neighbour("kubenurse-c", "10.0.0.3", "10.0.0.3", "node-c"),
+    ))
+    p = await start_probe(env={"KUBENURSE_CHECK_NEIGHBOURHOOD": "false"}, neighbours=StaticNeighbours(known))
+
+    async def happy(origin: str) -> int:
+        status, _, _ = await p.get("/alwayshappy", headers={names.NEIGHBOUR_ORIGIN_HEADER: origin})
+        return status
+
+    forged = [f"kubenurse-forged-{i}" for i in range(200)] + ["kubenurse-c"] * 5
+    statuses = await asyncio.gather(*(happy(o) for o in forged), happy("kubenurse-b"))
+    assert set(statuses) == {200}
+    assert await p.metric(names.INCOMING_CHECKS) == 1
+    _, text, _ = await p.get("/alive")
+    assert json.loads(text)["incoming_origins_not_counted"] == 205
 
 
 # --- item 5: timeouts, the connection cap, memory ----------------------------------------------
@@ -321,3 +374,47 @@ async def test_more_idle_connections_than_files_do_not_stop_the_probe(start_targ
     capped = [r for r in records if r["msg"] == "open-files limit lowers the connection cap"]
     assert capped and capped[0]["max_connections"] == 32 and capped[0]["open_files_limit"] == 256
     assert names.ROUND_TRIP_ERROR not in json.dumps(alive)
+
+
+# --- issue 23 item 1: header floods against a real process, RSS from /proc --------------------
+
+
+@pytest.mark.timeout(120)
+async def test_header_floods_keep_rss_under_the_ceiling() -> None:
+    """The floods of the review (100 and 400 connections holding ~1 MB of unfinished headers
+    each, 200 `/alive` requests with ~1 MB of headers whose answers are never read) and a
+    flood of heads just under the per-request limit on 1,500 connections. Memory as the
+    image runs it (PYTHONMALLOC=malloc); /alive says the ceiling (160 MB without a container
+    limit) and how many connections were refused."""
+    from bench.floods import UNDER_LIMIT, rss_mb, unfinished_headers, unread_alive
+    from probe import resources
+
+    port = free_port()
+    env = process_env(KUBENURSE_HTTP_PORT=str(port), KUBENURSE_CHECK_INTERVAL="1s", PYTHONMALLOC="malloc")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    proc = await start_limited(env, hard, hard)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            base = f"http://{HOST}:{port}"
+            await wait_ready(session, base, proc)
+            started = rss_mb(proc.pid)
+            for flood, connections in ((unfinished_headers, 100), (unfinished_headers, 400), (unread_alive, 200)):
+                result = await flood(proc.pid, HOST, port, connections, settle=1.0)
+                assert result.cut == connections, ("every ~1 MB head is refused", result)
+                assert result.peak < started + 20, ("~1 MB a connection must not be held", result)
+            assert await status_of(session, base + "/alwayshappy") == 200
+            async with session.get(base + "/alive") as response:
+                server = json.loads(await response.text())["server"]
+            assert server["refused_too_large"] >= 700 and server["closed_at_memory_ceiling"] == 0, server
+            ceiling = server["memory_ceiling_bytes"] / 2**20  # 160 MB here, less under a container limit
+            assert ceiling <= resources.DEFAULT_CEILING / 2**20
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this client needs 1,500 files
+            try:
+                result = await unfinished_headers(proc.pid, HOST, port, 1500, settle=6.0, **UNDER_LIMIT)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+            assert result.peak < ceiling, result
+            assert result.after < started + 20, ("the burst's memory went back", result)
+            assert await status_of(session, base + "/alwayshappy") == 200
+    finally:
+        await stop(proc)

@@ -3,7 +3,9 @@ API-server stand-in, one probe process per node), in each fault the sandbox can 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
@@ -89,7 +91,7 @@ def test_stopped_node_is_unreachable(sandbox: Sandbox) -> None:
         assert all(p["error_event"] for p in failing)
         result = kubenurse_mesh(sandbox.nodes["node-2"])
         assert result.returncode == 1
-        assert "node_unreachable node-3" in result.stdout and "(no answer)" in result.stdout
+        assert "node_unreachable node-3" in result.stdout and "(no answer: connection refused" in result.stdout
     finally:
         sandbox.command("start", "node-3")
     until(sandbox.nodes["node-1"], [("ok", "cluster")], timeout=20)
@@ -123,6 +125,12 @@ def test_cordoned_node_is_not_a_fault(sandbox: Sandbox) -> None:
             return "node-2" not in {p["to"] for p in document["paths"]}, document["paths"]
 
         eventually(unchecked, TWO_ROUNDS + SLACK, "node-2 no longer checked")
+        # Still shown in every probe's view, with the reason, and the columns keep their places.
+        seen_from_node_1 = mesh(sandbox.nodes["node-1"])
+        (shown,) = [n for n in seen_from_node_1["nodes"] if n["node"] == "node-2"]
+        assert shown["ready"] is False and shown["checked"] is False
+        assert "cordoned" in shown["not_ready_reason"]
+        assert [n["node"] for n in seen_from_node_1["nodes"]] == ["node-1", "node-2", "node-3", "node-4"]
         until(sandbox.nodes["node-1"], [("ok", "cluster")], TWO_ROUNDS + SLACK)
         seen_from_node_2 = mesh(sandbox.nodes["node-2"])
         assert verdicts(seen_from_node_2) == [("ok", "cluster")]
@@ -160,7 +168,8 @@ def test_report_is_compact_and_bad_requests_leave_the_probe_serving(sandbox: San
     status, body = get(f"{base}/mesh/report")
     report = json.loads(body)
     assert status == 200 and report["node"] == "node-1"
-    assert {n["node"] for n in report["neighbours"]} == {"node-2", "node-3", "node-4"}
+    assert set(report) == {"node", "pod", "ready", "not_ready", "round_age_seconds", "results", "udp", "echo"}
+    assert {r["to"] for r in report["results"] if "to" in r} == {"node-2", "node-3", "node-4"}
     assert "\n" not in body
     assert get(f"{base}/mesh.json?x=" + "a" * 2000)[0] == 200
     status, gzipped = _gzip_get(f"{base}/mesh.json")
@@ -178,3 +187,68 @@ def _gzip_get(url: str) -> tuple[int, str]:
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=10) as response:
         assert response.headers["Content-Encoding"] == "gzip"
         return response.status, gzip.decompress(response.read()).decode()
+
+
+# --- steady under load ---------------------------------------------------------------------------
+
+#: Rounds a verdict must hold (the sandbox's round is 1 s), with both cores kept busy.
+STEADY_ROUNDS = 20
+
+
+@contextlib.contextmanager
+def cpu_burners(seconds: float) -> Iterator[None]:
+    """One busy process per core, ended when the block ends (or after `seconds` at most)."""
+    code = f"import time\nend = time.monotonic() + {seconds}\nwhile time.monotonic() < end: pass\n"
+    burners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+
+
+def steady(base: str, wanted: list[tuple[str, str]], rounds: int = STEADY_ROUNDS) -> list[list[tuple[str, str]]]:
+    """Once `wanted` shows, the verdicts of one view per round for `rounds` rounds."""
+    until(base, wanted, 15)
+    seen = []
+    for _ in range(rounds):
+        time.sleep(1.0)
+        seen.append(verdicts(mesh(base)))
+    return seen
+
+
+@pytest.mark.timeout(300)
+def test_slow_stop_and_cordon_each_give_one_steady_verdict_with_the_machine_loaded(sandbox: Sandbox) -> None:
+    base = sandbox.nodes["node-1"]
+    until(base, [("ok", "cluster")], timeout=15, paths=12)
+    with cpu_burners(4 * (STEADY_ROUNDS + 20)):
+        sandbox.command("slow", "node-4", "200ms")
+        try:
+            seen = steady(base, [("node_slow", "node-4")])
+        finally:
+            sandbox.command("fast", "node-4")
+        assert all(s == [("node_slow", "node-4")] for s in seen), [s for s in seen if s != [("node_slow", "node-4")]]
+        until(base, [("ok", "cluster")], timeout=20)
+
+        sandbox.command("stop", "node-3")
+        try:
+            seen = steady(base, [("node_unreachable", "node-3")])
+        finally:
+            sandbox.command("start", "node-3")
+        assert all(s == [("node_unreachable", "node-3")] for s in seen), seen
+        until(base, [("ok", "cluster")], timeout=20)
+
+        sandbox.command("cordon", "node-2")
+        try:
+            def not_checked() -> tuple[bool, object]:
+                document = mesh(base)
+                return "node-2" not in {p["to"] for p in document["paths"]}, document["paths"]
+
+            eventually(not_checked, 10, "node-2 no longer checked")
+            seen = steady(base, [("ok", "cluster")])
+            shown = [n for n in mesh(base)["nodes"] if n["node"] == "node-2"]
+            assert shown and shown[0]["ready"] is False and "cordoned" in shown[0]["not_ready_reason"]
+        finally:
+            sandbox.command("uncordon", "node-2")
+        assert all(s == [("ok", "cluster")] for s in seen), seen

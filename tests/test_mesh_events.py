@@ -13,7 +13,7 @@ import trustme
 from aiohttp import web
 
 from probe.discovery.kube import ServiceAccount
-from probe.mesh.collect import mesh_document
+from probe.mesh.collect import View
 from probe.mesh.events import NodeEventReporter, is_reporter, node_events
 from probe.mesh.verdicts import Evidence, NodeView, PathView, Verdict, judge
 
@@ -26,12 +26,17 @@ def test_only_node_verdicts_we_are_fairly_sure_of_become_events() -> None:
         Verdict("node_unreachable", "node-4", "unsure", "node-4 may be unreachable.", ()),
         Verdict("node_slow", "node-5", "likely", "node-5 answers slowly.", ("median 200 ms",)),
         Verdict("api_server", "api-server", "sure", "The API server is down.", ()),
+        Verdict("node_lossy", "node-6", "sure", "node-6 loses packets.", ("n1 -> node-6: 12 of 100",)),
+        Verdict("path_lossy", "node-1->node-2", "likely", "The path loses packets.", ()),
+        Verdict("node_mtu", "node-7", "likely", "node-7 drops full-size packets.", ()),
         Verdict("ok", "cluster", "sure", "Nothing is wrong.", ()),
     ]
     events = node_events(verdicts, namespace="kubenurse", reporter_node="node-1", reporter_pod="p1", now=6000.0)
     assert [(e["involvedObject"]["name"], e["reason"]) for e in events] == [
         ("node-3", "KubenurseNodeUnreachable"),
         ("node-5", "KubenurseNodeSlow"),
+        ("node-6", "KubenurseNodeLossy"),
+        ("node-7", "KubenurseNodeMTU"),
     ]
     first = events[0]
     # As the kubelet does, so `kubectl describe node` finds it: uid = node name, type Warning.
@@ -54,7 +59,7 @@ def test_the_first_three_nodes_by_name_report() -> None:
 class FakeView:
     """A view with node-3 unreachable (hand-written evidence through the real judge)."""
 
-    async def document(self) -> dict[str, object]:
+    async def view(self) -> View:
         nodes = ["node-1", "node-2", "node-3"]
         paths = [
             PathView("node-1", "node-2", True, 0.001), PathView("node-2", "node-1", True, 0.001),
@@ -62,7 +67,7 @@ class FakeView:
             PathView("node-2", "node-3", False, None, "connect_done"),
         ]
         evidence = Evidence([NodeView(n, reached=n != "node-3") for n in nodes], paths, [])
-        return mesh_document(evidence, judge(evidence), source="p1", generated_at=0)
+        return View(tuple(judge(evidence)), b"", b"", 0.0)
 
 
 @pytest.fixture
@@ -149,7 +154,7 @@ def test_probe_wiring_needs_the_setting_and_credentials(tmp_path: Path) -> None:
 
     def app_for(settings: Settings) -> web.Application:
         app = web.Application()
-        add_routes(app, settings, last_round=lambda: None, neighbourhood=hood.current, ready=lambda: True)
+        add_routes(app, settings, last_round=lambda: None, neighbourhood=hood.current, not_ready=lambda: None)
         return app
 
     hood = StaticNeighbours.unavailable("test")

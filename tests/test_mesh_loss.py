@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from probe.mesh import loss
+from probe.mesh.collect import Gathered, evidence_from, peer
 from probe.mesh.loss import UdpPathView, directions, judge_loss
-from probe.mesh.verdicts import LIKELY, SURE, UNSURE
+from probe.mesh.report import BadReport, Report, UdpPathReport, parse
+from probe.mesh.verdicts import LIKELY, SURE, UNSURE, judge
 
 NODES = ["node-1", "node-2", "node-3", "node-4"]
 
@@ -30,6 +36,7 @@ def test_directions_match_trains_with_what_the_echo_counted() -> None:
     assert directions(trains, {1: 9, 2: 10}) == (1, 1)
     assert directions(trains, {}) is None
     assert directions([(1, 10, 10)], {1: 12}) == (0, 0), "a duplicate is not a negative loss"
+    assert directions([(1, 10, 9)], {1: 4}) is None, "an echo count older than the train says nothing"
 
 
 def test_loss_towards_one_node_is_that_nodes_link_and_says_which_way() -> None:
@@ -85,3 +92,52 @@ def test_loss_from_one_source_to_everyone_is_the_sources_link() -> None:
     (verdict,) = judge_loss(clean(**lossy))
     assert (verdict.kind, verdict.subject) == (loss.NODE_LOSSY, "node-2")
     assert "from it" in verdict.summary and "on the way out of node-2" in verdict.summary
+
+
+# --- through the reports: what each probe says, read back, judged -----------------------------
+
+
+def report(node: str, udp: tuple[UdpPathReport, ...] = (), echo: tuple[tuple[str, int], ...] = ()) -> Report:
+    return parse(Report(node, f"pod-{node}", udp=udp, echo=echo).encode())  # what a peer would read
+
+
+def test_udp_paths_and_echo_counts_survive_the_report_as_they_were() -> None:
+    sent = UdpPathReport("node-2", 100, 7, False, 1500, (("00000000000000ab", 10, 8),))
+    read = report("node-1", (sent,), (("00000000000000cd", 10),))
+    assert read.udp == (sent,) and read.echo == (("00000000000000cd", 10),)
+
+
+@pytest.mark.parametrize("udp", [
+    {"to": "node-2", "sent": True, "lost": 0},
+    {"to": "node-2", "sent": -1, "lost": 0},
+    {"to": "node-2", "sent": 10, "lost": 0, "trains": [["xyz", 10, 10]]},
+    {"to": "node-2", "sent": 10, "lost": 0, "trains": [["00000000000000ab", 10, 10]] * 11},
+    {"to": "../../x", "sent": 10, "lost": 0},
+    {"to": "node-2", "sent": 10, "lost": 0, "mtu": 1e9},
+])
+def test_forged_udp_paths_are_refused(udp: dict[str, object]) -> None:
+    body = json.dumps({"node": "node-1", "pod": "pod-1", "results": [], "udp": [udp]}).encode()
+    with pytest.raises(BadReport):
+        parse(body)
+
+
+def test_a_lossy_link_of_one_node_is_judged_from_the_reports_with_its_direction() -> None:
+    """node-3's link drops datagrams on the way in: three senders lose 12 of 100 each, and
+    node-3's echo says those never reached it."""
+    trains = {s: tuple((f"{i:014x}{n:02x}", 10, 9 if n < 2 else 8) for n in range(10)) for i, s in enumerate(NODES)}
+    reports = {}
+    for s in NODES:
+        paths = tuple(
+            UdpPathReport(t, 100, 12 if t == "node-3" else 0, trains=trains[s] if t == "node-3" else ())
+            for t in NODES if t != s
+        )
+        echo = tuple((tid, b) for src in NODES if src != s for tid, _, b in trains[src]) if s == "node-3" else ()
+        reports[s] = report(s, paths, echo)
+    peers = {s: peer(s, f"pod-{s}", f"10.0.0.{i}") for i, s in enumerate(NODES)}
+    gathered = Gathered(reports["node-1"], reports, peers)
+    evidence = evidence_from(gathered)
+    verdicts = judge(evidence)
+    (verdict,) = [v for v in verdicts if v.kind.endswith("lossy")]
+    assert (verdict.kind, verdict.subject) == (loss.NODE_LOSSY, "node-3")
+    assert "on the way in to node-3" in verdict.summary, verdict.summary
+    assert not [v for v in verdicts if v.kind == "ok"], "loss is something wrong"

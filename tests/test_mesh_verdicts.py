@@ -199,3 +199,93 @@ def test_ok_exactly_when_nothing_fails_on_random_tables() -> None:
         assert not (failing and ok), (evidence, found)
         assert not ok or found == ok
         assert all(v.confidence in ("sure", "likely", "unsure") and v.summary for v in found)
+
+
+# --- under load, with hysteresis, from more than one probe -----------------------------------
+
+
+def loaded(base: float, slow_node: str | None, late: float, jitter: float = 0.3) -> Evidence:
+    """Every path `base` (a loaded cluster), spread +-jitter; paths to `slow_node` `late` more."""
+    import random
+
+    rng = random.Random(int(base * 1e6) + int(late * 1e3))
+    latency = {}
+    evidence = mesh(NODES)
+    paths = []
+    for p in evidence.paths:
+        x = base * (1 + jitter * (2 * rng.random() - 1)) + (late if p.target == slow_node else 0.0)
+        latency[(p.source, p.target)] = x
+        paths.append(PathView(p.source, p.target, True, x))
+    return Evidence(evidence.nodes, paths, evidence.checks)
+
+
+def test_a_node_200ms_late_stays_slow_when_load_raises_every_path() -> None:
+    # The loaded median of 60 ms made the old "4x the median" rule stop firing (240 ms > 260 ms
+    # only just, and not for every path): now it is the baseline plus max(100 ms, baseline).
+    for base in (0.001, 0.02, 0.06, 0.12):
+        found = judge(loaded(base, "n4", 0.2))
+        assert kinds(found) == [("node_slow", "n4", "sure")], (base, found)
+
+
+def test_load_alone_is_not_a_slow_node() -> None:
+    for base in (0.001, 0.05, 0.2, 0.5):
+        assert kinds(judge(loaded(base, None, 0.0, jitter=0.6))) == [("ok", "cluster", "sure")], base
+
+
+def test_slowness_has_hysteresis() -> None:
+    first = judge(loaded(0.001, "n4", 0.2))
+    assert kinds(first)[0][:2] == ("node_slow", "n4")
+    # 80 ms late: below the 101 ms limit to enter, above the 51 ms limit to leave.
+    middling = loaded(0.001, "n4", 0.08)
+    assert kinds(judge(middling)) == [("ok", "cluster", "sure")], "not slow enough to become slow"
+    assert kinds(judge(middling, previous=first))[0][:2] == ("node_slow", "n4"), "slow before: stays slow"
+    assert kinds(judge(loaded(0.001, "n4", 0.02), previous=first)) == [("ok", "cluster", "sure")], "clearly back"
+
+
+def test_path_states_come_from_the_same_rule() -> None:
+    evidence = loaded(0.001, "n4", 0.2)
+    assessment = v.assess(evidence)
+    states = {(p.source, p.target): assessment.rule.state(p) for p in evidence.paths}
+    assert {s for (a, b), s in states.items() if b == "n4"} == {"slow"}
+    assert {s for (a, b), s in states.items() if b != "n4"} == {"ok"}
+
+
+def test_one_probe_alone_cannot_condemn_a_node() -> None:
+    # n1 says n3 is unreachable (it lies, or its own path is cut); n3 answered this probe,
+    # and n2 reaches it: a broken path in n1's row, no node verdict.
+    found = judge(mesh(["n1", "n2", "n3"], fail={("n1", "n3")}))
+    assert kinds(found) == [("path_broken", "n1->n3", "sure")]
+    # The only probe that checks n3 says it fails; n3 answered: still only that probe's row.
+    edges = [("n1", "n2"), ("n2", "n1"), ("n1", "n3"), ("n3", "n1"), ("n3", "n2")]
+    found = judge(mesh(["n1", "n2", "n3"], fail={("n1", "n3")}, edges=edges))
+    assert [k[0] for k in kinds(found)] == ["path_broken"], found
+
+
+def test_one_probe_alone_cannot_make_a_node_slow_for_sure() -> None:
+    evidence = mesh(NODES)
+    paths = [PathView(p.source, p.target, True, 0.5 if (p.source, p.target) == ("n1", "n4") else 0.001)
+             for p in evidence.paths if p.target != "n4" or p.source == "n1"]
+    found = judge(Evidence(evidence.nodes, paths, evidence.checks))
+    assert kinds(found) == [("node_slow", "n4", "unsure")]
+
+
+def test_a_service_failing_through_a_dead_node_is_evidence_in_the_node_verdict() -> None:
+    # The Service round-robins: 1 of 4 live probes hit the dead node's endpoint.
+    found = judge(mesh(NODES, down={"n5"}, check_fail={"me_service": {"n2"}}))
+    assert kinds(found) == [("node_unreachable", "n5", "sure")]
+    assert any("me_service fails on 1 of 4 probes" in e for e in found[0].evidence)
+    # Failing everywhere: the Service itself.
+    everywhere = judge(mesh(NODES, down={"n5"}, check_fail={"me_service": set(NODES)}))
+    assert ("service", "me_service") in [k[:2] for k in kinds(everywhere)]
+
+
+def test_a_cordoned_node_is_shown_with_its_reason() -> None:
+    evidence = mesh(["n1", "n2", "n3"])
+    cordoned = NodeView("n9", ready=False, checked=False, not_ready_reason="node cordoned, unschedulable or gone")
+    found = judge(Evidence([*evidence.nodes, cordoned], evidence.paths, evidence.checks))
+    assert kinds(found) == [("ok", "cluster", "sure")]
+    assert any("node cordoned" in e and "n9" in e for e in found[0].evidence)
+
+
+def test_nothing_checked_is_not_sure() -> None:
+    assert kinds(judge(Evidence([NodeView("solo")], [], []))) == [("ok", "cluster", "unsure")]

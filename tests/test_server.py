@@ -139,7 +139,8 @@ async def test_alive_document_when_all_checks_pass(run_probe: RunProbe, start_ta
     # The neighbour is this very probe: its path check hits our own /alwayshappy.
     hood = Neighbourhood(neighbours=(Neighbour("kubenurse-b", HOST, "10.0.0.2", "node-b"),))
     p = await run_probe({"KUBENURSE_EXTRA_CHECKS": f"extra:{target.url}/"}, neighbours=StaticNeighbours(hood))
-    status, text, response = await p.get("/alive?probe=1", headers={"User-Agent": "test-agent/1", "X-Test": "yes"})
+    headers = {"User-Agent": "test-agent/1", "X-Request-Id": "yes"}
+    status, text, response = await p.get("/alive?probe=1", headers=headers)
     assert status == 200, text
     assert response.content_type == "application/json"
     assert text.startswith('{\n  "'), "pretty-printed"
@@ -148,7 +149,7 @@ async def test_alive_document_when_all_checks_pass(run_probe: RunProbe, start_ta
     assert doc["user_agent"] == "test-agent/1"
     assert doc["request_uri"] == "/alive?probe=1"
     assert doc["remote_addr"].startswith(HOST + ":")
-    assert doc["headers"]["X-Test"] == ["yes"]  # Go's http.Header shape, as kubenurse prints it
+    assert doc["headers"]["X-Request-Id"] == ["yes"]  # Go's http.Header shape, as kubenurse prints it
     result = doc["last_check_result"]
     assert result["extra"] == "ok"
     assert result["path_node-b"] == "ok"
@@ -181,12 +182,12 @@ async def test_alive_hides_credentials(run_probe: RunProbe) -> None:
         "Cookie": "session=s3cr3t-cookie",
         "Proxy-Authorization": "Basic s3cr3t-proxy",
     }
-    status, text, _ = await p.get("/alive", headers={**secret, "X-Visible": "shown"})
+    status, text, _ = await p.get("/alive", headers={**secret, "X-Forwarded-For": "shown"})
     assert status == 200
     assert "s3cr3t" not in text
     headers = json.loads(text)["headers"]
     assert {k.lower() for k in headers}.isdisjoint(k.lower() for k in secret), headers
-    assert headers["X-Visible"] == ["shown"], "other headers are echoed as sent"
+    assert headers["X-Forwarded-For"] == ["shown"], "allow-listed headers are echoed as sent"
 
 
 async def test_alive_outside_a_cluster_says_what_was_skipped(run_probe: RunProbe) -> None:
@@ -243,26 +244,37 @@ async def test_ipv6_listen_neighbour_and_extra_check(run_probe: RunProbe, start_
 # --- /alwayshappy and incoming checks --------------------------------------------------------------
 
 
-async def test_alwayshappy_counts_distinct_origins(run_probe: RunProbe) -> None:
-    p = await run_probe()
+async def test_alwayshappy_counts_distinct_origins_of_known_pods(run_probe: RunProbe) -> None:
+    known = Neighbourhood(neighbours=(
+        Neighbour("kubenurse-x", HOST, "10.0.0.2", "node-x"),
+        Neighbour("kubenurse-y", HOST, "10.0.0.3", "node-y"),
+        Neighbour("kubenurse-z", "10.9.9.9", "10.0.0.4", "node-z"),  # not where the requests come from
+    ))
+    p = await run_probe(neighbours=StaticNeighbours(known), env={"KUBENURSE_CHECK_NEIGHBOURHOOD": "false"})
     assert await p.metric(names.INCOMING_CHECKS) == 0
-    for origin in ("kubenurse-x", "kubenurse-y", "kubenurse-x", "kubenurse-x"):
+    for origin in ("kubenurse-x", "kubenurse-y", "kubenurse-x", "kubenurse-z", "invented", "kubenurse-x"):
         status, _, _ = await p.get("/alwayshappy", headers={names.NEIGHBOUR_ORIGIN_HEADER: origin})
-        assert status == 200
+        assert status == 200, "a forged origin still gets its answer; it is only not counted"
     status, _, _ = await p.get("/alwayshappy")  # no origin: not counted
     assert status == 200
     assert await p.metric(names.INCOMING_CHECKS) == 2
     assert p.probe.incoming.origins() == ["kubenurse-x", "kubenurse-y"]
+    _, doc = await p.alive()
+    assert doc["incoming_checks"] == 2 and doc["incoming_origins_not_counted"] == 2
+
+
+def _known(*names_: str) -> Callable[[str], str | None]:
+    return lambda name: "10.0.0.1" if name in names_ or not names_ else None
 
 
 def test_incoming_origins_expire_after_60_seconds() -> None:
     now = [1000.0]
-    incoming = IncomingChecks(clock=lambda: now[0])
-    incoming.saw("a")
+    incoming = IncomingChecks(clock=lambda: now[0], pod_ip=_known())
+    incoming.saw("a", "10.0.0.1")
     now[0] += 10
-    incoming.saw("b")
+    incoming.saw("b", "10.0.0.1")
     now[0] += 40
-    incoming.saw("a")  # a seen again at +50: its 60 s start over
+    incoming.saw("a", "10.0.0.1")  # a seen again at +50: its 60 s start over
     assert incoming.count() == 2
     now[0] = 1000 + 65  # b (+10) is 55 s old, a (+50) 15 s
     assert incoming.origins() == ["a", "b"]
@@ -276,17 +288,34 @@ def test_incoming_origins_expire_after_60_seconds() -> None:
 
 def test_incoming_origins_are_bounded() -> None:
     now = [0.0]
-    incoming = IncomingChecks(clock=lambda: now[0])
+    incoming = IncomingChecks(clock=lambda: now[0], pod_ip=_known())
     for i in range(MAX_ORIGINS + 50):
         now[0] += 0.001
-        incoming.saw(f"pod-{i}")
+        incoming.saw(f"pod-{i}", "10.0.0.1")
     assert incoming.count() == MAX_ORIGINS
     origins = set(incoming.origins())
     assert f"pod-{MAX_ORIGINS + 49}" in origins and "pod-0" not in origins, "the oldest make room"
     # Expired ones go first: after the window a newcomer leaves only itself.
     now[0] += 61
-    incoming.saw("late")
+    incoming.saw("late", "10.0.0.1")
     assert incoming.origins() == ["late"]
+
+
+@pytest.mark.parametrize(
+    ("origin", "sender", "counted"),
+    [
+        ("kubenurse-b", "10.0.0.1", True),
+        ("kubenurse-b", "::ffff:10.0.0.1", True),  # a dual-stack socket's view of the same sender
+        ("kubenurse-b", "10.0.0.9", False),  # a known name from another pod's address
+        ("invented", "10.0.0.1", False),  # a name discovery does not know
+        ("kubenurse-b", "127.0.0.1", False),  # loopback is no pod IP in a cluster
+        ("kubenurse-b", "", False),
+    ],
+)
+def test_an_origin_counts_only_from_its_pods_address(origin: str, sender: str, counted: bool) -> None:
+    incoming = IncomingChecks(pod_ip=_known("kubenurse-b"))
+    assert incoming.saw(origin, sender) is counted
+    assert incoming.count() == int(counted) and incoming.refused == int(not counted)
 
 
 # --- /ready ---------------------------------------------------------------------------------------

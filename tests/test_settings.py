@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -104,7 +105,7 @@ TABLE: list[Row] = [
     Row("KUBENURSE_EXTRA_CA", "{ca}", "extra_ca_file", "{ca}", "{missing}"),
     Row("KUBENURSE_EXTRA_CHECKS", "google:https://google.com|api:http://10.0.0.1:8080/healthz", "extra_checks",
         (ExtraCheck("google", "https://google.com"), ExtraCheck("api", "http://10.0.0.1:8080/healthz")), "google"),
-    Row("KUBENURSE_NAMESPACE", "kube-system", "namespace", "kube-system", None),
+    Row("KUBENURSE_NAMESPACE", "kube-system", "namespace", "kube-system", "Bad_Namespace!"),
     Row("KUBENURSE_NEIGHBOUR_FILTER", "app.kubernetes.io/name=kubenurse", "neighbour_filter",
         "app.kubernetes.io/name=kubenurse", "app in (kubenurse"),
     Row("KUBENURSE_NEIGHBOUR_LIMIT", "0", "neighbour_limit", 0, "-1"),
@@ -136,7 +137,8 @@ TABLE: list[Row] = [
     Row("KUBENURSE_LISTEN_HOST", "127.0.0.1", "listen_host", "127.0.0.1", None),
     Row("KUBENURSE_HTTP_PORT", "18080", "http_port", 18080, "0"),
     Row("KUBENURSE_HTTPS_PORT", "18443", "https_port", 18443, "65536"),
-    Row("KUBENURSE_SERVICEACCOUNT_DIR", "/tmp/sa", "serviceaccount_dir", "/tmp/sa", None),
+    Row("KUBENURSE_MESH_PORT", "18081", "mesh_port", 18081, "0"),
+    Row("KUBENURSE_SERVICEACCOUNT_DIR", "{dir}", "serviceaccount_dir", "{dir}", "{missing}"),
     Row("KUBECONFIG", "{kubeconfig}", "kubeconfig", "{kubeconfig}", "{empty}"),
     Row("KUBENURSE_LOG_FORMAT", "logfmt", "log_format", "logfmt", "text"),
     Row("KUBENURSE_LOG_LEVEL", "debug", "log_level", "DEBUG", "verbose"),
@@ -420,8 +422,46 @@ def test_unreadable_files(variable: str, which: str, files: dict[str, str]) -> N
 
 
 def test_extra_ca_must_be_pem(files: dict[str, str]) -> None:
-    with pytest.raises(SettingsError, match=r"KUBENURSE_EXTRA_CA.*not a PEM"):
+    with pytest.raises(SettingsError, match=r"KUBENURSE_EXTRA_CA.*not a PEM") as info:
         load_settings({"KUBENURSE_EXTRA_CA": files["garbage"]})
+    assert "_ssl.c" not in str(info.value)
+
+
+def test_connect_timeout_must_fit_in_the_check(files: dict[str, str]) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings({"KUBENURSE_CHECK_CONNECT_TIMEOUT": "3s", "KUBENURSE_CHECK_TIMEOUT": "2s"})
+    assert info.value.variable == "KUBENURSE_CHECK_CONNECT_TIMEOUT" and "KUBENURSE_CHECK_TIMEOUT=2s" in str(info.value)
+    # Equal is fine; a short check timeout with the connect timeout left alone cuts it short.
+    assert load_settings({"KUBENURSE_CHECK_CONNECT_TIMEOUT": "2s", "KUBENURSE_CHECK_TIMEOUT": "2s"})
+    assert load_settings({"KUBENURSE_CHECK_TIMEOUT": "2s"}).check_connect_timeout == 5.0
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"OTEL_TRACES_SAMPLER": "sometimes"}, "OTEL_TRACES_SAMPLER"),
+        ({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "abc"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "-0.1"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_TRACES_SAMPLER_ARG": "nan"}, "OTEL_TRACES_SAMPLER_ARG"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "garbage"}, "OTEL_RESOURCE_ATTRIBUTES"),
+        ({"OTEL_RESOURCE_ATTRIBUTES": "a=b,=c"}, "OTEL_RESOURCE_ATTRIBUTES"),
+        ({"KUBENURSE_NAMESPACE": "Bad_Namespace!"}, "KUBENURSE_NAMESPACE"),
+        ({"KUBENURSE_NAMESPACE": "a" * 64}, "KUBENURSE_NAMESPACE"),
+        ({"KUBENURSE_NAMESPACE": "-kube"}, "KUBENURSE_NAMESPACE"),
+    ],
+)
+def test_otel_and_namespace_values_the_sdk_or_the_api_would_ignore(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(SettingsError) as info:
+        load_settings(env)
+    assert info.value.variable == variable
+
+
+def test_good_sampler_and_resource_values_pass() -> None:
+    load_settings({"OTEL_TRACES_SAMPLER": "ParentBased_TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    load_settings({"OTEL_TRACES_SAMPLER": "always_off", "OTEL_TRACES_SAMPLER_ARG": "1"})
+    load_settings({"OTEL_RESOURCE_ATTRIBUTES": "k8s.cluster.name=lab,team=net%20ops,empty=,"})
+    assert load_settings({"KUBENURSE_NAMESPACE": "kube-system"}).namespace == "kube-system"
 
 
 def test_tls_needs_cert_and_key(files: dict[str, str]) -> None:
@@ -443,10 +483,12 @@ def test_tls_cert_and_key_must_match(files: dict[str, str]) -> None:
     with pytest.raises(SettingsError) as info:
         load_settings(env)
     assert info.value.variable == "KUBENURSE_CERT_FILE"
-    assert files["cert"] in str(info.value) and "KUBENURSE_CERT_KEY" in str(info.value)
-    # A key file that is no key at all, too.
-    with pytest.raises(SettingsError, match="KUBENURSE_CERT_FILE"):
+    assert files["cert"] in str(info.value)
+    assert "KUBENURSE_CERT_KEY is not the key of this certificate" in str(info.value)
+    # A key file that is no key at all, too; in our words, not OpenSSL's "[SSL] PEM lib (_ssl.c:...)".
+    with pytest.raises(SettingsError, match="KUBENURSE_CERT_FILE") as info:
         load_settings({**env, "KUBENURSE_CERT_KEY": files["garbage"]})
+    assert "_ssl.c" not in str(info.value) and "PEM private key" in str(info.value)
     ok = load_settings({**env, "KUBENURSE_CERT_KEY": files["key"]})
     assert (ok.use_tls, ok.cert_file, ok.cert_key) == (True, files["cert"], files["key"])
 
@@ -621,10 +663,20 @@ def run_probe(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
         ("KUBENURSE_NEIGHBOUR_FILTER", "app in (a"),
         ("KUBENURSE_EXTRA_CA", "/nonexistent/ca.pem"),
         ("KUBENURSE_HTTPS_PORT", "http"),
+        ("KUBENURSE_MESH_PORT", "mesh"),
+        ("KUBENURSE_MESH_PORT", "70000"),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json"),
         ("OTEL_EXPORTER_OTLP_ENDPOINT", "not-a-url"),
         ("OTEL_TRACES_EXPORTER", "console"),
         ("KUBECONFIG", "/dev/null"),
+        ("OTEL_TRACES_SAMPLER", "sometimes"),
+        ("OTEL_TRACES_SAMPLER_ARG", "abc"),
+        ("OTEL_TRACES_SAMPLER_ARG", "2"),
+        ("OTEL_RESOURCE_ATTRIBUTES", "garbage"),
+        ("KUBENURSE_NAMESPACE", "Bad_Namespace!"),
+        ("KUBENURSE_SERVICEACCOUNT_DIR", "/nonexistent/serviceaccount"),
+        ("KUBENURSE_CHECK_CONNECT_TIMEOUT", "7s"),
+        ("KUBENURSE_SERVICE_URL", "http://kubenurse:http"),
     ],
 )
 def test_command_exits_2_with_one_line(variable: str, bad: str) -> None:
@@ -634,6 +686,9 @@ def test_command_exits_2_with_one_line(variable: str, bad: str) -> None:
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("kubenurse: ")
     assert variable in lines[0] and bad in lines[0]
+    # Said once, in our words: not the value again, not a library's or OpenSSL's own text.
+    assert lines[0].count(repr(bad)) == 1 and lines[0].count(bad) <= 2, lines[0]
+    assert not re.search(r"_ssl\.c|PEM lib|could not be cast|Errno", lines[0]), lines[0]
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
 

@@ -24,7 +24,7 @@ from probe.checks.targets import plan_round
 from probe.checkurls import parse_udp_url
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import Settings, load_settings
-from probe.udpecho import BURST, BURST_PER_SOURCE, MAX_DATAGRAM, UdpEcho, start_echo
+from probe.udpecho import BURST, BURST_PER_SOURCE, BYTES_PER_SECOND_PER_SOURCE, MAX_DATAGRAM, UdpEcho, start_echo
 from tests.conftest import free_port
 from tests.kind_helpers import Spans, new_metrics, series
 
@@ -74,7 +74,7 @@ async def test_a_train_comes_back_whole(echo: tuple[int, UdpEcho]) -> None:
         'kubenurse_udp_packets_lost_total{type="echo"}': 0,
         'kubenurse_udp_rtt_seconds_count{type="echo"}': udp.TRAIN,
     }
-    (span,) = spans.named("check echo")
+    (span,) = spans.named("check echo (udp)")
     attrs = dict(span.attributes or {})
     assert attrs[names.ATTR_UDP_SENT] == udp.TRAIN and attrs[names.ATTR_UDP_LOST] == 0
     assert attrs["network.transport"] == "udp"
@@ -95,7 +95,7 @@ async def test_full_size_lost_small_back_is_mtu() -> None:
     assert seen['kubenurse_errors_total{event="mtu",type="echo"}'] == 1
     assert seen['kubenurse_udp_packets_lost_total{type="echo"}'] == big
     assert "don't fragment" in result.summary  # type: ignore[attr-defined]
-    (span,) = spans.named("check echo")
+    (span,) = spans.named("check echo (udp)")
     assert span.status.status_code == StatusCode.ERROR
 
 
@@ -126,7 +126,7 @@ async def test_echo_ignores_large_datagrams_and_privileged_or_own_ports(echo: tu
 
 async def test_a_flood_from_a_thousand_ports_gets_a_bounded_answer(echo: tuple[int, UdpEcho]) -> None:
     port, protocol = echo
-    size = 1200
+    size = 1400
     socks = []
     try:
         for _ in range(1000):
@@ -135,10 +135,16 @@ async def test_a_flood_from_a_thousand_ports_gets_a_bounded_answer(echo: tuple[i
             sock.bind(("127.0.0.1", 0))
             socks.append(sock)
         started = time.monotonic()
-        for _ in range(3):
-            for sock in socks:
-                sock.sendto(b"f" * size, ("127.0.0.1", port))
-            await asyncio.sleep(0.05)
+        rounds = 5
+
+        def flood() -> None:  # from a thread, so the echo's loop is free to read
+            for _ in range(rounds):
+                for i, sock in enumerate(socks):
+                    sock.sendto(b"f" * size, ("127.0.0.1", port))
+                    if i % 100 == 99:
+                        time.sleep(0.005)  # the budget, not the socket buffer, is what bounds it
+
+        await asyncio.to_thread(flood)
         await asyncio.sleep(0.2)
         elapsed = time.monotonic() - started
         received = 0
@@ -151,9 +157,9 @@ async def test_a_flood_from_a_thousand_ports_gets_a_bounded_answer(echo: tuple[i
     finally:
         for sock in socks:
             sock.close()
-    sent = 3000 * size
+    sent = rounds * 1000 * size
     # One source address: its budget, plus what refilled meanwhile, and never more than came in.
-    bound = BURST_PER_SOURCE + elapsed * 64 * 1024 + size
+    bound = BURST_PER_SOURCE + elapsed * BYTES_PER_SECOND_PER_SOURCE + size
     assert received <= bound, (received, bound)
     assert received == protocol.stats.echoed_bytes
     assert protocol.stats.over_budget > 0
@@ -214,3 +220,17 @@ async def test_the_echo_counts_what_arrived_of_each_train(echo: tuple[int, UdpEc
     assert protocol.arrived("127.0.0.2") == {}
     protocol.datagram_received(b"not a train", ("127.0.0.1", 40000))
     assert protocol.arrived("127.0.0.1") == arrived
+
+
+async def test_a_path_keeps_its_recent_trains(echo: tuple[int, UdpEcho]) -> None:
+    port, protocol = echo
+    url = f"udp://127.0.0.1:{port}"
+    checker = Pipeline(Settings(check_timeout=1.0))
+    target = Target("echo", url, parse_udp_url(url))
+    results = [await checker.check(target) for _ in range(udp.WINDOW + 2)]
+    last = results[-1].facts.udp
+    assert last is not None and len(last.trains) == udp.WINDOW
+    assert last.window == (udp.WINDOW * udp.TRAIN, 0)
+    ids = [t[0] for t in last.trains]
+    assert ids == [r.facts.udp.trains[-1][0] for r in results[2:]]  # type: ignore[union-attr]
+    assert set(ids) <= set(protocol.arrived("127.0.0.1"))

@@ -19,6 +19,7 @@ from probe.checks.resolver import TimedResolver
 from probe.checks.result import PHASES, AttributeValue, CheckResult, Facts, Failure, Kind, Outcome, Phase, Target
 from probe.checkurls import HttpGet
 from probe.settings import Settings
+from probe.trust import ClusterCA, Reloading, cluster_ca, pin_to_cluster_ca
 
 USER_AGENT = f"kubenurse/{__version__}"
 # Generous enough for any small body; a target that streams forever is cut off here.
@@ -43,22 +44,33 @@ def build_ssl_context(settings: Settings, *, verify: bool = True) -> ssl.SSLCont
     return context
 
 
+def api_server_ssl_context(ca: ClusterCA | None) -> ssl.SSLContext:
+    """For the two checks that carry the service-account token: the cluster's CA only (the
+    service account's ca.crt, else the kubeconfig's: `cluster_ca`), never the system CAs
+    nor KUBENURSE_EXTRA_CA, and always verified (KUBENURSE_INSECURE does not apply)."""
+    return pin_to_cluster_ca(httptrace.TimedSSLContext(ssl.PROTOCOL_TLS_CLIENT), ca)
+
+
 class HttpKind(Kind):
     """`http://` and `https://` checks: one session for all of them."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._ssl = build_ssl_context(settings, verify=not settings.insecure)
-        # KUBENURSE_INSECURE never covers the checks that carry the service-account token:
-        # the API server's CA is in the service-account CA bundle, and an unverified peer
-        # could be anyone.
-        self._token_ssl = build_ssl_context(settings) if settings.insecure else self._ssl
+        # Both built again when a CA file changes on disk (the next connection uses the new one).
+        ca = cluster_ca(settings)
+        extra = (settings.extra_ca_file,) if settings.extra_ca_file else ()
+        self._ssl = Reloading(
+            lambda: build_ssl_context(settings, verify=not settings.insecure),
+            lambda: (*(ca.files if ca else ()), *extra), "check CAs",
+        )
+        # The checks that carry the service-account token get the cluster CA only.
+        self._token_ssl = Reloading(lambda: api_server_ssl_context(ca), lambda: ca.files if ca else (), "API-server CA")
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         s = self._settings
         connector = aiohttp.TCPConnector(
-            ssl=self._ssl,
+            ssl=self._ssl.get(),
             # Go's DisableKeepAlives unless reuse is asked for: every check then measures
             # DNS, connect and TLS afresh, which is the point of a network probe.
             force_close=not s.reuse_connections,
@@ -141,7 +153,7 @@ class HttpKind(Kind):
                 # Redirects are followed like Go's client does, except where a token is sent:
                 # the token goes to the API server and nowhere else, not even by redirect.
                 redirects = not spec.send_token
-                context = self._token_ssl if spec.send_token else self._ssl
+                context = self._token_ssl.get() if spec.send_token else self._ssl.get()
                 async with self._session.get(
                     target.url, headers=headers, allow_redirects=redirects, ssl=context
                 ) as resp:

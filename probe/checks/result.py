@@ -85,6 +85,16 @@ class UdpLoss:
     sent: int
     lost: int
     rtts: tuple[float, ...] = ()
+    #: This path's recent trains (the last WINDOW of probe.checks.udp): (train id, sent, came back).
+    trains: tuple[tuple[int, int, int], ...] = ()
+    #: The path MTU the full-size datagrams were sized to.
+    mtu: int | None = None
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """(sent, lost) over the recent trains."""
+        sent = sum(t[1] for t in self.trains)
+        return sent, sent - sum(t[2] for t in self.trains)
 
 
 @dataclass(frozen=True)

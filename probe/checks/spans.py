@@ -31,8 +31,9 @@ class Clock:
         return self.wall_start_ns + (perf_ns - self.start_ns)
 
 
-def span_name(check_type: str) -> str:
-    return f"check {check_type}"
+def span_name(check_type: str, kind: str = names.KIND_HTTP) -> str:
+    """`check <type>`; a UDP train `check <type> (udp)`: a neighbour has both under one type."""
+    return f"check {check_type} (udp)" if kind == names.KIND_UDP else f"check {check_type}"
 
 
 def start(tracer: trace.Tracer, target: Target, clock: Clock, known: Mapping[str, AttributeValue]) -> trace.Span:
@@ -42,7 +43,10 @@ def start(tracer: trace.Tracer, target: Target, clock: Clock, known: Mapping[str
         attributes[names.ATTR_NEIGHBOUR_NODE] = target.neighbour.node_name
         attributes[names.ATTR_NEIGHBOUR_POD] = target.neighbour.pod_name
     return tracer.start_span(
-        span_name(target.check_type), kind=SpanKind.CLIENT, attributes=attributes, start_time=clock.wall_start_ns
+        span_name(target.check_type, target.kind),
+        kind=SpanKind.CLIENT,
+        attributes=attributes,
+        start_time=clock.wall_start_ns,
     )
 
 

@@ -19,6 +19,7 @@ import os
 import socket
 import struct
 import time
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +36,9 @@ BIG_EVERY = 5
 #: 64 KiB MTU would otherwise ask for 64 KiB datagrams). The echo accepts up to this.
 MAX_BIG = 9000
 SMALL = 64
+#: Trains of a path kept for its loss over time (the mesh's loss verdicts), and paths kept.
+WINDOW = 10
+MAX_PATHS = 10_000
 _MAGIC = b"KNUE"
 _HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
 
@@ -112,8 +116,11 @@ def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
-async def send_train(address: str, port: int, timeout: float, count: int = TRAIN) -> Train:
-    """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them."""
+async def send_train(
+    address: str, port: int, timeout: float, count: int = TRAIN, source: str | None = None
+) -> Train:
+    """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them,
+    from `source` (the probe's listen address, so the echo sees the pod's own) if given."""
     v6 = ":" in address
     train_id = int.from_bytes(os.urandom(8), "big")
     train = Train(address, port, train_id)
@@ -131,6 +138,8 @@ async def send_train(address: str, port: int, timeout: float, count: int = TRAIN
         _dont_fragment(sock, v6)
         try:
             # Connected: only the echo is heard, and its ICMP refusals are.
+            if source is not None and (":" in source) == v6:
+                sock.bind((source, 0))
             sock.connect((address, port))
         except OSError as e:
             train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
@@ -210,14 +219,17 @@ async def send_train(address: str, port: int, timeout: float, count: int = TRAIN
 # --- the check -----------------------------------------------------------------------------
 
 
-def outcome_of(train: Train, started_ns: int, resolution: dns.Resolution | None = None) -> Outcome:
+def outcome_of(
+    train: Train, started_ns: int, resolution: dns.Resolution | None = None,
+    history: tuple[tuple[int, int, int], ...] = (),
+) -> Outcome:
     """ok while anything came back and full-size datagrams are not the ones going missing."""
     rtts = sorted(train.rtts_ns)
     phases = [dns.dns_phase(resolution)] if resolution is not None else []
     end = started_ns + rtts[-1] if rtts else None
     phases.append(Phase("udp_train", names.ROUND_TRIP_ERROR, started_ns, end, train.source, label="udp train"))
     facts = Facts(
-        udp=UdpLoss(train.sent, train.lost, tuple(ns / 1e9 for ns in train.rtts_ns)),
+        udp=UdpLoss(train.sent, train.lost, tuple(ns / 1e9 for ns in train.rtts_ns), history, train.mtu),
         attributes={names.ATTR_UDP_MTU: train.mtu},
     )
     return Outcome(
@@ -252,6 +264,17 @@ class UdpKind(Kind):
     def __init__(self, settings: Settings, *, resolv_conf: str = dns.RESOLV_CONF) -> None:
         self._timeout = settings.check_timeout
         self._resolv_conf = resolv_conf
+        self._source = settings.listen_host
+        #: Target key -> its last WINDOW trains (id, sent, came back), for the mesh's loss verdicts.
+        self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
+
+    def _remember(self, key: str, train: Train) -> tuple[tuple[int, int, int], ...]:
+        trains = self._history.pop(key, None) or deque(maxlen=WINDOW)
+        trains.append((train.train_id, train.sent, train.sent - train.lost))
+        self._history[key] = trains
+        while len(self._history) > MAX_PATHS:  # departed neighbours are forgotten, oldest first
+            self._history.popitem(last=False)
+        return tuple(trains)
 
     def attributes(self, target: Target) -> Mapping[str, AttributeValue]:
         assert isinstance(target.spec, UdpEndpoint)
@@ -270,5 +293,5 @@ class UdpKind(Kind):
             address = resolution.records[0]
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
-        train = await send_train(address, endpoint.port, max(remaining, 0.001))
-        return outcome_of(train, sent_ns, resolution)
+        train = await send_train(address, endpoint.port, max(remaining, 0.001), source=self._source)
+        return outcome_of(train, sent_ns, resolution, self._remember(target.key, train) if train.sent else ())

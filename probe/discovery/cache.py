@@ -213,6 +213,10 @@ class Reflector(Generic[T]):
         self.last_short: str | None = None
         #: Seconds of the backoff now being waited (None: not waiting).
         self.retry_in: float | None = None
+        #: Monotonic time the backoff now being waited ends (None: not waiting).
+        self.retry_at: float | None = None
+        #: Wall-clock time the last list or watch was started (for /alive during an outage).
+        self.last_attempt_at: float | None = None
         self._last_byte = time.monotonic()
         #: Objects the decoder could not read (skipped, logged once per message).
         self.malformed = 0
@@ -224,6 +228,7 @@ class Reflector(Generic[T]):
         """List and watch until cancelled."""
         while True:
             started = time.monotonic()
+            self.last_attempt_at = time.time()
             problem: BaseException | None = None
             try:
                 if self.resource_version is None:
@@ -248,10 +253,11 @@ class Reflector(Generic[T]):
             else:
                 self._failed(problem)
             self.retry_in = self._backoff.next()
+            self.retry_at = time.monotonic() + self.retry_in
             try:
                 await asyncio.sleep(self.retry_in)
             finally:
-                self.retry_in = None
+                self.retry_in = self.retry_at = None
 
     async def _list(self) -> None:
         # No resourceVersion: a consistent read, which the server pages by `limit` (with

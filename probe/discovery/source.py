@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import random
@@ -218,12 +219,25 @@ class KubeDiscovery:
 
 
 def _retrying(reflectors: list[Reflector[Any]]) -> dict[str, object]:
-    """The watches in a failure streak, for /alive."""
+    """The watches in a failure streak, for /alive: read live on every call (never from a
+    cached snapshot), so the count and the last attempt move during an outage."""
+    now = time.monotonic()
     return {
-        r.kind: {"failures_in_a_row": r.failures, "error": r.error or r.last_short, "retry_in_seconds": r.retry_in}
+        r.kind: {
+            "failures_in_a_row": r.failures,
+            "error": r.error or r.last_short,
+            "last_attempt_at": _iso_ms(r.last_attempt_at),
+            "retry_in_seconds": round(max(0.0, r.retry_at - now), 3) if r.retry_at is not None else None,
+        }
         for r in reflectors
         if r.failures
     }
+
+
+def _iso_ms(when: float | None) -> str | None:
+    if not when:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(when)) + f".{int(when % 1 * 1000):03d}Z"
 
 
 class ReadinessOnly:
@@ -355,6 +369,8 @@ class KubeNeighbours:
             self._snapshot = self._build(pods, reflectors, last_sync, now)
             # Selecting may have widened the node watches: then build again on the next call.
             self._snapshot_key = key if d.nodes.revision == key[1] else None
+        if retrying := _retrying(reflectors):  # live, not cached: it changes with every attempt
+            return dataclasses.replace(self._snapshot, details={**self._snapshot.details, "retrying": retrying})
         return self._snapshot
 
     @property
@@ -396,6 +412,12 @@ class KubeNeighbours:
         self._selection_key = (pods.data_revision, nodes.revision, d.own_node)
         return self._selection
 
+    def pod_ip(self, name: str) -> str | None:
+        """The IP of the pod of that name among those discovery lists (any phase), or None:
+        /alwayshappy counts an incoming check only from a pod known here, at its own address."""
+        record = self.pods.items.get(name) if self.pods is not None else None
+        return record.pod_ip or None if record is not None else None
+
     def eligible(self) -> tuple[Neighbour, ...]:
         """Every pod that may be checked, before the limit (the mesh view asks them all).
         Exact with every node watched (limit 0); otherwise as far as the narrow node
@@ -423,6 +445,23 @@ class KubeNeighbours:
             self._eligible_key = key
         return self._eligible
 
+    def listed(self) -> tuple[tuple[Neighbour, bool], ...]:
+        """Every running pod with an IP (this one aside), and whether it may be checked
+        (`eligible`): the mesh view asks them all, and shows why the others are not checked."""
+        eligible = self.eligible()
+        pods = self.pods
+        if self._d.skipped is not None or self._skipped is not None or pods is None:
+            return ()
+        chosen = {n.pod_name for n in eligible}
+        own_pod = self._d.settings.pod_name if self._d.own_namespace == self.namespace else ""
+        rest = [
+            (Neighbour(p.name, p.pod_ip, p.host_ip, p.node_name, p.phase), False)
+            for p in pods.items.values()
+            if p.phase == "Running" and not p.terminating and p.pod_ip and p.name != own_pod
+            and p.name not in chosen
+        ]
+        return (*((n, True) for n in eligible), *sorted(rest, key=lambda e: e[0].node_name))
+
     def _build(
         self, pods: Reflector[PodInfo], reflectors: list[Reflector[Any]], last_sync: float, now: float
     ) -> Neighbourhood:
@@ -449,8 +488,6 @@ class KubeNeighbours:
             details["cordoned_nodes"] = len(d.nodes.cordoned())
         elif d.nodes.mode == "all":
             details["nodes"] = len(d.nodes.all_nodes)
-        if retrying := _retrying(reflectors):
-            details["retrying"] = retrying
         malformed = sum(r.malformed for r in reflectors)
         if malformed:
             details["malformed_objects_skipped"] = malformed

@@ -24,6 +24,7 @@ import aiohttp
 
 from probe.discovery.kube import ConfigError, Credentials
 from probe.mesh.collect import MeshView
+from probe.mesh.loss import NODE_LOSSY, NODE_MTU
 from probe.mesh.verdicts import LIKELY, NODE_ISOLATED, NODE_SLOW, NODE_UNREACHABLE, SURE, Verdict
 
 log = logging.getLogger("probe.mesh")
@@ -32,6 +33,8 @@ REASONS = {
     NODE_UNREACHABLE: "KubenurseNodeUnreachable",
     NODE_ISOLATED: "KubenurseNodeIsolated",
     NODE_SLOW: "KubenurseNodeSlow",
+    NODE_LOSSY: "KubenurseNodeLossy",
+    NODE_MTU: "KubenurseNodeMTU",
 }
 REPORTERS = 3
 PERIOD_SECONDS = 60.0
@@ -83,13 +86,6 @@ def node_events(
     return events
 
 
-def verdicts_of(document: Mapping[str, Any]) -> list[Verdict]:
-    return [
-        Verdict(v["kind"], v["subject"], v["confidence"], v["summary"], tuple(v.get("evidence", ())))
-        for v in document.get("verdicts", ())
-    ]
-
-
 class NodeEventReporter:
     """Every PERIOD_SECONDS, on a reporter probe: build the view, post the node events."""
 
@@ -121,9 +117,9 @@ class NodeEventReporter:
         node = self._own_node()
         if not is_reporter(node, self._eligible_nodes()):
             return []
-        document = await self._view.document()
+        view = await self._view.view()
         events = node_events(
-            verdicts_of(document), namespace=self._namespace, reporter_node=node, reporter_pod=self._pod,
+            view.verdicts, namespace=self._namespace, reporter_node=node, reporter_pod=self._pod,
             now=self._clock(),
         )
         created = []
@@ -147,9 +143,10 @@ class NodeEventReporter:
             authorization = await self._credentials.authorization()
             if authorization:
                 headers["Authorization"] = authorization
+            # The token goes to the API server only: a redirect is an answer, never followed.
             async with self._session.post(
                 url, json=event, headers=headers, ssl=self._credentials.ssl_context(),
-                timeout=aiohttp.ClientTimeout(total=10),
+                timeout=aiohttp.ClientTimeout(total=10), allow_redirects=False,
             ) as response:
                 if response.status == 401:
                     self._credentials.rejected()

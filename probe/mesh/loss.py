@@ -19,10 +19,10 @@ probe's word is a path verdict, `likely` at most.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from probe.mesh.verdicts import LIKELY, SURE, UNSURE, Verdict
+from probe.mesh.verdict import LIKELY, SURE, UNSURE, Verdict
 
 PATH_LOSSY = "path_lossy"
 NODE_LOSSY = "node_lossy"
@@ -62,7 +62,7 @@ class UdpPathView:
         return not self.mtu_failed and self.sent >= MIN_SENT and self.lost >= MIN_LOST and self.share >= LOSSY_SHARE
 
 
-def directions(trains: Iterable[tuple[int, int, int]], arrived: Mapping[int, int]) -> tuple[int, int] | None:
+def directions(trains: Iterable[tuple[Hashable, int, int]], arrived: Mapping[Hashable, int]) -> tuple[int, int] | None:
     """(lost on the way there, lost on the way back) over the trains (id, sent, came back)
     whose id the echo reported (`arrived`: id -> datagrams that reached it); None if none."""
     there = back = 0
@@ -70,8 +70,10 @@ def directions(trains: Iterable[tuple[int, int, int]], arrived: Mapping[int, int
     for train_id, sent, came_back in trains:
         if train_id not in arrived:
             continue
-        matched = True
         reached = min(arrived[train_id], sent)
+        if reached < came_back:
+            continue  # the echo's count is older than the train's end: no evidence either way
+        matched = True
         there += sent - reached
         back += max(reached - came_back, 0)
     return (there, back) if matched else None
@@ -91,7 +93,7 @@ def _direction(paths: Sequence[UdpPathView], there_words: str, back_words: str) 
 
 def _line(p: UdpPathView) -> str:
     text = f"{p.source} -> {p.target}: {p.lost} of {p.sent} datagrams lost ({p.share:.0%})"
-    if p.lost_there is not None and p.lost_back is not None:
+    if p.lost_there is not None and p.lost_back is not None and p.lost_there + p.lost_back:
         text += f", {p.lost_there} on the way there, {p.lost_back} on the way back"
     return text
 

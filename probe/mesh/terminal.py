@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import unicodedata
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -23,7 +24,7 @@ USAGE = """usage: kubenurse mesh [URL | --port P]
 
 Print where the cluster's network is broken, as the probe at URL sees it (its /mesh.json):
 the verdicts, then a matrix of every checked path (rows: from, columns: to;
-. ok, s slow, X failing, blank not checked). Without URL: the local sandbox, else
+. ok, s slow, X failing, blank not checked, ? no answer). Without URL: the local sandbox, else
 http://localhost:8080; --port P: the sandbox started with --port P. Exit status 0 when
 nothing is wrong, 1 otherwise, 2 when no probe answers."""
 
@@ -49,53 +50,64 @@ def fetch(base: str, timeout: float = TIMEOUT_SECONDS) -> Mapping[str, Any]:
     return document
 
 
-def _symbol(path: Mapping[str, Any], slow_limit: float) -> str:
-    if not path.get("ok"):
-        return "X"
-    latency = path.get("latency_seconds")
-    return "s" if isinstance(latency, int | float) and latency > slow_limit else "."
+def safe(value: object, limit: int = 300) -> str:
+    """Text from the document as the terminal may print it: control and format characters
+    (escape sequences, bidi overrides) become `?`, and it is cut at `limit`. The document
+    comes over the network; its strings must not drive the operator's terminal."""
+    text = str(value)
+    cleaned = "".join("?" if unicodedata.category(c)[0] == "C" else c for c in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")
 
 
-def _slow_limit(paths: Sequence[Mapping[str, Any]]) -> float:
-    """The page's and the verdicts' rule: several times, and 100 ms over, the median path."""
-    latencies = sorted(
-        p["latency_seconds"] for p in paths if p.get("ok") and isinstance(p.get("latency_seconds"), int | float)
-    )
-    if not latencies:
-        return float("inf")
-    mid = len(latencies) // 2
-    median = latencies[mid] if len(latencies) % 2 else (latencies[mid - 1] + latencies[mid]) / 2
-    return max(4 * median, median + 0.1)
+#: The path states of the document (the verdicts' slowness rule), as matrix cells.
+SYMBOLS = {"ok": ".", "slow": "s", "failing": "X"}
+
+
+def _symbol(path: Mapping[str, Any]) -> str:
+    state = path.get("state")
+    if state not in SYMBOLS:  # a document from before `state`: pass or fail only
+        state = "ok" if path.get("ok") else "failing"
+    return SYMBOLS[state]
+
+
+def _note(state: Mapping[str, Any]) -> str:
+    if not state.get("reached", True):
+        return f"  (no answer: {safe(state.get('unreached_reason') or 'did not answer', 80)})"
+    if not state.get("ready", True):
+        return f"  (not checked: {safe(state.get('not_ready_reason') or 'not ready', 80)})"
+    return ""
 
 
 def render(document: Mapping[str, Any]) -> str:
     lines = [
-        f"mesh as seen by {document.get('source')} at {document.get('generated_at')}: "
+        f"mesh as seen by {safe(document.get('source'))} at {safe(document.get('generated_at'))}: "
         f"{_count(len(document.get('nodes', [])), 'node')}, {_count(len(document.get('paths', [])), 'path')}",
         "",
     ]
     for v in document["verdicts"]:
-        lines.append(f"[{v.get('confidence')}] {v.get('kind')} {v.get('subject')}: {v.get('summary')}")
-        lines += [f"    - {e}" for e in v.get("evidence", [])]
-    nodes = [n["node"] for n in document.get("nodes", [])]
-    paths = document.get("paths", [])
+        lines.append(f"[{safe(v.get('confidence'))}] {safe(v.get('kind'))} {safe(v.get('subject'))}: "
+                     f"{safe(v.get('summary'), 1000)}")
+        lines += [f"    - {safe(e, 1000)}" for e in v.get("evidence", [])]
+    states = {str(n.get("node")): n for n in document.get("nodes", []) if isinstance(n, Mapping)}
+    nodes = list(states)
+    paths = [p for p in document.get("paths", []) if isinstance(p, Mapping)]
     if len(nodes) < 2 or len(nodes) > MATRIX_MAX_NODES:
         if len(nodes) == 1:  # a 1x1 matrix shows nothing: one probe has no path to another
             lines += ["", "(one probe: no path between nodes to show)"]
         elif nodes:
             lines += ["", f"({len(nodes)} nodes: the matrix is on the /mesh page)"]
         return "\n".join(lines) + "\n"
-    limit = _slow_limit(paths)
-    cells = {(p["from"], p["to"]): _symbol(p, limit) for p in paths}
-    states = {n["node"]: n for n in document.get("nodes", [])}
-    width = max(len(n) for n in nodes)
+    cells = {(str(p.get("from")), str(p.get("to"))): _symbol(p) for p in paths}
+    shown = [safe(n, 60) for n in nodes]
+    width = max(len(n) for n in shown)
     lines += ["", " " * (width + 2) + " ".join(f"{i % 100:>2}" for i in range(1, len(nodes) + 1))]
-    for i, source in enumerate(nodes, 1):
-        row = " ".join(f"{'' if source == t else cells.get((source, t), ''):>2}" for t in nodes)
-        state = states[source]
-        note = "" if state.get("reached") else "  (no answer)"
-        note += "" if state.get("ready", True) else "  (not ready)"
-        lines.append(f"{source:>{width}}  {row}   {i}{note}")
+    for i, (source, name) in enumerate(zip(nodes, shown, strict=True), 1):
+        silent = not states[source].get("reached", True)
+        # A probe that did not answer has no row of its own: '?' rather than a blank.
+        row = " ".join(
+            f"{'' if source == t else '?' if silent else cells.get((source, t), ''):>2}" for t in nodes
+        )
+        lines.append(f"{name:>{width}}  {row}   {i}{_note(states[source])}")
     return "\n".join(lines) + "\n"
 
 
@@ -125,7 +137,7 @@ def main(args: Sequence[str], out: TextIO = sys.stdout, err: TextIO = sys.stderr
         try:
             document = fetch(base)
         except (OSError, ValueError, urllib.error.URLError) as e:
-            failures.append(f"{base}: {getattr(e, 'reason', e)}")
+            failures.append(f"{safe(base)}: {safe(getattr(e, 'reason', e))}")
             continue
         out.write(render(document))
         return 0 if healthy(document) else 1

@@ -19,10 +19,23 @@ The rules, in the order they explain failures away:
    reach it.
 6. One path broken: a failing path whose source reaches others and whose destination is
    reached by others.
-7. A node slow: the paths towards it answer far slower than the cluster's other paths.
+7. A node slow: most paths towards it are slow by the one slowness rule (`SlowRule`), which
+   also gives every path its state (`SlowRule.state`) for the page and the terminal.
 8. The Service and the ingress: `me_service` / `me_ingress` fail on probes not otherwise
-   explained; the ingress only where the Service works (it forwards to the Service).
-9. Nothing else: exactly one `ok` verdict.
+   explained; the ingress only where the Service works (it forwards to the Service). A
+   minority of Service failures while a node is down is that node's doing: evidence in the
+   node's verdict, not a second verdict.
+9. Loss and MTU (loss.py): paths that answer but lose UDP datagrams, or only the full-size
+   ones, towards or from one node (its link) or on one path.
+10. Nothing else: exactly one `ok` verdict, `unsure` while no path has been checked.
+
+A peer's report may lie. Every path is its source's claim, so a lying probe can only make
+its own row fail: a verdict about a node (unreachable, slow) is `sure` or `likely` only on
+evidence from two probes or more (this probe's own failed request for the report counts as
+one); one probe's word alone about another node is a broken path, or `unsure`.
+
+`judge` takes the verdicts of the view before (`previous`): a node once slow stays slow until
+its paths fall below a lower limit, so the verdict does not flap round to round.
 """
 
 from __future__ import annotations
@@ -32,6 +45,8 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from probe import names
+from probe.mesh.loss import UdpPathView, judge_loss
+from probe.mesh.verdict import LIKELY, SURE, UNSURE, Verdict
 
 # Verdict kinds (docs/mesh.md, "Reading the verdicts").
 OK = "ok"
@@ -47,16 +62,21 @@ NODE_SLOW = "node_slow"
 PARTITION = "partition"
 CHECK_FAILING = "check_failing"
 
-SURE, LIKELY, UNSURE = "sure", "likely", "unsure"
 
 #: Check types that resolve a name through cluster DNS.
 DNS_CHECKS = frozenset({names.API_SERVER_DNS, "dns_cluster"})
 
-#: A node is slow when the median of its incoming paths is above both of these, relative
-#: to the median of every other path: several times slower, and slower by a margin a
-#: person would notice (loopback and LAN paths take about a millisecond).
-SLOW_FACTOR = 4.0
+#: A path is slow when it takes longer than its source's usual path by SLOW_MARGIN (a delay
+#: a person notices; loopback and LAN paths take about a millisecond), or by SPREAD_FACTOR
+#: times the cluster's usual spread where paths jitter more (`SlowRule`). Under load the
+#: old rule, "4x the median path", stopped firing once a loaded median passed 70 ms.
 SLOW_MARGIN_SECONDS = 0.1
+SPREAD_FACTOR = 3.0
+BASELINE_FLOOR_SECONDS = 0.001
+#: A node judged slow stays slow until its paths are less late than this share of the limit.
+SLOW_RELEASE = 0.5
+
+OK_STATE, SLOW_STATE, FAILING_STATE = "ok", "slow", "failing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +87,12 @@ class NodeView:
     ready: bool = True
     #: False when the probe did not answer the mesh request.
     reached: bool = True
+    #: Why it is not ready (its own word), in words; None when ready.
+    not_ready_reason: str | None = None
+    #: False when discovery leaves it out of the checks (its node cordoned or unschedulable).
+    checked: bool = True
+    #: Why it did not answer, in this probe's words; None when reached.
+    unreached_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,24 +121,8 @@ class Evidence:
     #: Performed paths only (a skipped check is no evidence).
     paths: Sequence[PathView] = ()
     checks: Sequence[CheckView] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    kind: str
-    subject: str
-    confidence: str
-    summary: str
-    evidence: tuple[str, ...] = field(default_factory=tuple)
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "kind": self.kind,
-            "subject": self.subject,
-            "confidence": self.confidence,
-            "summary": self.summary,
-            "evidence": list(self.evidence),
-        }
+    #: The UDP trains' paths (loss, MTU): loss.py judges them.
+    udp: Sequence[UdpPathView] = ()
 
 
 # --- small helpers --------------------------------------------------------------------------
@@ -302,8 +312,10 @@ def _unreachable(
         return None
     if 2 * len(failing) < len(incoming):
         return None
-    if len(failing) == 1 and len(incoming) >= 2 and not not_answering:
-        return None  # one failing path while another probe gets through: that path is broken
+    if len({p.source for p in failing}) < 2 and not not_answering:
+        # One probe's word about another node (it may be cut off, or lying) while the node
+        # answered this probe: a broken path, not a node verdict.
+        return None
     witnesses = [p for p in failing if graph.reaches_other(p.source, target)]
     evidence = [
         f"{_share(len(failing), len(incoming))} probes that check it fail ({_events(failing)})",
@@ -383,29 +395,99 @@ def _broken_path(p: PathView, graph: _Graph) -> Verdict:
     return Verdict(PATH_BROKEN, f"{p.source}->{p.target}", confidence, summary, tuple(evidence))
 
 
-def _slow(graph: _Graph, paths: Sequence[PathView]) -> list[Verdict]:
-    timed = [p for p in paths if p.ok and p.latency is not None]
+@dataclass(frozen=True, slots=True)
+class SlowRule:
+    """The one slowness rule. A path is slow when it takes longer than its source's usual
+    path (the median of the source's paths; the cluster's median for a source with fewer
+    than three) by more than `limit`: SLOW_MARGIN, or SPREAD_FACTOR times the cluster's usual
+    spread (the median of every path's distance from its source's usual) when the paths
+    jitter more than that. Load on a probe delays all its paths alike, so comparing a path
+    with its own source's others keeps a loaded cluster's baseline from hiding a node 200 ms
+    late, and the spread keeps a jittery one from calling every path slow.
+
+    A node that was slow in the view before (`held`) is measured against the lower
+    `release`, so it leaves the verdict only once clearly back. The page and the terminal
+    read each path's state from the document (`state`) instead of applying a rule of their own."""
+
+    baseline: float | None
+    spread: float = 0.0
+    usual: Mapping[str, float] = field(default_factory=dict)
+    held: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, paths: Sequence[PathView], held: Collection[str] = ()) -> SlowRule:
+        timed = [p for p in paths if p.ok and p.latency is not None and p.source != p.target]
+        if not timed:
+            return cls(None, held=frozenset(held))
+        baseline = max(statistics.median(p.latency for p in timed if p.latency is not None), BASELINE_FLOOR_SECONDS)
+        by_source: dict[str, list[float]] = {}
+        for p in timed:
+            assert p.latency is not None
+            by_source.setdefault(p.source, []).append(p.latency)
+        usual = {s: statistics.median(xs) if len(xs) >= 3 else baseline for s, xs in by_source.items()}
+        spread = statistics.median(abs(p.latency - usual[p.source]) for p in timed if p.latency is not None)
+        return cls(baseline, spread, usual, frozenset(held))
+
+    @property
+    def limit(self) -> float:
+        """How much longer than its source's usual a path may take before it is slow."""
+        return max(SLOW_MARGIN_SECONDS, SPREAD_FACTOR * self.spread)
+
+    @property
+    def release(self) -> float:
+        return SLOW_RELEASE * self.limit
+
+    def limit_for(self, target: str) -> float:
+        return self.release if target in self.held else self.limit
+
+    def excess(self, p: PathView) -> float:
+        if p.latency is None or self.baseline is None:
+            return 0.0
+        return p.latency - self.usual.get(p.source, self.baseline)
+
+    def state(self, p: PathView) -> str:
+        if not p.ok:
+            return FAILING_STATE
+        return SLOW_STATE if self.excess(p) > self.limit_for(p.target) else OK_STATE
+
+
+def _slow(graph: _Graph, rule: SlowRule) -> list[Verdict]:
+    if rule.baseline is None:
+        return []
     verdicts = []
     for target, incoming in sorted(graph.incoming.items()):
-        mine = [p.latency for p in incoming if p.ok and p.latency is not None]
-        others = [p.latency for p in timed if p.target != target and p.latency is not None]
-        if not mine or not others:
+        timed = [p for p in incoming if p.ok and p.latency is not None]
+        if not timed:
             continue
-        baseline = statistics.median(others)
-        threshold = max(baseline * SLOW_FACTOR, baseline + SLOW_MARGIN_SECONDS)
-        slow = [x for x in mine if x > threshold]
-        if 2 * len(slow) < len(mine) or statistics.median(mine) <= threshold:
+        limit = rule.limit_for(target)
+        slow = [p for p in timed if rule.state(p) == SLOW_STATE]
+        late = statistics.median(rule.excess(p) for p in timed)
+        if 2 * len(slow) <= len(timed) or late <= limit:
             continue
-        confidence = SURE if len(slow) == len(mine) and len(mine) >= 2 else LIKELY
-        evidence = (
-            f"median latency towards it {_ms(statistics.median(mine))} over {len(mine)} paths",
-            f"median of every other path {_ms(baseline)} over {len(others)} paths",
-            f"{_share(len(slow), len(mine))} paths towards it are above {_ms(threshold)}",
-        )
+        mine = statistics.median(p.latency for p in timed if p.latency is not None)
+        witnesses = {p.source for p in slow}
+        # One probe's word is not enough: it may be loaded itself, or lying.
+        if len(witnesses) < 2:
+            confidence = UNSURE
+        elif len(slow) == len(timed):
+            confidence = SURE
+        else:
+            confidence = LIKELY
+        evidence = [
+            f"paths towards it take {_ms(late)} longer than their probes' other paths (median of {len(timed)})",
+            f"median latency towards it {_ms(mine)}; the cluster's median path {_ms(rule.baseline)}",
+            f"{_share(len(slow), len(timed))} paths towards it are over {_ms(limit)} late, "
+            f"seen by {len(witnesses)} probes",
+        ]
+        if target in rule.held:
+            evidence.append(f"slow in the view before too: it stays slow until less than {_ms(rule.release)} late")
+        if len(witnesses) < 2:
+            evidence.append("only one probe sees it: that probe may be loaded itself")
         summary = (
-            f"{target} answers slowly: {_ms(statistics.median(mine))} against {_ms(baseline)} for the other nodes."
+            f"{target} answers slowly: {_ms(late)} later than the other nodes "
+            f"({_ms(mine)} against {_ms(rule.baseline)})."
         )
-        verdicts.append(Verdict(NODE_SLOW, target, confidence, summary, evidence))
+        verdicts.append(Verdict(NODE_SLOW, target, confidence, summary, tuple(evidence)))
     return verdicts
 
 
@@ -433,12 +515,26 @@ def _front_door(
     return Verdict(kind, check_type, confidence, summary, tuple(evidence)), nodes
 
 
-def judge(evidence: Evidence) -> list[Verdict]:
+@dataclass(frozen=True, slots=True)
+class Assessment:
+    verdicts: list[Verdict]
+    #: The slowness rule the verdicts used: it gives each path its state for the document.
+    rule: SlowRule
+
+
+def judge(evidence: Evidence, previous: Iterable[Verdict] = ()) -> list[Verdict]:
     """Every verdict the evidence supports, the surest first; exactly one `ok` when none."""
+    return assess(evidence, previous).verdicts
+
+
+def assess(evidence: Evidence, previous: Iterable[Verdict] = ()) -> Assessment:
+    """`judge`, with the slowness rule it used. `previous`: the verdicts of the view before
+    (hysteresis for slowness)."""
     nodes = {n.node: n for n in evidence.nodes}
     checks = _by_type(evidence.checks)
     paths = [p for p in evidence.paths if p.source != p.target]
     graph = _Graph(paths)
+    rule = SlowRule.of(paths, {v.subject for v in previous if v.kind == NODE_SLOW})
     verdicts: list[Verdict] = []
 
     # A minority of API failures may be isolated nodes: judged after isolation.
@@ -483,22 +579,52 @@ def judge(evidence: Evidence) -> list[Verdict]:
             continue
         verdicts.append(_broken_path(p, graph))
 
-    verdicts.extend(v for v in _slow(graph, paths) if v.subject not in explained)
+    verdicts.extend(v for v in _slow(graph, rule) if v.subject not in explained)
 
     # An isolated node fails its Service and ingress checks too: that is not the Service's fault.
+    # A node that is down fails a share of everyone's Service checks (the Service sends them
+    # there): that is evidence in the node's verdict.
+    down = unreachable | {n.node for n in evidence.nodes if not n.reached}
     service, service_failing = _front_door(SERVICE, names.ME_SERVICE, checks, isolated | partitioned)
     if service:
+        service = _fold(service, service_failing, checks.get(names.ME_SERVICE, {}), down, verdicts)
+    if service:
         verdicts.append(service)
-    ingress, _ = _front_door(INGRESS, names.ME_INGRESS, checks, isolated | partitioned, service_failing)
+    ingress, ingress_failing = _front_door(INGRESS, names.ME_INGRESS, checks, isolated | partitioned, service_failing)
+    if ingress:
+        ingress = _fold(ingress, ingress_failing, checks.get(names.ME_INGRESS, {}), down, verdicts)
     if ingress:
         verdicts.append(ingress)
 
     verdicts.extend(_other_checks(checks, isolated | partitioned))
+    # Loss and MTU on paths that still answer (a node that is down or cut off loses everything).
+    verdicts.extend(judge_loss([u for u in evidence.udp if u.source not in explained and u.target not in explained]))
 
     if not verdicts:
         verdicts.append(_all_well(evidence, paths))
     order = {SURE: 0, LIKELY: 1, UNSURE: 2}
-    return sorted(verdicts, key=lambda v: order[v.confidence])
+    return Assessment(sorted(verdicts, key=lambda v: order[v.confidence]), rule)
+
+
+def _fold(
+    verdict: Verdict, failing: Collection[str], table: Mapping[str, CheckView], down: Collection[str],
+    verdicts: list[Verdict],
+) -> Verdict | None:
+    """A front door (Service, ingress) failing on fewer than half of the probes while a node
+    is down: the door sends those requests to the node that is down. The failures become
+    evidence in that node's verdict, and there is no verdict of their own."""
+    if not down or 2 * len(failing) >= len(table):
+        return verdict
+    note = (
+        f"{verdict.subject} fails on {_share(len(failing), len(table))} probes ({_names(failing)}): "
+        f"the requests the {verdict.kind.replace('_', ' ')} sends to a node that is down fail"
+    )
+    folded = False
+    for i, v in enumerate(verdicts):
+        if v.kind == NODE_UNREACHABLE and v.subject in down:
+            verdicts[i] = Verdict(v.kind, v.subject, v.confidence, v.summary, (*v.evidence, note))
+            folded = True
+    return None if folded else verdict
 
 
 def _crowd(verdicts: list[Verdict], cluster_size: int) -> None:
@@ -553,11 +679,14 @@ def _all_well(evidence: Evidence, paths: Sequence[PathView]) -> Verdict:
     silent = sorted(n.node for n in evidence.nodes if not n.reached)
     if silent:
         facts.append(f"paths to them work, but these did not answer the mesh request: {_names(silent)}")
-    not_ready = sorted(n.node for n in evidence.nodes if not n.ready)
+    not_ready = sorted(n.node for n in evidence.nodes if not n.ready or not n.checked)
     if not_ready:
-        facts.append(f"not ready (cordoned or shutting down, so not checked): {_names(not_ready)}")
-    if not paths and len(evidence.nodes) > 1:
+        reasons = sorted({n.not_ready_reason or "not checked by the others" for n in evidence.nodes
+                          if n.node in not_ready})
+        facts.append(f"not checked ({'; '.join(reasons)}): {_names(not_ready)}")
+    if not paths and (len(evidence.nodes) > 1 or not evidence.checks):
         # Probes that just started have checked nothing yet: no failure is not "all well".
+        # (One node alone has no path to check: its other checks are the evidence.)
         return Verdict(OK, "cluster", UNSURE, "Nothing fails, but no path between nodes has been checked yet.",
                        tuple(facts))
     return Verdict(OK, "cluster", SURE, "Nothing is wrong: every probe reaches every node it checks.", tuple(facts))
