@@ -750,6 +750,7 @@ def test_our_settings_reach_the_probe(tmp_path: Path) -> None:
     assert e["OTEL_TRACES_SAMPLER"] == "parentbased_traceidratio" and e["OTEL_TRACES_SAMPLER_ARG"] == "0.25"
     settings = load_settings(e)
     assert not settings.check_dns_cluster and not settings.check_neighbourhood_udp
+    assert settings.mesh_port == 9090
     assert daemonset(objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > settings.shutdown_duration
     assert (settings.check_timeout, settings.check_connect_timeout) == (4, 2)
     assert settings.log_format == "logfmt" and settings.log_level == "DEBUG"
