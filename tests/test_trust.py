@@ -17,8 +17,9 @@ import trustme
 from aiohttp import web
 
 from probe import names
-from probe.checks.http import HttpChecker
+from probe.checks.pipeline import Pipeline
 from probe.checks.result import Target
+from probe.checkurls import HttpGet
 from probe.discovery.kube import ServiceAccount
 from probe.mesh.events import NodeEventReporter
 from probe.settings import load_settings
@@ -45,7 +46,7 @@ def serviceaccount(directory: Path, ca: trustme.CA | None) -> Path:
 
 
 async def run_checks(env: dict[str, str], *targets: Target) -> dict[str, str]:
-    checker = HttpChecker(load_settings(env))
+    checker = Pipeline(load_settings(env))
     await checker.start()
     try:
         return {t.check_type: (await checker.check(t)).summary for t in targets}
@@ -54,7 +55,7 @@ async def run_checks(env: dict[str, str], *targets: Target) -> dict[str, str]:
 
 
 def api_target(port: int, check_type: str = names.API_SERVER_DIRECT) -> Target:
-    return Target(check_type, f"https://127.0.0.1:{port}/version", send_token=True)
+    return Target(check_type, f"https://127.0.0.1:{port}/version", HttpGet(send_token=True))
 
 
 async def test_api_server_checks_trust_the_cluster_ca_only(start_target: StartTarget, tmp_path: Path) -> None:
@@ -128,7 +129,7 @@ async def test_extra_ca_is_reloaded_when_it_changes(start_target: StartTarget, t
     server = await start_target(ssl_context=tls_for(new))
     extra_ca = tmp_path / "extra.pem"
     old.cert_pem.write_to_path(str(extra_ca))
-    checker = HttpChecker(load_settings({"KUBENURSE_EXTRA_CA": str(extra_ca)}))
+    checker = Pipeline(load_settings({"KUBENURSE_EXTRA_CA": str(extra_ca)}))
     target = Target("renewed", f"{server.url}/alwayshappy")
     await checker.start()
     try:
