@@ -24,6 +24,7 @@ import yaml
 
 from kubenurse_sandbox.standin.selectors import parse_label_selector
 from probe.settings import KNOWN_VARIABLES, Settings, load_settings
+from tests.netpol import address, allowed, pod
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -35,6 +36,10 @@ KUBECTL = shutil.which("kubectl")
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (with `kubectl kustomize`) not installed")
 
 Obj = dict[str, Any]
+
+#: The otlp overlay's collector agent needs hostPorts (Pod Security "privileged"): it gets a
+#: namespace of its own, so the probe's keeps enforcing "restricted".
+AGENT_NAMESPACE = "kubenurse-otel-agent"
 
 # What the downward API would give the pod, for resolving env values.
 POD_FIELDS = {
@@ -256,11 +261,32 @@ def test_every_object_validates_against_the_kubernetes_schemas(objects: tuple[Ob
 
 def test_everything_lives_in_its_own_namespace(objects: tuple[Obj, ...]) -> None:
     the(objects, "Namespace", NAMESPACE)
+    namespaces = {o["metadata"]["name"] for o in find(objects, "Namespace")}
+    assert namespaces <= {NAMESPACE, AGENT_NAMESPACE}
     for obj in objects:
         if obj["kind"] not in CLUSTER_SCOPED:
+            name = obj["metadata"]["name"]
             # Save the node-events grant: Events about Nodes can only live in "default".
-            expected = "default" if obj["metadata"]["name"] == "kubenurse-node-events" else NAMESPACE
-            assert obj["metadata"].get("namespace") == expected, f"{obj['kind']}/{obj['metadata']['name']}"
+            expected = (
+                AGENT_NAMESPACE if name.startswith("otel-agent")
+                else "default" if name == "kubenurse-node-events" else NAMESPACE
+            )
+            assert obj["metadata"].get("namespace") == expected, f"{obj['kind']}/{name}"
+    for binding in find(objects, "ClusterRoleBinding") + find(objects, "RoleBinding"):
+        for subject in binding["subjects"]:
+            # A subject in a namespace that is not shipped binds nobody.
+            assert subject.get("namespace") in namespaces, f"{binding['metadata']['name']}: {subject}"
+
+
+@needs_kubectl
+def test_otlp_agent_has_its_own_namespace_and_the_probes_stays_restricted() -> None:
+    objects = build("overlays/otlp")
+    probe_labels = the(objects, "Namespace", NAMESPACE)["metadata"]["labels"]
+    assert probe_labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    agent = the(objects, "DaemonSet", "otel-agent")
+    assert agent["metadata"]["namespace"] == AGENT_NAMESPACE
+    agent_labels = the(objects, "Namespace", AGENT_NAMESPACE)["metadata"]["labels"]
+    assert agent_labels["pod-security.kubernetes.io/enforce"] == "privileged", "hostPort needs it"
 
 
 # --- pod security ----------------------------------------------------------------------------
@@ -381,14 +407,19 @@ def test_pod_security_check_catches_violations() -> None:
 
 def test_namespace_enforces_restricted_and_every_pod_meets_it(objects: tuple[Obj, ...]) -> None:
     labels = the(objects, "Namespace", NAMESPACE)["metadata"].get("labels", {})
+    assert labels.get("pod-security.kubernetes.io/enforce") == "restricted"
     # The probe itself must always be restricted-clean, whatever the namespace enforces.
     probe_pod = probe_daemonset(objects)["spec"]["template"]["spec"]
     assert pod_security_violations(probe_pod, "restricted") == []
-    # Anything else in the namespace (e.g. the collector agent) must pass what is enforced,
-    # or the API server rejects its pods.
-    enforced = labels.get("pod-security.kubernetes.io/enforce")
-    assert enforced in ("restricted", "baseline", "privileged"), "namespace must enforce a PSS level"
+    # Anything else (e.g. the collector agent) must pass what its namespace enforces, or
+    # the API server rejects its pods.
+    enforcing = {
+        ns["metadata"]["name"]: ns["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+        for ns in find(objects, "Namespace")
+    }
     for workload, template in pod_templates(objects):
+        enforced = enforcing[workload["metadata"]["namespace"]]
+        assert enforced in ("restricted", "baseline", "privileged"), "namespace must enforce a PSS level"
         problems = pod_security_violations(template["spec"], enforced)
         assert not problems, f"{workload['kind']}/{workload['metadata']['name']} vs {enforced}: {problems}"
 
@@ -872,3 +903,55 @@ def test_dockerignore_keeps_the_context_small_and_complete() -> None:
                 assert not dockerignore_excludes(relative, patterns), f"{relative} is copied but ignored"
     missing = [source for source in copied if not (ROOT / source).exists()]
     assert not missing, f"the Dockerfile copies {missing}, which do not exist"
+
+
+# --- NetworkPolicy -------------------------------------------------------------------------
+
+
+def test_network_policy_lets_in_and_out_only_what_the_probe_needs(
+    overlay: str, objects: tuple[Obj, ...], settings: Settings
+) -> None:
+    ds = probe_daemonset(objects)
+    namespace = ds["metadata"]["namespace"]
+    labels = ds["spec"]["template"]["metadata"]["labels"]
+    probe, neighbour = pod(namespace, labels, "10.244.1.7"), pod(namespace, labels, "10.244.2.8")
+    stranger = pod("default", {"app": "curl"})
+    prometheus = pod("monitoring", {"app.kubernetes.io/name": "prometheus"})
+    nginx = pod("ingress-nginx", {"app.kubernetes.io/name": "ingress-nginx"})
+    http, https = settings.http_port, settings.https_port
+    the(objects, "NetworkPolicy")
+    # Neighbour checks and UDP echo, both ways; HTTPS only with TLS.
+    assert allowed(objects, probe, neighbour, http, "TCP")
+    assert allowed(objects, probe, neighbour, http, "UDP")
+    assert allowed(objects, probe, neighbour, https) == settings.use_tls
+    # /alive, /metrics and /mesh* are closed to any other pod; Prometheus scrapes.
+    assert not allowed(objects, stranger, probe, http)
+    assert not allowed(objects, stranger, probe, http, "UDP")
+    assert allowed(objects, prometheus, probe, http)
+    assert not allowed(objects, prometheus, probe, https)
+    # The ingress controller only where an Ingress is the target of me_ingress.
+    assert allowed(objects, nginx, probe, http) == (settings.ingress_url is not None)
+    # Out: DNS and the API server anywhere, the ingress URL's port, nothing else.
+    somewhere = address("203.0.113.5")
+    assert allowed(objects, probe, somewhere, 53, "UDP") and allowed(objects, probe, somewhere, 53, "TCP")
+    assert allowed(objects, probe, somewhere, 443) and allowed(objects, probe, somewhere, 6443)
+    assert not allowed(objects, probe, somewhere, 80)
+    assert not allowed(objects, probe, stranger, http)
+    agent = pod(AGENT_NAMESPACE, {"app.kubernetes.io/name": "otel-agent"})
+    assert allowed(objects, probe, agent, 4317) == (overlay == "overlays/otlp")
+    if overlay == "overlays/otlp":
+        # The agent's own namespace, not just its labels.
+        assert not allowed(objects, probe, pod("default", {"app.kubernetes.io/name": "otel-agent"}), 4317)
+
+
+def test_network_policy_model_can_say_no() -> None:
+    """The evaluator itself: an isolating policy without rules admits nothing."""
+    deny = {
+        "kind": "NetworkPolicy",
+        "metadata": {"name": "deny", "namespace": "a"},
+        "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]},
+    }
+    x, y = pod("a", {"k": "x"}), pod("b", {"k": "y"})
+    assert allowed([], x, y, 80)
+    assert not allowed([deny], x, y, 80) and not allowed([deny], y, x, 80)
+    assert allowed([deny], y, pod("b", {}), 80), "other namespaces are not isolated"
