@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from probe.discovery.cache import Reflector, Timing
 from probe.discovery.kube import ApiError, KubeClient, ServiceAccount
@@ -56,6 +57,11 @@ def test_every_kustomize_build_passes_a_server_side_dry_run(
     real_cluster: RealCluster, crds: None, kustomization: str
 ) -> None:
     built = real_cluster.kubectl("kustomize", str(ROOT / kustomization)).stdout
+    # A dry run creates no namespace: the build's own namespaces first, for real (as a first
+    # `kubectl apply` would), then everything as a dry run.
+    namespaces = [d for d in yaml.safe_load_all(built) if d and d.get("kind") == "Namespace"]
+    if namespaces:
+        real_cluster.kubectl("apply", "-f", "-", stdin=yaml.safe_dump_all(namespaces))
     done = real_cluster.kubectl("apply", "--dry-run=server", "-f", "-", stdin=built, check=False)
     assert done.returncode == 0, f"{kustomization}:\n{done.stderr}"
     # Admission warnings (Pod Security "warn", deprecated APIs) count as errors here, but for
