@@ -207,7 +207,7 @@ class TimedSocket(kernel.ConnectingSocket):
         if self._retrans_at_close is not None:
             return self._retrans_at_close
         info = kernel.tcp_info(self)
-        return info.total_retrans if info is not None else None
+        return info.lost if info is not None else None
 
     def retransmits(self) -> int | None:
         """Segments resent since the current request took this connection."""
@@ -219,7 +219,7 @@ class TimedSocket(kernel.ConnectingSocket):
         if self._retrans_at_close is None and self.fileno() >= 0:
             info = kernel.tcp_info(self)
             if info is not None:
-                self._retrans_at_close = info.total_retrans
+                self._retrans_at_close = info.lost
         super().close()
 
     # -- send ----------------------------------------------------------------------------

@@ -31,7 +31,10 @@ TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _TCPI_RTT_OFFSET = 68
 #: tcpi_total_retrans (u32): segments resent over the connection's life, SYNs included.
 _TCPI_TOTAL_RETRANS_OFFSET = 100
-_TCP_INFO_LEN = 104
+#: tcpi_dsack_dups (u32, Linux 5.4+): resent segments the peer already had (it said so with a
+#: D-SACK): a tail loss probe sent while the server was still working on the answer.
+_TCPI_DSACK_DUPS_OFFSET = 216
+_TCP_INFO_LEN = 220
 _TIMESPEC = struct.Struct("@qq")
 #: Room for one SCM_TIMESTAMPNS control message.
 ANCILLARY_SIZE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
@@ -69,10 +72,18 @@ class TcpInfo:
     rtt_ns: int | None
     #: Segments the kernel resent on this connection so far, SYNs included.
     total_retrans: int
+    #: Of those, the ones the peer reported as duplicates (nothing had been lost).
+    dsack_dups: int = 0
 
     @property
     def resent(self) -> bool:
         return self.total_retrans > 0
+
+    @property
+    def lost(self) -> int:
+        """Resends that repaired a loss: a tail loss probe that arrived twice (a slow answer,
+        not a lost packet) is not one."""
+        return max(self.total_retrans - self.dsack_dups, 0)
 
 
 def tcp_info(sock: socket.socket) -> TcpInfo | None:
@@ -85,7 +96,8 @@ def tcp_info(sock: socket.socket) -> TcpInfo | None:
         return None
     (rtt_us,) = struct.unpack_from("@I", info, _TCPI_RTT_OFFSET)
     (retrans,) = struct.unpack_from("@I", info, _TCPI_TOTAL_RETRANS_OFFSET)
-    return TcpInfo(rtt_us * 1000 if rtt_us else None, retrans)
+    dsack = struct.unpack_from("@I", info, _TCPI_DSACK_DUPS_OFFSET)[0] if len(info) >= _TCP_INFO_LEN else 0
+    return TcpInfo(rtt_us * 1000 if rtt_us else None, retrans, dsack)
 
 
 class ConnectingSocket(socket.socket):

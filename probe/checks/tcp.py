@@ -54,7 +54,7 @@ async def connect(address: str, port: int, timeout: float) -> Connect:
 
         def resent() -> int | None:
             info = kernel.tcp_info(sock)
-            return info.total_retrans if info is not None else None
+            return info.lost if info is not None else None
 
         try:
             async with asyncio.timeout(timeout):
