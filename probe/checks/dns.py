@@ -324,6 +324,17 @@ async def resolve(query: DnsQuery, timeout: float, resolv_conf: str = RESOLV_CON
     return chosen
 
 
+async def address_of(host: str, timeout: float, resolv_conf: str = RESOLV_CONF) -> Resolution:
+    """A host name's address for a kind that connects to it (tcp://, udp://): A, and AAAA
+    when the name has no A record; the network time of both lookups."""
+    resolution = await resolve(DnsQuery(host, "A"), timeout, resolv_conf)
+    if resolution.error_type == NODATA:
+        spent = resolution.network_ns
+        resolution = await resolve(DnsQuery(host, "AAAA"), timeout, resolv_conf)
+        resolution.network_ns += spent
+    return resolution
+
+
 async def _resolve_one(
     qname: str, rdtype: dns.rdatatype.RdataType, config: ResolverConfig, deadline: float, running: Resolution
 ) -> Resolution:

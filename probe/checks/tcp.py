@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from probe import names
 from probe.checks import dns, kernel
 from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target
-from probe.checkurls import DnsQuery, TcpEndpoint
+from probe.checkurls import TcpEndpoint
 from probe.settings import Settings
 
 
@@ -70,16 +70,6 @@ async def connect(address: str, port: int, timeout: float) -> Connect:
             return Connect(address, port, start_ns, None, type(e).__name__, f"{where}: {e.strerror or e}", resent())
         network_ns, source = kernel.connect_network_ns(sock, start_ns, sock.connect_seen_ns or time.perf_counter_ns())
         return Connect(address, port, start_ns, network_ns, retransmits=resent(), source=source)
-
-
-async def _address(endpoint: TcpEndpoint, timeout: float, resolv_conf: str) -> dns.Resolution:
-    """A, and AAAA when the name has no A record."""
-    resolution = await dns.resolve(DnsQuery(endpoint.host, "A"), timeout, resolv_conf)
-    if resolution.error_type == dns.NODATA:
-        spent = resolution.network_ns
-        resolution = await dns.resolve(DnsQuery(endpoint.host, "AAAA"), timeout, resolv_conf)
-        resolution.network_ns += spent
-    return resolution
 
 
 def outcome_of(endpoint: TcpEndpoint, resolution: dns.Resolution | None, attempt: Connect | None) -> Outcome:
@@ -132,7 +122,7 @@ class TcpKind(Kind):
         resolution = None
         address = endpoint.host
         if not endpoint.is_address:
-            resolution = await _address(endpoint, self._timeout, self._resolv_conf)
+            resolution = await dns.address_of(endpoint.host, self._timeout, self._resolv_conf)
             if not resolution.ok:
                 return outcome_of(endpoint, resolution, None)
             address = resolution.records[0]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from probe import names
 from probe.checks import dns, kernel
 from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target, UdpLoss
-from probe.checkurls import DnsQuery, UdpEndpoint, is_ip
+from probe.checkurls import UdpEndpoint, is_ip
 from probe.settings import Settings
 
 #: Datagrams per train (a round), and which of them are full-size.
@@ -300,7 +300,7 @@ class UdpKind(Kind):
         started_ns = time.perf_counter_ns()
         address, resolution = endpoint.host, None
         if not is_ip(address):
-            resolution = await dns.resolve(DnsQuery(endpoint.host, "A"), self._timeout, self._resolv_conf)
+            resolution = await dns.address_of(endpoint.host, self._timeout, self._resolv_conf)
             if not resolution.ok:
                 failure = Failure(names.DNS_DONE, resolution.error_type or "error", resolution.error or "no address")
                 return Outcome(phases=(dns.dns_phase(resolution),), failure=failure)
