@@ -33,9 +33,9 @@ def test_a_clean_mesh_has_no_verdict() -> None:
 def test_directions_match_trains_with_what_the_echo_counted() -> None:
     trains = [(1, 10, 8), (2, 10, 10), (3, 10, 5)]
     # Train 1: 9 reached the echo, 8 came back; train 3 unknown to the echo (it restarted).
-    assert directions(trains, {1: 9, 2: 10}) == (1, 1)
+    assert directions(trains, {1: 9, 2: 10}) == (1, 1, 20)
     assert directions(trains, {}) is None
-    assert directions([(1, 10, 10)], {1: 12}) == (0, 0), "a duplicate is not a negative loss"
+    assert directions([(1, 10, 10)], {1: 12}) == (0, 0, 10), "a duplicate is not a negative loss"
     assert directions([(1, 10, 9)], {1: 4}) is None, "an echo count older than the train says nothing"
 
 
@@ -141,3 +141,14 @@ def test_a_lossy_link_of_one_node_is_judged_from_the_reports_with_its_direction(
     assert (verdict.kind, verdict.subject) == (loss.NODE_LOSSY, "node-3")
     assert "on the way in to node-3" in verdict.summary, verdict.summary
     assert not [v for v in verdicts if v.kind == "ok"], "loss is something wrong"
+
+
+def test_the_same_loss_each_way_is_both_ways() -> None:
+    """40% each way: 40 of 100 lost there, 24 of the 60 that reached it lost back (fewer by
+    count, the same share)."""
+    lossy = {
+        f"{s}_node3".replace("-", ""): UdpPathView(s, "node-3", 100, 64, lost_there=40, lost_back=24)
+        for s in ("node-1", "node-2")
+    }
+    (verdict,) = judge_loss(clean(**lossy))
+    assert "both ways" in verdict.summary, verdict.summary

@@ -230,6 +230,7 @@ def _udp_paths(node: str, report: Report, reports: Mapping[str, Report], known: 
         yield UdpPathView(
             node, u.to, u.sent, u.lost, u.mtu_failed, u.mtu,
             lost_there=None if way is None else way[0], lost_back=None if way is None else way[1],
+            matched_sent=None if way is None else way[2],
         )
 
 

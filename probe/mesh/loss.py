@@ -52,6 +52,8 @@ class UdpPathView:
     #: Of the trains the target's echo also counted: lost before reaching it, and after.
     lost_there: int | None = None
     lost_back: int | None = None
+    #: Datagrams of those matched trains (the share lost each way is of what set out that way).
+    matched_sent: int | None = None
 
     @property
     def share(self) -> float:
@@ -62,10 +64,12 @@ class UdpPathView:
         return not self.mtu_failed and self.sent >= MIN_SENT and self.lost >= MIN_LOST and self.share >= LOSSY_SHARE
 
 
-def directions(trains: Iterable[tuple[Hashable, int, int]], arrived: Mapping[Hashable, int]) -> tuple[int, int] | None:
-    """(lost on the way there, lost on the way back) over the trains (id, sent, came back)
-    whose id the echo reported (`arrived`: id -> datagrams that reached it); None if none."""
-    there = back = 0
+def directions(
+    trains: Iterable[tuple[Hashable, int, int]], arrived: Mapping[Hashable, int]
+) -> tuple[int, int, int] | None:
+    """(lost on the way there, lost on the way back, sent) over the trains (id, sent, came
+    back) whose id the echo reported (`arrived`: id -> datagrams that reached it); None if none."""
+    there = back = total = 0
     matched = False
     for train_id, sent, came_back in trains:
         if train_id not in arrived:
@@ -74,9 +78,10 @@ def directions(trains: Iterable[tuple[Hashable, int, int]], arrived: Mapping[Has
         if reached < came_back:
             continue  # the echo's count is older than the train's end: no evidence either way
         matched = True
+        total += sent
         there += sent - reached
         back += max(reached - came_back, 0)
-    return (there, back) if matched else None
+    return (there, back, total) if matched else None
 
 
 def _direction(paths: Sequence[UdpPathView], there_words: str, back_words: str) -> str:
@@ -84,9 +89,14 @@ def _direction(paths: Sequence[UdpPathView], there_words: str, back_words: str) 
     back = sum(p.lost_back or 0 for p in paths)
     if not any(p.lost_there is not None for p in paths) or there + back == 0:
         return "which way is unknown (the echo's counts did not come back)"
-    if there >= DIRECTION_FACTOR * back:
+    # Shares, not counts: what is lost on the way there never sets out on the way back, so the
+    # same loss each way loses fewer datagrams back than there.
+    sent = sum(p.matched_sent if p.matched_sent is not None else p.sent for p in paths)
+    there_share = there / sent if sent else 0.0
+    back_share = back / (sent - there) if sent > there else 0.0
+    if there_share >= DIRECTION_FACTOR * back_share:
         return there_words
-    if back >= DIRECTION_FACTOR * there:
+    if back_share >= DIRECTION_FACTOR * there_share:
         return back_words
     return "both ways"
 
