@@ -152,3 +152,11 @@ def test_the_same_loss_each_way_is_both_ways() -> None:
     }
     (verdict,) = judge_loss(clean(**lossy))
     assert "both ways" in verdict.summary, verdict.summary
+
+
+def test_one_train_cut_short_is_no_lossy_path() -> None:
+    """A probe stopping mid-train loses part of one train: an edge of an outage, not loss."""
+    one_burst = UdpPathView("node-1", "node-2", 100, 6, lossy_trains=1)
+    assert judge_loss(clean(node1_node2=one_burst)) == []
+    spread = UdpPathView("node-1", "node-2", 100, 6, lossy_trains=3)
+    assert [v.kind for v in judge_loss(clean(node1_node2=spread))] == [loss.PATH_LOSSY]

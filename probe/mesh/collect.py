@@ -231,6 +231,7 @@ def _udp_paths(node: str, report: Report, reports: Mapping[str, Report], known: 
             node, u.to, u.sent, u.lost, u.mtu_failed, u.mtu,
             lost_there=None if way is None else way[0], lost_back=None if way is None else way[1],
             matched_sent=None if way is None else way[2],
+            lossy_trains=sum(1 for _, sent, back in u.trains if 0 < back < sent),
         )
 
 

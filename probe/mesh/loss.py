@@ -34,6 +34,7 @@ NODE_MTU = "node_mtu"
 LOSSY_SHARE = 0.05
 MIN_SENT = 30
 MIN_LOST = 3
+MIN_LOSSY_TRAINS = 2
 #: A direction is named when its losses are at least this many times the other's.
 DIRECTION_FACTOR = 2.0
 
@@ -54,6 +55,9 @@ class UdpPathView:
     lost_back: int | None = None
     #: Datagrams of those matched trains (the share lost each way is of what set out that way).
     matched_sent: int | None = None
+    #: Trains that lost some of their datagrams (None: not known). A lossy path loses in
+    #: several; one train cut short by a probe stopping or starting is no lossy path.
+    lossy_trains: int | None = None
 
     @property
     def share(self) -> float:
@@ -61,7 +65,11 @@ class UdpPathView:
 
     @property
     def lossy(self) -> bool:
-        return not self.mtu_failed and self.sent >= MIN_SENT and self.lost >= MIN_LOST and self.share >= LOSSY_SHARE
+        spread = self.lossy_trains is None or self.lossy_trains >= MIN_LOSSY_TRAINS
+        return (
+            not self.mtu_failed and spread
+            and self.sent >= MIN_SENT and self.lost >= MIN_LOST and self.share >= LOSSY_SHARE
+        )
 
 
 def directions(
