@@ -16,7 +16,7 @@ import logging
 import socket
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, cast
 
 from probe.checks.udp import MAX_BIG, train_of
@@ -51,7 +51,6 @@ class EchoStats:
     refused_source: int = 0
     errors: int = 0
     state: str = "off"
-    reasons: dict[str, int] = field(default_factory=dict)
 
     def as_alive(self) -> dict[str, object]:
         return {

@@ -171,7 +171,7 @@ class TimedSocket(kernel.ConnectingSocket):
     _record_left = 0
     _record_header = b""
     _record_started: tuple[int, int] = (0, 0)
-    #: tcpi_total_retrans when the current request took the connection, and at close.
+    #: Resends (kernel.TcpInfo.lost) when the current request took the connection, and at close.
     _retrans_base = 0
     _retrans_at_close: int | None = None
 
@@ -203,7 +203,7 @@ class TimedSocket(kernel.ConnectingSocket):
 
     # -- losses --------------------------------------------------------------------------
 
-    def _total_retrans(self) -> int | None:
+    def _resent_so_far(self) -> int | None:
         if self._retrans_at_close is not None:
             return self._retrans_at_close
         info = kernel.tcp_info(self)
@@ -211,7 +211,7 @@ class TimedSocket(kernel.ConnectingSocket):
 
     def retransmits(self) -> int | None:
         """Segments resent since the current request took this connection."""
-        total = self._total_retrans()
+        total = self._resent_so_far()
         return None if total is None else max(total - self._retrans_base, 0)
 
     def close(self) -> None:
@@ -265,7 +265,7 @@ class TimedSocket(kernel.ConnectingSocket):
 
     def _rebind(self, timeline: Timeline) -> None:
         self.timeline = timeline
-        self._retrans_base = self._total_retrans() or 0
+        self._retrans_base = self._resent_so_far() or 0
         self._app_write = False
         self._request_started_ns = self._request_sent_ns = None
         self._answered = False
