@@ -1,53 +1,92 @@
-"""What the UDP train costs: a probe with ten neighbours' HTTP checks, with and without a UDP
-train to each, against a real target probe (its UDP echo). CPU per round and RSS, in one run.
+"""What the UDP train costs: a probe with ten neighbours, planned as in a cluster (each
+neighbour's HTTP check, and with the train on its UDP train too), against a target probe
+that answers them all (its HTTP server and its UDP echo). CPU per round of both processes
+and the checking probe's RSS, with the train off and on, in one run.
 
-    python -m bench.bench_udp
+In a cluster every probe plays both parts, checking ten neighbours and answering theirs, so
+the figure that matters is both processes' CPU together; each side is shown too.
+
+    python -m bench.bench_udp            # at the default 5 s interval, and at 0.5 s
 """
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 
-from bench.core import cpu_seconds, fetch, free_port, probe_process, scrape_value
+from bench.core import fetch, free_port, running, scrape_value
 
 Row = tuple[str, str]
 NEIGHBOURS = 10
-INTERVAL = 0.5  # seconds: faster than the default 5 s, for more rounds in a short run
+TARGET_IP = "127.0.0.2"  # loopback: the ten neighbours are this one target probe
 
 
-def cost(target_port: int, udp: bool, seconds: float = 15.0) -> tuple[float, float, float]:
-    """(CPU ms per round, RSS MB, rounds) of a probe checking the target as ten neighbours."""
-    url = f"http://127.0.0.1:{target_port}"
-    checks = [f"n{i}:{url}/alwayshappy" for i in range(NEIGHBOURS)]
-    if udp:
-        checks += [f"u{i}:udp://127.0.0.1:{target_port}" for i in range(NEIGHBOURS)]
-    port = free_port()
-    env = {"KUBENURSE_CHECK_INTERVAL": f"{int(INTERVAL * 1000)}ms"}
-    with probe_process(port, "|".join(checks), env) as proc:
-        time.sleep(3.0)
+def cpu_seconds(pid: int) -> float:
+    """CPU time of the process's threads, in nanoseconds' precision (/proc/PID/stat counts
+    clock ticks, too coarse for a round's few milliseconds)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:  # the thread ended in between
+            pass
+    return total / 1e9
+
+
+def _env(port: int, host: str, interval: float, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "KUBENURSE_LISTEN_HOST": host,
+        "KUBENURSE_HTTP_PORT": str(port),
+        "KUBENURSE_CHECK_INTERVAL": f"{int(interval * 1000)}ms",
+        "KUBENURSE_SHUTDOWN_DURATION": "0s",
+        **extra,
+    }
+
+
+def cost(port: int, target_pid: int, udp: bool, interval: float, rounds: int) -> tuple[float, float, float, float]:
+    """(checking probe's CPU ms per round, target's CPU ms per round, checking probe's RSS MB,
+    rounds measured) over about `rounds` rounds."""
+    env = _env(port, "127.0.0.1", interval, BENCH_NEIGHBOURS=str(NEIGHBOURS), BENCH_NEIGHBOUR_IP=TARGET_IP,
+               KUBENURSE_CHECK_NEIGHBOURHOOD_UDP="true" if udp else "false")
+    argv = [sys.executable, "-m", "bench.neighbour_probe"]
+    with running(argv, f"http://127.0.0.1:{port}/alwayshappy", env=env) as proc:
+        time.sleep(max(3.0, 2 * interval))  # imports done, the first rounds run
         text = fetch(f"http://127.0.0.1:{port}/metrics")
-        rounds0 = scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS
-        cpu0 = cpu_seconds(proc.pid)
-        time.sleep(seconds)
+        done0 = scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS
+        cpu0, target0 = cpu_seconds(proc.pid), cpu_seconds(target_pid)
+        time.sleep(rounds * interval)
         text = fetch(f"http://127.0.0.1:{port}/metrics")
-        rounds1 = scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS
-        cpu1 = cpu_seconds(proc.pid)
+        done1 = scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS
+        cpu1, target1 = cpu_seconds(proc.pid), cpu_seconds(target_pid)
         rss = scrape_value(text, "process_resident_memory_bytes") / 1e6
-    rounds = rounds1 - rounds0
-    return (cpu1 - cpu0) / rounds * 1000, rss, rounds
+        lost = scrape_value(text, "kubenurse_udp_packets_lost_total")
+        sent = scrape_value(text, "kubenurse_udp_packets_sent_total")
+    if udp and (not sent or lost):  # a train that is not answered costs less: no figure then
+        raise RuntimeError(f"the UDP trains lost {lost:.0f} of {sent:.0f} datagrams on loopback")
+    done = done1 - done0
+    return (cpu1 - cpu0) / done * 1000, (target1 - target0) / done * 1000, rss, done
+
+
+def rows_at(interval: float, rounds: int) -> list[Row]:
+    port = free_port()
+    target_env = _env(port, TARGET_IP, 60.0)
+    with running([sys.executable, "-m", "probe"], f"http://{TARGET_IP}:{port}/alwayshappy", env=target_env) as target:
+        off = cost(port, target.pid, udp=False, interval=interval, rounds=rounds)
+        on = cost(port, target.pid, udp=True, interval=interval, rounds=rounds)
+    at = f"{interval:g} s interval"
+    return [
+        (f"UDP train ({at}): checking probe CPU ms per round off / on", f"{off[0]:.2f} / {on[0]:.2f}  ({on[0] / off[0]:.2f}x; {off[3]:.0f} / {on[3]:.0f} rounds)"),
+        (f"UDP train ({at}): target CPU ms per round off / on", f"{off[1]:.2f} / {on[1]:.2f}  ({on[1] / off[1]:.2f}x)"),
+        (f"UDP train ({at}): both together off / on", f"{off[0] + off[1]:.2f} / {on[0] + on[1]:.2f}  ({(on[0] + on[1]) / (off[0] + off[1]):.2f}x)"),
+        (f"UDP train ({at}): checking probe RSS (MB) off / on", f"{off[2]:.1f} / {on[2]:.1f}"),
+    ]
 
 
 def run() -> list[Row]:
-    target = free_port()
-    with probe_process(target, "", {"KUBENURSE_CHECK_INTERVAL": "10s"}):
-        off_cpu, off_rss, off_rounds = cost(target, udp=False)
-        on_cpu, on_rss, on_rounds = cost(target, udp=True)
-    return [
-        ("UDP train off: CPU ms per round (10 neighbours)", f"{off_cpu:.2f}  ({off_rounds:.0f} rounds)"),
-        ("UDP train on: CPU ms per round (10 neighbours)", f"{on_cpu:.2f}  ({on_rounds:.0f} rounds)"),
-        ("UDP train: CPU per round on / off", f"{on_cpu / off_cpu:.2f}"),
-        ("UDP train off / on: RSS (MB)", f"{off_rss:.1f} / {on_rss:.1f}"),
-    ]
+    return [*rows_at(5.0, 16), *rows_at(0.5, 40)]
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from probe.settings import Settings
 from probe.telemetry import otel
 from probe.telemetry.incoming import IncomingChecks
 from probe.telemetry.metrics import Metrics, series_limit
-from probe.udpecho import UdpEcho, start_echo
+from probe.udpecho import Listening, UdpEcho, start_echo
 
 log = logging.getLogger("probe")
 
@@ -86,7 +86,7 @@ class Probe:
         self.node_events = node_event_reporter(settings, self.app, self.neighbours)
         self._node_events: asyncio.Task[None] | None = None
         self.udp_echo: UdpEcho | None = None
-        self._udp_transport: asyncio.DatagramTransport | None = None
+        self._udp_transport: Listening | None = None
 
     def _known_pod_ip(self, name: str) -> str | None:
         lookup = getattr(self.neighbours, "pod_ip", None)

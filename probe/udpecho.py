@@ -16,8 +16,9 @@ import logging
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from probe.checks.udp import MAX_BIG, train_of
 from probe.ratelimit import TokenBucket
@@ -40,6 +41,8 @@ MAX_SOURCES = 8192
 #: Trains remembered per source: what arrived of each, so the sender can tell which way a
 #: datagram was lost (there, or on the way back).
 TRAINS_PER_SOURCE = 10
+#: Datagrams read in one wakeup at most, so a flood cannot hold the loop.
+READS_PER_WAKEUP = 64
 
 
 @dataclass
@@ -62,7 +65,9 @@ class EchoStats:
         }
 
 
-class UdpEcho(asyncio.DatagramProtocol):
+class UdpEcho:
+    """The echo's rules: which datagrams are answered, and what arrived of each train."""
+
     def __init__(self, own_port: int, clock: Any = time.monotonic) -> None:
         self.own_port = own_port
         self.stats = EchoStats()
@@ -71,12 +76,10 @@ class UdpEcho(asyncio.DatagramProtocol):
         self._all = TokenBucket(BYTES_PER_SECOND, BURST, clock)
         #: source address -> train id -> datagrams of it that arrived (the latest trains).
         self._arrived: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
-        self.transport: asyncio.DatagramTransport | None = None
+        #: How an answer is sent (start_echo sets it to the socket's sendto).
+        self.send: Callable[[bytes | memoryview, tuple[Any, ...]], object] = lambda _data, _addr: None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
-
-    def datagram_received(self, data: bytes, addr: tuple[Any, ...]) -> None:
+    def datagram_received(self, data: bytes | memoryview, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_DATAGRAM:
             self.stats.too_large += 1
             return
@@ -96,12 +99,18 @@ class UdpEcho(asyncio.DatagramProtocol):
         if not budget.take(len(data)) or not self._all.take(len(data)):
             self.stats.over_budget += 1
             return
-        assert self.transport is not None
-        self.transport.sendto(data, addr)
+        try:
+            self.send(data, addr)
+        except (BlockingIOError, InterruptedError):
+            self.stats.over_budget += 1  # our send buffer is full: this answer is dropped
+            return
+        except OSError:
+            self.stats.errors += 1  # e.g. an ICMP error for an earlier answer, reported now
+            return
         self.stats.echoed += 1
         self.stats.echoed_bytes += len(data)
 
-    def _note_arrival(self, host: str, data: bytes) -> None:
+    def _note_arrival(self, host: str, data: bytes | memoryview) -> None:
         train = train_of(data)
         if train is None:
             return
@@ -129,8 +138,6 @@ class UdpEcho(asyncio.DatagramProtocol):
         """Of the latest trains from `host`: train id -> datagrams that arrived here."""
         return dict(self._arrived.get(host, {}))
 
-    def error_received(self, exc: Exception) -> None:
-        self.stats.errors += 1  # an ICMP error for an earlier echo: nothing to do
 
 
 def _socket(host: str | None, port: int) -> socket.socket:
@@ -157,17 +164,49 @@ def _socket(host: str | None, port: int) -> socket.socket:
     return sock
 
 
-async def start_echo(host: str | None, port: int) -> tuple[asyncio.DatagramTransport | None, UdpEcho]:
+class Listening:
+    """The echo's socket, read straight from the loop: one preallocated buffer for every
+    datagram and the answer sent from it (asyncio's datagram transport allocates 256 KiB a
+    datagram, which was most of the echo's CPU)."""
+
+    def __init__(self, sock: socket.socket, echo: UdpEcho) -> None:
+        self._sock = sock
+        self._echo = echo
+        self._buffer = bytearray(MAX_DATAGRAM + 1)
+        self._view = memoryview(self._buffer)
+        sock.setblocking(False)
+        echo.send = sock.sendto
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(sock.fileno(), self._read)
+
+    def _read(self) -> None:
+        for _ in range(READS_PER_WAKEUP):
+            try:
+                # MSG_TRUNC: the datagram's real length, so one over the limit is told apart.
+                size, addr = self._sock.recvfrom_into(self._buffer, 0, socket.MSG_TRUNC)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._echo.stats.errors += 1  # an ICMP error for an earlier answer
+                continue
+            self._echo.datagram_received(self._view[:size] if size <= MAX_DATAGRAM else self._buffer, addr)
+
+    def close(self) -> None:
+        if self._sock.fileno() >= 0:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+
+
+async def start_echo(host: str | None, port: int) -> tuple[Listening | None, UdpEcho]:
     """Listen for UDP on host:port; a port that cannot be had is logged and the probe goes on
     (its HTTP side still serves; neighbours will read this node's UDP path as lost)."""
     echo = UdpEcho(port)
-    loop = asyncio.get_running_loop()
     try:
         sock = _socket(host, port)
-        transport, _ = await loop.create_datagram_endpoint(lambda: echo, sock=sock)
     except OSError as e:
         echo.stats.state = f"off: cannot listen on UDP port {port}: {e.strerror or e}"
         log.error("no UDP echo", extra={"port": port, "error": e.strerror or str(e)})
         return None, echo
+    listening = Listening(sock, echo)
     echo.stats.state = "on"
-    return transport, echo
+    return listening, echo

@@ -30,8 +30,8 @@ from probe.checkurls import UdpEndpoint, is_ip
 from probe.settings import Settings
 
 #: Datagrams per train (a round), and which of them are full-size.
-TRAIN = 10
-BIG_EVERY = 5
+TRAIN = 8
+BIG_EVERY = 4
 #: The largest "full-size" datagram (a jumbo-frame path is checked at this size; loopback's
 #: 64 KiB MTU would otherwise ask for 64 KiB datagrams). The echo accepts up to this.
 MAX_BIG = 9000
