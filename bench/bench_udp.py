@@ -77,10 +77,12 @@ def rows_at(interval: float, rounds: int) -> list[Row]:
         off = cost(port, target.pid, udp=False, interval=interval, rounds=rounds)
         on = cost(port, target.pid, udp=True, interval=interval, rounds=rounds)
     at = f"{interval:g} s interval"
+    both_off, both_on = off[0] + off[1], on[0] + on[1]
     return [
-        (f"UDP train ({at}): checking probe CPU ms per round off / on", f"{off[0]:.2f} / {on[0]:.2f}  ({on[0] / off[0]:.2f}x; {off[3]:.0f} / {on[3]:.0f} rounds)"),
+        (f"UDP train ({at}): checking probe CPU ms per round off / on",
+         f"{off[0]:.2f} / {on[0]:.2f}  ({on[0] / off[0]:.2f}x; {off[3]:.0f} / {on[3]:.0f} rounds)"),
         (f"UDP train ({at}): target CPU ms per round off / on", f"{off[1]:.2f} / {on[1]:.2f}  ({on[1] / off[1]:.2f}x)"),
-        (f"UDP train ({at}): both together off / on", f"{off[0] + off[1]:.2f} / {on[0] + on[1]:.2f}  ({(on[0] + on[1]) / (off[0] + off[1]):.2f}x)"),
+        (f"UDP train ({at}): both together off / on", f"{both_off:.2f} / {both_on:.2f}  ({both_on / both_off:.2f}x)"),
         (f"UDP train ({at}): checking probe RSS (MB) off / on", f"{off[2]:.1f} / {on[2]:.1f}"),
     ]
 

@@ -24,6 +24,7 @@ from probe.checks.udp import MAX_BIG, train_of
 from probe.ratelimit import TokenBucket
 
 log = logging.getLogger("probe.udpecho")
+Datagram = bytes | bytearray | memoryview
 
 #: The largest datagram echoed: the checks' full-size datagrams are at most MAX_BIG.
 MAX_DATAGRAM = MAX_BIG
@@ -77,9 +78,9 @@ class UdpEcho:
         #: source address -> train id -> datagrams of it that arrived (the latest trains).
         self._arrived: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
         #: How an answer is sent (start_echo sets it to the socket's sendto).
-        self.send: Callable[[bytes | memoryview, tuple[Any, ...]], object] = lambda _data, _addr: None
+        self.send: Callable[[Datagram, tuple[Any, ...]], object] = lambda _data, _addr: None
 
-    def datagram_received(self, data: bytes | memoryview, addr: tuple[Any, ...]) -> None:
+    def datagram_received(self, data: Datagram, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_DATAGRAM:
             self.stats.too_large += 1
             return
@@ -110,7 +111,7 @@ class UdpEcho:
         self.stats.echoed += 1
         self.stats.echoed_bytes += len(data)
 
-    def _note_arrival(self, host: str, data: bytes | memoryview) -> None:
+    def _note_arrival(self, host: str, data: Datagram) -> None:
         train = train_of(data)
         if train is None:
             return

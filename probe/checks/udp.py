@@ -45,7 +45,7 @@ _MAGIC = b"KNUE"
 _HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
 
 
-def train_of(datagram: bytes) -> int | None:
+def train_of(datagram: bytes | bytearray | memoryview) -> int | None:
     """The train id a check's datagram carries; None for any other datagram."""
     if len(datagram) < _HEADER.size:
         return None
