@@ -6,20 +6,26 @@ and the checking probe's RSS, with the train off and on, in one run.
 In a cluster every probe plays both parts, checking ten neighbours and answering theirs, so
 the figure that matters is both processes' CPU together; each side is shown too.
 
+Off and on run side by side (two checking probes, two targets, on 127.0.0.2 and 127.0.0.3),
+so whatever else the machine does at the time weighs on both alike.
+
     python -m bench.bench_udp            # at the default 5 s interval, and at 0.5 s
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from bench.core import fetch, free_port, running, scrape_value
 
 Row = tuple[str, str]
 NEIGHBOURS = 10
-TARGET_IP = "127.0.0.2"  # loopback: the ten neighbours are this one target probe
 
 
 def cpu_seconds(pid: int) -> float:
@@ -46,44 +52,67 @@ def _env(port: int, host: str, interval: float, **extra: str) -> dict[str, str]:
     }
 
 
-def cost(port: int, target_pid: int, udp: bool, interval: float, rounds: int) -> tuple[float, float, float, float]:
-    """(checking probe's CPU ms per round, target's CPU ms per round, checking probe's RSS MB,
-    rounds measured) over about `rounds` rounds."""
-    env = _env(port, "127.0.0.1", interval, BENCH_NEIGHBOURS=str(NEIGHBOURS), BENCH_NEIGHBOUR_IP=TARGET_IP,
+@dataclass
+class Pair:
+    """A checking probe and the target probe that is its ten neighbours."""
+
+    port: int
+    address: str
+    udp: bool
+    checker: subprocess.Popen[bytes]
+    target: subprocess.Popen[bytes]
+
+    def read(self) -> tuple[float, float, float, float, float, float]:
+        """(rounds done, checker CPU s, target CPU s, RSS MB, datagrams sent, lost)."""
+        text = fetch(f"http://127.0.0.1:{self.port}/metrics")
+        return (
+            scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS,
+            cpu_seconds(self.checker.pid),
+            cpu_seconds(self.target.pid),
+            scrape_value(text, "process_resident_memory_bytes") / 1e6,
+            scrape_value(text, "kubenurse_udp_packets_sent_total"),
+            scrape_value(text, "kubenurse_udp_packets_lost_total"),
+        )
+
+
+@contextmanager
+def pair(address: str, udp: bool, interval: float) -> Iterator[Pair]:
+    port = free_port()
+    target_env = _env(port, address, 60.0)
+    env = _env(port, "127.0.0.1", interval, BENCH_NEIGHBOURS=str(NEIGHBOURS), BENCH_NEIGHBOUR_IP=address,
                KUBENURSE_CHECK_NEIGHBOURHOOD_UDP="true" if udp else "false")
-    argv = [sys.executable, "-m", "bench.neighbour_probe"]
-    with running(argv, f"http://127.0.0.1:{port}/alwayshappy", env=env) as proc:
-        time.sleep(max(3.0, 2 * interval))  # imports done, the first rounds run
-        text = fetch(f"http://127.0.0.1:{port}/metrics")
-        done0 = scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS
-        cpu0, target0 = cpu_seconds(proc.pid), cpu_seconds(target_pid)
-        time.sleep(rounds * interval)
-        text = fetch(f"http://127.0.0.1:{port}/metrics")
-        done1 = scrape_value(text, "kubenurse_httpclient_requests_total") / NEIGHBOURS
-        cpu1, target1 = cpu_seconds(proc.pid), cpu_seconds(target_pid)
-        rss = scrape_value(text, "process_resident_memory_bytes") / 1e6
-        lost = scrape_value(text, "kubenurse_udp_packets_lost_total")
-        sent = scrape_value(text, "kubenurse_udp_packets_sent_total")
-    if udp and (not sent or lost):  # a train that is not answered costs less: no figure then
-        raise RuntimeError(f"the UDP trains lost {lost:.0f} of {sent:.0f} datagrams on loopback")
-    done = done1 - done0
-    return (cpu1 - cpu0) / done * 1000, (target1 - target0) / done * 1000, rss, done
+    with (
+        running([sys.executable, "-m", "probe"], f"http://{address}:{port}/alwayshappy", env=target_env) as target,
+        running([sys.executable, "-m", "bench.neighbour_probe"], f"http://127.0.0.1:{port}/alwayshappy",
+                env=env) as checker,
+    ):
+        yield Pair(port, address, udp, checker, target)
 
 
 def rows_at(interval: float, rounds: int) -> list[Row]:
-    port = free_port()
-    target_env = _env(port, TARGET_IP, 60.0)
-    with running([sys.executable, "-m", "probe"], f"http://{TARGET_IP}:{port}/alwayshappy", env=target_env) as target:
-        off = cost(port, target.pid, udp=False, interval=interval, rounds=rounds)
-        on = cost(port, target.pid, udp=True, interval=interval, rounds=rounds)
+    """Off and on side by side, at the same time: whatever else the machine does, both see it."""
+    with pair("127.0.0.2", False, interval) as off_pair, pair("127.0.0.3", True, interval) as on_pair:
+        time.sleep(max(3.0, 2 * interval))  # imports done, the first rounds run
+        before = off_pair.read(), on_pair.read()
+        time.sleep(rounds * interval)
+        after = off_pair.read(), on_pair.read()
+    (off0, on0), (off1, on1) = before, after
+    if not on1[4] or on1[5]:  # a train that is not answered costs less: no figure then
+        raise RuntimeError(f"the UDP trains lost {on1[5]:.0f} of {on1[4]:.0f} datagrams on loopback")
+
+    def per_round(start: tuple[float, ...], end: tuple[float, ...], i: int) -> float:
+        return (end[i] - start[i]) / (end[0] - start[0]) * 1000
+
+    off = [per_round(off0, off1, 1), per_round(off0, off1, 2)]
+    on = [per_round(on0, on1, 1), per_round(on0, on1, 2)]
     at = f"{interval:g} s interval"
-    both_off, both_on = off[0] + off[1], on[0] + on[1]
+    both_off, both_on = sum(off), sum(on)
     return [
         (f"UDP train ({at}): checking probe CPU ms per round off / on",
-         f"{off[0]:.2f} / {on[0]:.2f}  ({on[0] / off[0]:.2f}x; {off[3]:.0f} / {on[3]:.0f} rounds)"),
+         f"{off[0]:.2f} / {on[0]:.2f}  ({on[0] / off[0]:.2f}x; {on1[0] - on0[0]:.0f} rounds)"),
         (f"UDP train ({at}): target CPU ms per round off / on", f"{off[1]:.2f} / {on[1]:.2f}  ({on[1] / off[1]:.2f}x)"),
         (f"UDP train ({at}): both together off / on", f"{both_off:.2f} / {both_on:.2f}  ({both_on / both_off:.2f}x)"),
-        (f"UDP train ({at}): checking probe RSS (MB) off / on", f"{off[2]:.1f} / {on[2]:.1f}"),
+        (f"UDP train ({at}): checking probe RSS (MB) off / on", f"{off1[3]:.1f} / {on1[3]:.1f}"),
     ]
 
 

@@ -12,6 +12,7 @@ spoofed source must not turn us against a DNS or NTP server).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -42,6 +43,9 @@ MAX_SOURCES = 8192
 #: Trains remembered per source: what arrived of each, so the sender can tell which way a
 #: datagram was lost (there, or on the way back).
 TRAINS_PER_SOURCE = 10
+#: The receive buffer asked for (the kernel caps it at twice net.core.rmem_max): a loop busy
+#: for a moment (a scrape, a collection) must not drop trains, which would read as loss.
+RECEIVE_BUFFER = 4 * 1024 * 1024
 #: Datagrams read in one wakeup at most, so a flood cannot hold the loop.
 READS_PER_WAKEUP = 64
 
@@ -176,6 +180,8 @@ class Listening:
         self._buffer = bytearray(MAX_DATAGRAM + 1)
         self._view = memoryview(self._buffer)
         sock.setblocking(False)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
         echo.send = sock.sendto
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read)

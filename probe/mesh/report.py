@@ -42,7 +42,7 @@ MAX_UDP_PATHS = MAX_RESULTS
 MAX_TRAINS = 10
 MAX_ARRIVALS = 4096
 TRAIN_ID = re.compile(r"[0-9a-f]{16}")
-#: A train is ten datagrams; anything beyond this is not a count of ours.
+#: A train is eight datagrams; anything beyond this is not a count of ours.
 MAX_DATAGRAMS = 1_000_000
 #: The encoded report of a probe with MAX_RESULTS results stays below this.
 MAX_REPORT_BYTES = 2 * 1024 * 1024
