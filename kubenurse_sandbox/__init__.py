@@ -22,7 +22,7 @@ from kubenurse_sandbox.control import HELP, send
 from kubenurse_sandbox.options import DEFAULT_PORT, MAX_NODES, Options
 
 USAGE = """\
-kubenurse sandbox [--nodes N] [--port P] [--interval D] [--neighbour-limit K] [--no-prometheus]
+kubenurse sandbox [--nodes N] [--port P] [--interval D] [--neighbour-limit K] [--no-prometheus] [--no-udp]
        kubenurse sandbox [--port P] <command>     (act on a running sandbox; `help` lists the commands)"""
 
 
@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         help="KUBENURSE_NEIGHBOUR_LIMIT: neighbours each probe checks",
     )
     parser.add_argument("--no-prometheus", action="store_true", help="do not start Prometheus even if installed")
+    parser.add_argument(
+        "--no-udp", action="store_true", help="KUBENURSE_CHECK_NEIGHBOURHOOD_UDP=false: no UDP trains between probes"
+    )
     parser.add_argument(
         "--real",
         action="store_true",
@@ -89,6 +92,7 @@ def main(argv: list[str]) -> int:
         neighbour_limit=args.neighbour_limit,
         prometheus=not args.no_prometheus,
         real=args.real,
+        udp=not args.no_udp,
     )
     try:
         from kubenurse_sandbox.session import run

@@ -311,6 +311,7 @@ class Sandbox:
                 "KUBENURSE_SERVICE_URL": f"http://127.0.0.1:{self.service.port}",
                 "KUBENURSE_INGRESS_URL": f"http://127.0.0.1:{self.ingress.port}",
                 "KUBENURSE_LOG_FORMAT": "logfmt",
+                "KUBENURSE_CHECK_NEIGHBOURHOOD_UDP": "true" if self.options.udp else "false",
                 "OTEL_SERVICE_NAME": env.get("OTEL_SERVICE_NAME", "kubenurse"),
             }
         )

@@ -20,6 +20,8 @@ class Options:
     prometheus: bool = True
     #: A real etcd + kube-apiserver (and Jaeger, where built) instead of the stand-in.
     real: bool = False
+    #: UDP trains between the probes (KUBENURSE_CHECK_NEIGHBOURHOOD_UDP).
+    udp: bool = True
 
 
 class SandboxError(Exception):

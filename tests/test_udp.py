@@ -243,3 +243,30 @@ def test_an_outage_is_not_loss_in_the_window() -> None:
 
     loss = UdpLoss(10, 0, trains=((1, 10, 0), (2, 10, 0), (3, 10, 9), (4, 10, 10)))
     assert loss.window == (20, 1)
+
+
+async def test_echoes_are_first_read_after_the_last_trains_slowest_round_trip() -> None:
+    assert udp.first_look(None) == udp.FIRST_LOOK
+    quick = udp.Train("127.0.0.1", 1, rtts_ns=[50_000, 90_000])
+    assert udp.first_look(quick) == udp.FIRST_LOOK
+    slow = udp.Train("127.0.0.1", 1, rtts_ns=[20_000_000, 40_000_000])  # a path 40 ms away
+    assert udp.first_look(slow) == pytest.approx(0.061)
+    assert udp.first_look(udp.Train("127.0.0.1", 1, rtts_ns=[3_000_000_000])) == udp.LAST_LOOK
+
+
+async def test_read_late_is_free_with_kernel_stamps_and_avoided_without(
+    echo: tuple[int, UdpEcho], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The echoes of a train are read once, late, only where the kernel stamped their arrival:
+    timed by the loop, a late read would be in every round trip."""
+    port, _ = echo
+    stamped = await udp.send_train("127.0.0.1", port, 1.0, look=0.05)
+    assert stamped.source == "kernel" and len(stamped.rtts_ns) == udp.TRAIN
+    assert max(stamped.rtts_ns) < 40_000_000, stamped.rtts_ns
+    capabilities = udp.kernel.capabilities()
+    monkeypatch.setattr(
+        udp.kernel, "capabilities", lambda: type(capabilities)(rx_timestamps=False, tcp_info=capabilities.tcp_info)
+    )
+    unstamped = await udp.send_train("127.0.0.1", port, 1.0, look=0.05)
+    assert unstamped.source == "loop" and len(unstamped.rtts_ns) == udp.TRAIN
+    assert max(unstamped.rtts_ns) < 40_000_000, unstamped.rtts_ns  # not read after the 50 ms look

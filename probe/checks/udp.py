@@ -36,8 +36,11 @@ BIG_EVERY = 4
 #: 64 KiB MTU would otherwise ask for 64 KiB datagrams). The echo accepts up to this.
 MAX_BIG = 9000
 SMALL = 64
-#: When the echoes are first read: a pod network's round trip is well under this.
+#: When the echoes are first read: a pod network's round trip is well under this. A path
+#: whose last train took longer is first read a little after that train's slowest echo (at
+#: most LAST_LOOK), so a slow path's train is still read in one wakeup, not one per echo.
 FIRST_LOOK = 0.005
+LAST_LOOK = 0.1
 #: Trains of a path kept for its loss over time (the mesh's loss verdicts), and paths kept.
 WINDOW = 10
 MAX_PATHS = 10_000
@@ -118,11 +121,20 @@ def _where(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
+def first_look(last: Train | None) -> float:
+    """When to first read a path's echoes, from its last train's slowest round trip."""
+    if last is None or not last.rtts_ns:
+        return FIRST_LOOK
+    return min(max(FIRST_LOOK, 1.5 * max(last.rtts_ns) / 1e9 + 0.001), LAST_LOOK)
+
+
 async def send_train(
-    address: str, port: int, timeout: float, count: int = TRAIN, source: str | None = None
+    address: str, port: int, timeout: float, count: int = TRAIN, source: str | None = None,
+    look: float = FIRST_LOOK,
 ) -> Train:
     """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them,
-    from `source` (the probe's listen address, so the echo sees the pod's own) if given."""
+    from `source` (the probe's listen address, so the echo sees the pod's own) if given;
+    the echoes are first read after `look`."""
     v6 = ":" in address
     train_id = int.from_bytes(os.urandom(8), "big")
     train = Train(address, port, train_id)
@@ -196,16 +208,18 @@ async def send_train(
                 else:
                     train.small_sent += 1
             # The round trips are the kernel's stamps, so the echoes may be read late at no cost
-            # to the figures: one look after FIRST_LOOK reads a healthy path's whole train in
-            # one wakeup (a wakeup per datagram was most of a train's CPU); only a train not
-            # yet whole waits on the socket, up to the timeout.
-            await asyncio.sleep(min(FIRST_LOOK, timeout))
+            # to the figures: one look reads a healthy path's whole train in one wakeup (a
+            # wakeup per datagram was most of a train's CPU); only a train not yet whole
+            # waits on the socket, up to the timeout.
+            # Without kernel stamps an echo is timed when it is read: read each as it comes.
+            look = min(look, timeout) if kernel_rx else 0.0
+            await asyncio.sleep(look)
             read()
             if not done.done():
                 loop.add_reader(sock.fileno(), read)
                 reading = True
                 try:
-                    async with asyncio.timeout(max(timeout - FIRST_LOOK, 0.0)):
+                    async with asyncio.timeout(max(timeout - look, 0.0)):
                         await done
                 except TimeoutError:
                     pass
@@ -281,6 +295,8 @@ class UdpKind(Kind):
         self._source = settings.listen_host
         #: Target key -> its last WINDOW trains (id, sent, came back), for the mesh's loss verdicts.
         self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
+        #: Target key -> its last train (when to read the next one's echoes).
+        self._last: OrderedDict[str, Train] = OrderedDict()
 
     def _remember(self, key: str, train: Train) -> tuple[tuple[int, int, int], ...]:
         trains = self._history.pop(key, None) or deque(maxlen=WINDOW)
@@ -307,5 +323,10 @@ class UdpKind(Kind):
             address = resolution.records[0]
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
-        train = await send_train(address, endpoint.port, max(remaining, 0.001), source=self._source)
+        look = first_look(self._last.get(target.key))
+        train = await send_train(address, endpoint.port, max(remaining, 0.001), source=self._source, look=look)
+        self._last.pop(target.key, None)
+        self._last[target.key] = train
+        while len(self._last) > MAX_PATHS:
+            self._last.popitem(last=False)
         return outcome_of(train, sent_ns, resolution, self._remember(target.key, train) if train.sent else ())
