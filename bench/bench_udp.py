@@ -80,12 +80,12 @@ class Pair:
 def pair(address: str, udp: bool, interval: float) -> Iterator[Pair]:
     port = free_port()
     target_env = _env(port, address, 60.0)
-    env = _env(port, "127.0.0.1", interval, BENCH_NEIGHBOURS=str(NEIGHBOURS), BENCH_NEIGHBOUR_IP=address,
-               KUBENURSE_CHECK_NEIGHBOURHOOD_UDP="true" if udp else "false")
+    env = _env(port, "127.0.0.1", interval, KUBENURSE_CHECK_NEIGHBOURHOOD_UDP="true" if udp else "false")
+    neighbours = [f"bench-{i}={address}" for i in range(NEIGHBOURS)]
     with (
         running([sys.executable, "-m", "probe"], f"http://{address}:{port}/alwayshappy", env=target_env) as target,
-        running([sys.executable, "-m", "bench.neighbour_probe"], f"http://127.0.0.1:{port}/alwayshappy",
-                env=env) as checker,
+        running([sys.executable, "-m", "kubenurse_sandbox.fixed", *neighbours],
+                f"http://127.0.0.1:{port}/alwayshappy", env=env) as checker,
     ):
         yield Pair(port, address, udp, checker, target)
 

@@ -7,7 +7,8 @@ them, a probe in one checking a probe (and dnsmasq) in the other, read from outs
 - the first response segment dropped: the first-byte time holds the resend;
 - every other DNS query dropped: dns_done holds the resolver's 1 s timeout;
 - 10% random loss each way: retransmissions counted, UDP loss between 10% and 32%;
-- packets over 1,400 bytes dropped: the UDP check fails at `mtu`, HTTP unaffected.
+- packets over 1,400 bytes dropped: the UDP check and the neighbour's UDP path fail at `mtu`, HTTP
+  unaffected, and the mesh names the path (`path_mtu client->target`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ class LossNet:
             where.delete_table("inet", TABLE)
 
     @contextmanager
-    def probe(self, checks: str, interval: str = "1500ms", **more: str) -> Iterator[Probe]:
+    def probe(
+        self, checks: str, interval: str = "1500ms", neighbours: tuple[str, ...] = (), **more: str
+    ) -> Iterator[Probe]:
+        """The client probe; with `neighbours` (NODE=IP) it has that neighbourhood, as a pod
+        that discovery gave it, so it checks them as paths and its /mesh.json asks them."""
         log = self.workdir / f"probe-{time.monotonic_ns()}.log"
         env = {
             "KUBENURSE_HTTP_PORT": str(PORT),
@@ -76,7 +81,9 @@ class LossNet:
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             **more,
         }
-        process = Process("client probe", self.client.exec_argv(sys.executable, "-m", "probe"), log, env)
+        argv = [sys.executable, "-m", "kubenurse_sandbox.fixed", *neighbours] if neighbours else [
+            sys.executable, "-m", "probe"]
+        process = Process("client probe", self.client.exec_argv(*argv), log, env)
         try:
             wait_port(self.client.address, PORT, process=process)
             yield Probe(f"http://{self.client.address}:{PORT}", process)
@@ -112,6 +119,17 @@ class Probe:
             assert time.monotonic() < deadline, f"{what} not within {timeout} s\n{self.process.tail()}"
             time.sleep(0.2)
         return values
+
+    def wait_verdict(self, kind: str, timeout: float = 30.0) -> list[dict]:
+        """/mesh.json's verdicts once one of `kind` is among them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            verdicts = json.loads(self.get("/mesh.json"))["verdicts"]
+            if any(v["kind"] == kind for v in verdicts):
+                return verdicts
+            assert self.process.running, self.process.tail()
+            assert time.monotonic() < deadline, f"no {kind} verdict within {timeout} s: {verdicts}"
+            time.sleep(0.5)
 
     def wait_checks(self, check_type: str, n: int, timeout: float = 30.0) -> dict[tuple[str, frozenset], float]:
         """Metrics once `check_type` has been checked `n` times (any outcome)."""
@@ -269,12 +287,23 @@ def test_random_loss_is_counted(net: LossNet) -> None:
 
 def test_big_packets_dropped_is_mtu(net: LossNet) -> None:
     checks_ = f"web:http://{net.target_ip}:{PORT}/alwayshappy|echo:udp://{net.target_ip}:{PORT}"
-    with net.rule(net.target, "input", "meta length > 1400 drop"), net.probe(checks_) as probe:
+    with (
+        net.rule(net.target, "input", "meta length > 1400 drop"),
+        net.probe(checks_, neighbours=(f"target={net.target_ip}",), NODE_NAME="client") as probe,
+    ):
         values = probe.wait_checks("echo", 20)
         probe.wait_checks("web", 2)
         alive = json.loads(probe.get("/alive"))
         values = probe.values()
+        verdicts = probe.wait_verdict("path_mtu")
     assert value(values, "kubenurse_errors_total", event="mtu", type="echo") >= 1
     assert alive["last_check_result"]["echo"].startswith("mtu: "), alive["last_check_result"]
     assert alive["last_check_result"]["web"] == "ok"
     assert value(values, "kubenurse_httpclient_requests_total", code="200", type="web") >= 2
+    # The neighbour's path: its UDP train fails at mtu, its HTTP check does not, and the mesh
+    # names the path (one probe's word: a path verdict, not the node's).
+    assert alive["udp_paths"]["path_target"].startswith("mtu: "), alive["udp_paths"]
+    assert alive["last_check_result"]["path_target"] == "ok", alive["last_check_result"]
+    mtu = [v for v in verdicts if v["kind"] == "path_mtu"]
+    assert [v["subject"] for v in mtu] == ["client->target"], verdicts
+    assert "MTU" in mtu[0]["summary"] and mtu[0]["evidence"], mtu
