@@ -393,3 +393,34 @@ async def test_two_probe_pods_on_one_node_are_both_checked_and_a_failing_one_is_
     recovered = [r for r in caplog.records if r.getMessage() == "check recovered"]
     assert len(failed) == 1 and not recovered, "the log flapped"
     assert getattr(failed[0], "check", "") == "path_node-b/pod-old"
+
+
+async def test_a_slot_sends_its_udp_trains_first_and_its_other_checks_a_moment_later() -> None:
+    """The echo answering a train must not be busy with this probe's HTTP check to it (its
+    delay would be in the round trip): in a slot the trains go first, the rest UDP_LEAD later,
+    and a path's train shares its HTTP check's slot."""
+    from probe.checks.rounds import UDP_LEAD
+
+    hood = Neighbourhood(tuple(Neighbour(f"kubenurse-n{i}", f"10.0.0.{i}", f"10.0.1.{i}", f"n{i}") for i in range(3)))
+    started: dict[str, float] = {}
+
+    async def note(target: Target) -> CheckResult:
+        started[target.key] = time.monotonic()
+        return CheckResult(check_type=target.check_type, target=target)
+
+    settings = Settings(check_interval=10.0)
+    prober = Prober(settings, StaticNeighbours(hood), note)
+    task = asyncio.create_task(prober.run())
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(started) == 6:
+                break
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    udp = {k.split("/")[0]: t for k, t in started.items() if k.endswith("(udp)")}
+    http = {k.split("/")[0]: t for k, t in started.items() if not k.endswith("(udp)")}
+    assert set(udp) == set(http) == {"path_n0", "path_n1", "path_n2"}, started
+    for path, at in http.items():
+        assert at - udp[path] >= UDP_LEAD * 0.9, (path, at - udp[path])

@@ -225,6 +225,7 @@ class Prober:
         interval = self._settings.check_interval
         # The slots count check types: a path's HTTP check and its UDP train share a slot.
         slots = slots_for(len({target.check_type for target in self._plan.targets}))
+        lead = UDP_LEAD if any(target.kind == names.KIND_UDP for target in self._plan.targets) else 0.0
         tasks = []
         for target in self._plan.targets:
             if target.key in self._in_flight:
@@ -232,7 +233,7 @@ class Prober:
                 continue
             offset = start_offset(target.check_type, interval, slots)
             if target.kind != names.KIND_UDP:
-                offset += UDP_LEAD
+                offset += lead
             tasks.append(self._start(target, offset))
         watcher = asyncio.create_task(self._watch(tasks, started), name="round")
         self._watchers.add(watcher)
