@@ -295,8 +295,8 @@ class UdpKind(Kind):
         self._source = settings.listen_host
         #: Target key -> its last WINDOW trains (id, sent, came back), for the mesh's loss verdicts.
         self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
-        #: Target key -> its last train (when to read the next one's echoes).
-        self._last: OrderedDict[str, Train] = OrderedDict()
+        #: Target key -> when to first read its next train's echoes (first_look of its last).
+        self._looks: OrderedDict[str, float] = OrderedDict()
 
     def _remember(self, key: str, train: Train) -> tuple[tuple[int, int, int], ...]:
         trains = self._history.pop(key, None) or deque(maxlen=WINDOW)
@@ -323,10 +323,9 @@ class UdpKind(Kind):
             address = resolution.records[0]
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
-        look = first_look(self._last.get(target.key))
+        look = self._looks.pop(target.key, FIRST_LOOK)
         train = await send_train(address, endpoint.port, max(remaining, 0.001), source=self._source, look=look)
-        self._last.pop(target.key, None)
-        self._last[target.key] = train
-        while len(self._last) > MAX_PATHS:
-            self._last.popitem(last=False)
+        self._looks[target.key] = first_look(train)
+        while len(self._looks) > MAX_PATHS:
+            self._looks.popitem(last=False)
         return outcome_of(train, sent_ns, resolution, self._remember(target.key, train) if train.sent else ())
