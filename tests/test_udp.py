@@ -270,3 +270,14 @@ async def test_read_late_is_free_with_kernel_stamps_and_avoided_without(
     unstamped = await udp.send_train("127.0.0.1", port, 1.0, look=0.05)
     assert unstamped.source == "loop" and len(unstamped.rtts_ns) == udp.TRAIN
     assert max(unstamped.rtts_ns) < 40_000_000, unstamped.rtts_ns  # not read after the 50 ms look
+
+
+def test_an_answer_the_echo_could_not_send_is_shown_not_lost_silently() -> None:
+    echo = UdpEcho(8080)
+
+    def full(_data: object, _addr: object) -> None:
+        raise BlockingIOError("send buffer full")
+
+    echo.send = full
+    echo.datagram_received(b"x" * 64, ("127.0.0.1", 40000))
+    assert echo.stats.echoed == 0 and echo.stats.as_alive()["send_errors"] == 1
