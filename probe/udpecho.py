@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -48,6 +49,8 @@ TRAINS_PER_SOURCE = 10
 RECEIVE_BUFFER = 4 * 1024 * 1024
 #: Datagrams read in one wakeup at most, so a flood cannot hold the loop.
 READS_PER_WAKEUP = 64
+#: The kernel's count of datagrams dropped at this socket (its buffer full), with each datagram.
+SO_RXQ_OVFL = getattr(socket, "SO_RXQ_OVFL", 40)
 
 
 @dataclass
@@ -58,6 +61,9 @@ class EchoStats:
     over_budget: int = 0
     refused_source: int = 0
     errors: int = 0
+    #: Datagrams the kernel dropped at the echo's own socket (the probe too busy to read):
+    #: the senders count them lost, though the network delivered them.
+    socket_drops: int = 0
     state: str = "off"
 
     def as_alive(self) -> dict[str, object]:
@@ -68,6 +74,7 @@ class EchoStats:
             "ignored_over_budget": self.over_budget,
             "ignored_source_port": self.refused_source,
             "send_errors": self.errors,
+            "dropped_at_socket": self.socket_drops,
         }
 
 
@@ -179,6 +186,8 @@ class Listening:
         sock.setblocking(False)
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         echo.send = sock.sendto
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._read)
@@ -187,12 +196,15 @@ class Listening:
         for _ in range(READS_PER_WAKEUP):
             try:
                 # MSG_TRUNC: the datagram's real length, so one over the limit is told apart.
-                size, addr = self._sock.recvfrom_into(self._buffer, 0, socket.MSG_TRUNC)
+                size, ancdata, _, addr = self._sock.recvmsg_into([self._buffer], 64, socket.MSG_TRUNC)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 self._echo.stats.errors += 1  # an ICMP error for an earlier answer
                 continue
+            for level, kind, data in ancdata:  # present only once something was dropped
+                if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                    self._echo.stats.socket_drops = int.from_bytes(data[:4], sys.byteorder)
             self._echo.datagram_received(self._view[:size] if size <= MAX_DATAGRAM else self._buffer, addr)
 
     def close(self) -> None:

@@ -281,3 +281,20 @@ def test_an_answer_the_echo_could_not_send_is_shown_not_lost_silently() -> None:
     echo.send = full
     echo.datagram_received(b"x" * 64, ("127.0.0.1", 40000))
     assert echo.stats.echoed == 0 and echo.stats.as_alive()["send_errors"] == 1
+
+
+async def test_datagrams_dropped_at_the_echos_own_socket_are_shown(echo: tuple[int, UdpEcho]) -> None:
+    """A loop too busy to read lets the socket overflow: the senders count that as loss the
+    network did not cause, so the echo says how many the kernel dropped at its socket."""
+    port, protocol = echo
+    with open("/proc/sys/net/core/rmem_max") as f:
+        most = 2 * int(f.read())  # the kernel's cap on the echo's receive buffer
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))
+        for _ in range(most // 9000 + 200):  # while the loop does not read: over the buffer
+            sock.send(b"x" * 9000)
+        await asyncio.sleep(0.3)  # now the echo reads what its socket kept
+        sock.send(b"after")  # the kernel's count comes with the next datagram queued
+        await asyncio.sleep(0.2)
+    assert protocol.stats.socket_drops > 0, protocol.stats
+    assert protocol.stats.as_alive()["dropped_at_socket"] == protocol.stats.socket_drops
