@@ -186,10 +186,15 @@ async def send_train(
 
         reading = False
         try:
-            for seq in range(count):
-                big = seq % BIG_EVERY == BIG_EVERY - 1
-                size = train.big_size if big else SMALL
-                payload = _HEADER.pack(_MAGIC, train_id, seq).ljust(size, b"\0")
+            # Built first, so the datagrams leave back to back: the echo reads a train in few
+            # wakeups.
+            bigs = [seq % BIG_EVERY == BIG_EVERY - 1 for seq in range(count)]
+            payloads = [
+                _HEADER.pack(_MAGIC, train_id, seq).ljust(train.big_size if big else SMALL, b"\0")
+                for seq, big in enumerate(bigs)
+            ]
+            for seq, payload in enumerate(payloads):
+                big = bigs[seq]
                 before = time.perf_counter_ns()
                 try:
                     sock.send(payload)
