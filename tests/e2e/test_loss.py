@@ -72,6 +72,7 @@ class LossNet:
             "KUBENURSE_CHECK_CONNECT_TIMEOUT": "5s",
             "KUBENURSE_EXTRA_CHECKS": checks,
             "KUBENURSE_LOG_LEVEL": "warning",
+            "KUBENURSE_SHUTDOWN_DURATION": "0s",  # no load balancer to drain: stop at once
             "POD_NAME": "client",
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             **more,
@@ -169,7 +170,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossNet]:
         )
         target = netns.Namespace.create("losst", 3, bridge, target_ip, target_ip)
         made.append(target)
-        target_env = {"KUBENURSE_HTTP_PORT": str(PORT), "POD_NAME": "target", "KUBENURSE_LOG_LEVEL": "warning"}
+        target_env = {"KUBENURSE_HTTP_PORT": str(PORT), "POD_NAME": "target", "KUBENURSE_LOG_LEVEL": "warning",
+                      "KUBENURSE_SHUTDOWN_DURATION": "0s"}
         processes.append(Process("target probe", target.exec_argv(sys.executable, "-m", "probe"),
                                  workdir / "target.log", target_env))
         dnsmasq = [
@@ -269,7 +271,9 @@ def test_random_loss_is_counted(net: LossNet) -> None:
 
 def test_big_packets_dropped_is_mtu(net: LossNet) -> None:
     checks_ = f"web:http://{net.target_ip}:{PORT}/alwayshappy|echo:udp://{net.target_ip}:{PORT}"
-    with net.rule(net.target, "input", "meta length > 1400 drop"), net.probe(checks_) as probe:
+    # A train missing its full-size datagrams waits the check timeout for them: 1.5 s, not 5.
+    settings = {"KUBENURSE_CHECK_TIMEOUT": "1500ms", "KUBENURSE_CHECK_CONNECT_TIMEOUT": "1500ms"}
+    with net.rule(net.target, "input", "meta length > 1400 drop"), net.probe(checks_, **settings) as probe:
         values = probe.wait_checks("echo", 20)
         probe.wait_checks("web", 2)
         alive = json.loads(probe.get("/alive"))
