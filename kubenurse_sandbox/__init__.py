@@ -22,7 +22,7 @@ from kubenurse_sandbox.control import HELP, send
 from kubenurse_sandbox.options import DEFAULT_PORT, MAX_NODES, Options
 
 USAGE = """\
-kubenurse sandbox [--nodes N] [--port P] [--interval D] [--neighbour-limit K] [--no-prometheus] [--no-udp]
+kubenurse sandbox [--nodes N] [--port P] [--interval D] [--timeout D] [--neighbour-limit K] [--no-prometheus] [--no-udp]
        kubenurse sandbox [--port P] <command>     (act on a running sandbox; `help` lists the commands)"""
 
 
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--interval", metavar="D", default="1s", help="KUBENURSE_CHECK_INTERVAL of every probe (default 1s)"
+    )
+    parser.add_argument(
+        "--timeout", metavar="D", default="", help="KUBENURSE_CHECK_TIMEOUT of every probe (default: the probe's, 6s)"
     )
     parser.add_argument(
         "--neighbour-limit",
@@ -81,14 +84,16 @@ def main(argv: list[str]) -> int:
         parser.error("--neighbour-limit must be 0 (all) or more")
     from probe.settings import parse_positive_duration
 
-    try:
-        parse_positive_duration(args.interval)
-    except ValueError as e:
-        parser.error(f"--interval {args.interval!r}: {e}")
+    for option, value in (("--interval", args.interval), ("--timeout", args.timeout or "6s")):
+        try:
+            parse_positive_duration(value)
+        except ValueError as e:
+            parser.error(f"{option} {value!r}: {e}")
     options = Options(
         nodes=args.nodes,
         port=args.port,
         interval=args.interval,
+        timeout=args.timeout,
         neighbour_limit=args.neighbour_limit,
         prometheus=not args.no_prometheus,
         real=args.real,

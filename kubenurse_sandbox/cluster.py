@@ -315,6 +315,8 @@ class Sandbox:
                 "OTEL_SERVICE_NAME": env.get("OTEL_SERVICE_NAME", "kubenurse"),
             }
         )
+        if self.options.timeout:
+            env["KUBENURSE_CHECK_TIMEOUT"] = self.options.timeout
         if self._otlp_endpoint and self.jaeger_url:
             # Traces to Jaeger; the /mesh page links a slow or failing path to its trace there.
             env["OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"] = f"{self._otlp_endpoint}/v1/traces"

@@ -16,6 +16,8 @@ class Options:
     nodes: int = 5
     port: int = DEFAULT_PORT  # 0: free ports picked at start
     interval: str = "1s"
+    #: KUBENURSE_CHECK_TIMEOUT of every probe; empty: the probe's default.
+    timeout: str = ""
     neighbour_limit: int = 3
     prometheus: bool = True
     #: A real etcd + kube-apiserver (and Jaeger, where built) instead of the stand-in.

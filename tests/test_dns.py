@@ -5,7 +5,9 @@ series, /alive text and span a user sees of each."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +25,6 @@ from probe.checks.targets import plan_round
 from probe.checkurls import DnsQuery, parse_dns_url
 from probe.neighbours import StaticNeighbours
 from probe.settings import Settings
-from tests.conftest import free_port
 from tests.dns_servers import DnsServers, run_dns_servers
 from tests.kind_helpers import Spans, new_metrics, series
 
@@ -134,9 +135,30 @@ async def test_no_answer_times_out_at_dns_done(servers: DnsServers) -> None:
     assert dns_child.status.status_code == StatusCode.ERROR
 
 
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port that refuses UDP and TCP for as long as the block runs: held by a UDP
+    socket connected elsewhere (Linux delivers it nothing from other peers and answers them
+    with "port unreachable") and a TCP socket that never listens (a SYN gets a reset). No
+    other server can take the port meanwhile (a port merely found free could be: dnsmasq
+    forwards from random UDP ports)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+            udp.bind(("127.0.0.1", 0))
+            udp.connect(("127.0.0.1", 9))
+            port = int(udp.getsockname()[1])
+            try:
+                tcp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            yield port
+            return
+    raise RuntimeError("no loopback port free for both UDP and TCP")
+
+
 async def test_refused_port_fails_at_dns_done(servers: DnsServers) -> None:
-    port = free_port()
-    result, _, _ = await run(f"dns://127.0.0.1:{port}/ok.test")
+    with refusing_port() as port:
+        result, _, _ = await run(f"dns://127.0.0.1:{port}/ok.test")
     assert result.summary == f"dns_done: 127.0.0.1:{port} refused (nothing listens on that port)"
 
 

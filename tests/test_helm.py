@@ -355,8 +355,8 @@ def test_kubenurse_default_values_file_renders() -> None:
 
 
 @functools.cache
-def every_key() -> tuple[Obj, ...]:
-    return render(EVERY_KEY)
+def every_key(release: str = RELEASE) -> tuple[Obj, ...]:
+    return render(EVERY_KEY, release)
 
 
 def test_every_kubenurse_key_reaches_its_object(tmp_path: Path) -> None:
@@ -656,12 +656,12 @@ def test_prometheus_rules_copy_is_the_source() -> None:
 IANA_SVC_NAME = re.compile(r"(?=.{1,15}$)(?=.*[a-z])[a-z0-9]([a-z0-9]|-(?=[a-z0-9]))*")
 
 
-def renders() -> dict[str, tuple[Obj, ...]]:
+def renders(release: str = RELEASE) -> dict[str, tuple[Obj, ...]]:
     return {
-        "defaults": render(),
-        "every kubenurse key": every_key(),
-        "kubenurse defaults": render(KUBENURSE_DEFAULTS),
-        **{overlay: render(values) for overlay, values in OVERLAY_VALUES.items()},
+        "defaults": render(release=release),
+        "every kubenurse key": every_key(release),
+        "kubenurse defaults": render(KUBENURSE_DEFAULTS, release),
+        **{overlay: render(values, release) for overlay, values in OVERLAY_VALUES.items()},
     }
 
 

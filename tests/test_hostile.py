@@ -390,7 +390,8 @@ async def test_header_floods_keep_rss_under_the_ceiling() -> None:
     from probe import resources
 
     port = free_port()
-    env = process_env(KUBENURSE_HTTP_PORT=str(port), KUBENURSE_CHECK_INTERVAL="1s", PYTHONMALLOC="malloc")
+    env = process_env(KUBENURSE_HTTP_PORT=str(port), KUBENURSE_CHECK_INTERVAL="1s", PYTHONMALLOC="malloc",
+                      KUBENURSE_SHUTDOWN_DURATION="0s")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     proc = await start_limited(env, hard, hard)
     try:

@@ -564,3 +564,21 @@ async def test_stopping_a_slowed_proxy_mid_request_logs_nothing(caplog: pytest.L
         writer.close()
     upstream.close()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], [r.getMessage() for r in caplog.records]
+
+
+def test_timeout_reaches_every_probe_and_a_bad_one_exits_2() -> None:
+    """--timeout D is the probes' KUBENURSE_CHECK_TIMEOUT (left out: the probe's default)."""
+    from types import SimpleNamespace
+
+    from kubenurse_sandbox.cluster import Sandbox as Cluster
+    from kubenurse_sandbox.options import Options
+
+    def environment(options: Options) -> dict[str, str]:
+        cluster = Cluster(options, say=lambda _line: None)
+        cluster.api_server = cluster.service = cluster.ingress = SimpleNamespace(port=1)  # type: ignore[assignment]
+        return cluster.probe_environment(cluster.specs[0])
+
+    assert environment(Options(nodes=1, timeout="2s"))["KUBENURSE_CHECK_TIMEOUT"] == "2s"
+    assert "KUBENURSE_CHECK_TIMEOUT" not in environment(Options(nodes=1))
+    result = subprocess.run([*SANDBOX, "--timeout", "soon"], capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 2 and "--timeout 'soon'" in result.stderr, result.stderr

@@ -77,6 +77,7 @@ class LossNet:
             "KUBENURSE_CHECK_CONNECT_TIMEOUT": "5s",
             "KUBENURSE_EXTRA_CHECKS": checks,
             "KUBENURSE_LOG_LEVEL": "warning",
+            "KUBENURSE_SHUTDOWN_DURATION": "0s",  # no load balancer to drain: stop at once
             "POD_NAME": "client",
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             **more,
@@ -187,7 +188,8 @@ def net(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LossNet]:
         )
         target = netns.Namespace.create("losst", 3, bridge, target_ip, target_ip)
         made.append(target)
-        target_env = {"KUBENURSE_HTTP_PORT": str(PORT), "POD_NAME": "target", "KUBENURSE_LOG_LEVEL": "warning"}
+        target_env = {"KUBENURSE_HTTP_PORT": str(PORT), "POD_NAME": "target", "KUBENURSE_LOG_LEVEL": "warning",
+                      "KUBENURSE_SHUTDOWN_DURATION": "0s"}
         processes.append(Process("target probe", target.exec_argv(sys.executable, "-m", "probe"),
                                  workdir / "target.log", target_env))
         dnsmasq = [
@@ -287,9 +289,11 @@ def test_random_loss_is_counted(net: LossNet) -> None:
 
 def test_big_packets_dropped_is_mtu(net: LossNet) -> None:
     checks_ = f"web:http://{net.target_ip}:{PORT}/alwayshappy|echo:udp://{net.target_ip}:{PORT}"
+    # A train missing its full-size datagrams waits the check timeout for them: 1.5 s, not 5.
+    settings = {"KUBENURSE_CHECK_TIMEOUT": "1500ms", "KUBENURSE_CHECK_CONNECT_TIMEOUT": "1500ms"}
     with (
         net.rule(net.target, "input", "meta length > 1400 drop"),
-        net.probe(checks_, neighbours=(f"target={net.target_ip}",), NODE_NAME="client") as probe,
+        net.probe(checks_, neighbours=(f"target={net.target_ip}",), NODE_NAME="client", **settings) as probe,
     ):
         values = probe.wait_checks("echo", 20)
         probe.wait_checks("web", 2)

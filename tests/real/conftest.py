@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e.services import Process, wait_port
 from tests.real.cluster import RealCluster, running_cluster
-from tests.real.components import need
+from tests.real.components import cache_dir, need
 
 ROOT = Path(__file__).resolve().parents[2]
 NS = "kubenurse"
@@ -42,6 +42,18 @@ def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealClust
         # no controller manager runs). The tests create the probe pods themselves.
         cluster.kubectl("apply", "-k", str(ROOT / "k8s/overlays/node-events"))
         yield cluster
+
+
+@pytest.fixture(scope="session")
+def crds(real_cluster: RealCluster) -> None:
+    """The prometheus-operator CRDs (.ci/components fetches them from that project's Go module)."""
+    directory = cache_dir() / "crds"
+    if not (directory / "servicemonitors.yaml").is_file():
+        pytest.skip("prometheus-operator CRDs missing: run .ci/components crds")
+    for path in sorted(directory.glob("*.yaml")):
+        real_cluster.kubectl("apply", "--server-side", "-f", str(path))
+    real_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                         "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com")
 
 
 def probe_env(cluster: RealCluster, sa_dir: Path, *, pod: str, node: str, ip: str, port: int,

@@ -26,7 +26,6 @@ from probe.mesh.verdict import Verdict
 from probe.mesh.verdicts import NODE_UNREACHABLE, SURE
 from tests.real.cluster import ApiError as RealApiError
 from tests.real.cluster import RealCluster
-from tests.real.components import cache_dir
 from tests.real.conftest import FILTER, NS, ROOT
 
 KUSTOMIZATIONS = sorted(
@@ -38,18 +37,6 @@ WINDOWS = itertools.count()
 SA_USER = f"system:serviceaccount:{NS}:kubenurse"
 FAST = Timing(request_timeout=10.0, connect_timeout=5.0, watch_seconds=5.0, backoff_initial=0.05,
               backoff_max=0.5, healthy_after=0.5, qps=500.0, burst=500)
-
-
-@pytest.fixture(scope="module")
-def crds(real_cluster: RealCluster) -> None:
-    """The prometheus-operator CRDs (.ci/components fetches them from that project's Go module)."""
-    directory = cache_dir() / "crds"
-    if not (directory / "servicemonitors.yaml").is_file():
-        pytest.skip("prometheus-operator CRDs missing: run .ci/components crds")
-    for path in sorted(directory.glob("*.yaml")):
-        real_cluster.kubectl("apply", "--server-side", "-f", str(path))
-    real_cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                         "crd/servicemonitors.monitoring.coreos.com", "crd/prometheusrules.monitoring.coreos.com")
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
