@@ -268,10 +268,12 @@ async def test_bookmarks_carry_progress_only(real_cluster: RealCluster, sa_dir: 
         events = await watch_events(client, one, 4)
         await task
         # No event for the other node; bookmarks of the version it moved to, the first one
-        # 2 s before the end (the real server may send a second right after it).
+        # 2 s before the end (the real server may send a second right after it). Its watch
+        # cache fires bookmarks from timers in 1 s buckets, so "2 s before" is 1 to 2 s in
+        # (seen at 1.30 s once).
         assert events and all(e["type"] == "BOOKMARK" for _, e in events), events
         at, bookmark = events[0]
-        assert 1.5 < at < 3.9, events
+        assert 1.0 <= at < 3.9, events
         assert int(bookmark["object"]["metadata"]["resourceVersion"]) > int(since)
         assert bookmark["object"]["kind"] == "Node" and set(bookmark["object"]["metadata"]) == {"resourceVersion"}
 
