@@ -114,13 +114,15 @@ class ProbeProcess:
         self.process.stop()
 
 
-def wait_for(check: Any, what: str, timeout: float = 20.0, *, process: ProbeProcess | None = None) -> Any:
+def wait_for(
+    check: Any, what: str, timeout: float = 20.0, *, process: ProbeProcess | None = None, every: float = 0.1
+) -> Any:
     deadline = time.monotonic() + timeout
     value = None
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(every)
     tail = "\n" + process.process.tail(30) if process else ""
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r}){tail}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 
 from tests.e2e.services import Process, wait_port
 from tests.real.cluster import RealCluster
-from tests.real.conftest import ROOT
+from tests.real.conftest import ROOT, wait_for
 
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 TELEMETRY_PORT = 8888
@@ -125,11 +124,5 @@ def agent_serviceaccount(cluster: RealCluster, workdir: Path) -> Path:
 
 
 def wait_until(check: Any, what: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+    """Poll every half second (the Jaeger and Prometheus queries are not free)."""
+    return wait_for(check, what, timeout, every=0.5)
