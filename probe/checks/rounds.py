@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from probe import names
 from probe.checks.result import CheckResult, Status, Target
 from probe.checks.targets import Plan, plan_round
+from probe.checks.wakeups import sleep_until
 from probe.neighbours import Neighbourhood, NeighbourSource
 from probe.settings import Settings
 
@@ -166,7 +167,7 @@ class Prober:
         started = time.monotonic()
         self._replan()
         assert self._plan is not None
-        tasks = [self._start(target, 0.0) for target in self._plan.targets]
+        tasks = [self._start(target, None) for target in self._plan.targets]
         await asyncio.gather(*tasks)
         return self._complete(started)
 
@@ -190,15 +191,16 @@ class Prober:
         if departed:
             self._on_departed(departed)
 
-    def _start(self, target: Target, delay: float) -> asyncio.Task[CheckResult]:
-        task = asyncio.create_task(self._perform(target, delay), name=f"check {target.key}")
+    def _start(self, target: Target, at: float | None) -> asyncio.Task[CheckResult]:
+        task = asyncio.create_task(self._perform(target, at), name=f"check {target.key}")
         self._in_flight[target.key] = task
         return task
 
-    async def _perform(self, target: Target, delay: float) -> CheckResult:
+    async def _perform(self, target: Target, at: float | None) -> CheckResult:
+        """The check, started at loop time `at` (None: now)."""
         try:
-            if delay > 0:
-                await asyncio.sleep(delay)
+            if at is not None:
+                await sleep_until(at)
             result = await self._check(target)
             self._latest[target.key] = result
             self._failures.update(result)
@@ -226,6 +228,9 @@ class Prober:
         # The slots count check types: a path's HTTP check and its UDP train share a slot.
         slots = slots_for(len({target.check_type for target in self._plan.targets}))
         lead = UDP_LEAD if any(target.kind == names.KIND_UDP for target in self._plan.targets) else 0.0
+        # Every check of a slot starts at the very same loop time, so a slot is one wakeup
+        # (each wakeup of an idle probe costs more CPU than the Python it runs).
+        now = asyncio.get_running_loop().time()
         tasks = []
         for target in self._plan.targets:
             if target.key in self._in_flight:
@@ -234,7 +239,7 @@ class Prober:
             offset = start_offset(target.check_type, interval, slots)
             if target.kind != names.KIND_UDP:
                 offset += lead
-            tasks.append(self._start(target, offset))
+            tasks.append(self._start(target, now + offset if offset > 0 else None))
         watcher = asyncio.create_task(self._watch(tasks, started), name="round")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)

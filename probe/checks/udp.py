@@ -15,7 +15,8 @@ not back within the check timeout is lost.
 from __future__ import annotations
 
 import asyncio
-import os
+import contextlib
+import random
 import socket
 import struct
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from probe import names
 from probe.checks import dns, kernel
 from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target, UdpLoss
+from probe.checks.wakeups import SharedDeadline, sleep_until
 from probe.checkurls import UdpEndpoint, is_ip
 from probe.settings import Settings
 
@@ -41,9 +43,13 @@ SMALL = 64
 #: most LAST_LOOK), so a slow path's train is still read in one wakeup, not one per echo.
 FIRST_LOOK = 0.005
 LAST_LOOK = 0.1
+#: Trains sent within this of each other are first read at one moment, in one wakeup.
+LOOK_SLACK = 0.002
 #: Trains of a path kept for its loss over time (the mesh's loss verdicts), and paths kept.
 WINDOW = 10
 MAX_PATHS = 10_000
+#: Paths whose socket is kept open between trains (beyond this the oldest is closed).
+MAX_OPEN_PATHS = 256
 _MAGIC = b"KNUE"
 _HEADER = struct.Struct("!4sQI")  # marker, train id, sequence number
 
@@ -128,116 +134,156 @@ def first_look(last: Train | None) -> float:
     return min(max(FIRST_LOOK, 1.5 * max(last.rtts_ns) / 1e9 + 0.001), LAST_LOOK)
 
 
+class PathSocket:
+    """A path's UDP socket: connected to the echo (only it is heard, and its ICMP refusals
+    are), don't-fragment and kernel receive stamps on. UdpKind keeps one per path from train
+    to train, so a train costs its sends and reads, not a socket's set-up."""
+
+    def __init__(self, address: str, port: int, source: str | None = None) -> None:
+        """Raises OSError (no route, a bad address) with the socket closed."""
+        self.v6 = ":" in address
+        self.peer = (address, port)
+        self.sock = socket.socket(socket.AF_INET6 if self.v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.kernel_rx = kernel.capabilities().rx_timestamps and kernel.enable_rx_timestamps(self.sock)
+            _dont_fragment(self.sock, self.v6)
+            if source is not None and (":" in source) == self.v6:
+                self.sock.bind((source, 0))
+            self.sock.connect((address, port))
+        except OSError:
+            self.sock.close()
+            raise
+
+    def clear_error(self) -> None:
+        """Forget an ICMP error an earlier train's late datagram earned: it is not this train's."""
+        with contextlib.suppress(OSError):
+            self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 async def send_train(
     address: str, port: int, timeout: float, count: int = TRAIN, source: str | None = None,
-    look: float = FIRST_LOOK,
+    look: float = FIRST_LOOK, looks: SharedDeadline | None = None, path: PathSocket | None = None,
 ) -> Train:
     """Send `count` datagrams to the echo at address:port and wait up to `timeout` for them,
     from `source` (the probe's listen address, so the echo sees the pod's own) if given;
-    the echoes are first read after `look`."""
-    v6 = ":" in address
-    train_id = int.from_bytes(os.urandom(8), "big")
+    the echoes are first read after `look`, at the moment `looks` shares among the trains
+    sent about together, if given. Through `path` if given (it stays open), else through a
+    socket of its own."""
+    train_id = random.getrandbits(64)
     train = Train(address, port, train_id)
+    if path is None:
+        try:
+            own = PathSocket(address, port, source)
+        except OSError as e:
+            train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
+            return train
+        try:
+            return await _send(train, own, timeout, count, look, looks)
+        finally:
+            own.close()
+    path.clear_error()
+    return await _send(train, path, timeout, count, look, looks)
+
+
+async def _send(
+    train: Train, path: PathSocket, timeout: float, count: int, look: float, looks: SharedDeadline | None
+) -> Train:
+    address, port, train_id, sock, v6 = train.address, train.port, train.train_id, path.sock, path.v6
     sent_ns: dict[int, int] = {}
     back: dict[int, int] = {}
     loop = asyncio.get_running_loop()
     done = loop.create_future()
-    kernel_rx = kernel.capabilities().rx_timestamps
-    with socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        if kernel_rx:
-            kernel_rx = kernel.enable_rx_timestamps(sock)
-        if not kernel_rx:
-            train.source = kernel.LOOP
-        _dont_fragment(sock, v6)
-        try:
-            # Connected: only the echo is heard, and its ICMP refusals are.
-            if source is not None and (":" in source) == v6:
-                sock.bind((source, 0))
-            sock.connect((address, port))
-        except OSError as e:
-            train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
-            return train
-        train.mtu = _path_mtu(sock, v6)
-        train.big_size = max(min(train.mtu, MAX_BIG) - (48 if v6 else 28), SMALL)
+    kernel_rx = path.kernel_rx
+    if not kernel_rx:
+        train.source = kernel.LOOP
+    train.mtu = _path_mtu(sock, v6)
+    train.big_size = max(min(train.mtu, MAX_BIG) - (48 if v6 else 28), SMALL)
 
-        def read() -> None:
-            while True:
-                try:
-                    data, ancdata, _, _ = sock.recvmsg(MAX_BIG, kernel.ANCILLARY_SIZE)
-                except (BlockingIOError, InterruptedError):
-                    return
-                except OSError as e:  # ICMP port unreachable and the like
-                    if not done.done():
-                        done.set_exception(e)
-                    return
-                at = kernel.rx_timestamp_ns(ancdata) if kernel_rx else None
-                if at is None:
-                    train.source = kernel.LOOP
-                    at = time.perf_counter_ns()
-                if len(data) < _HEADER.size:
-                    continue
-                magic, got_id, seq = _HEADER.unpack_from(data)
-                if magic != _MAGIC or got_id != train_id or seq not in sent_ns or seq in back:
-                    continue
-                back[seq] = at
-                if len(back) == len(sent_ns) and not done.done():
-                    done.set_result(None)
+    def read() -> None:
+        while True:
+            try:
+                data, ancdata, _, _ = sock.recvmsg(MAX_BIG, kernel.ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ICMP port unreachable and the like
+                if not done.done():
+                    done.set_exception(e)
+                return
+            at = kernel.rx_timestamp_ns(ancdata) if kernel_rx else None
+            if at is None:
+                train.source = kernel.LOOP
+                at = time.perf_counter_ns()
+            if len(data) < _HEADER.size:
+                continue
+            magic, got_id, seq = _HEADER.unpack_from(data)
+            if magic != _MAGIC or got_id != train_id or seq not in sent_ns or seq in back:
+                continue
+            back[seq] = at
+            if len(back) == len(sent_ns) and not done.done():
+                done.set_result(None)
 
-        reading = False
-        try:
-            # Built first, so the datagrams leave back to back: the echo reads a train in few
-            # wakeups.
-            bigs = [seq % BIG_EVERY == BIG_EVERY - 1 for seq in range(count)]
-            payloads = [
-                _HEADER.pack(_MAGIC, train_id, seq).ljust(train.big_size if big else SMALL, b"\0")
-                for seq, big in enumerate(bigs)
-            ]
-            for seq, payload in enumerate(payloads):
-                big = bigs[seq]
-                before = time.perf_counter_ns()
-                try:
-                    sock.send(payload)
-                except (BlockingIOError, InterruptedError):
-                    pass  # a full send buffer: the datagram counts as sent and lost
-                except ConnectionRefusedError:
-                    raise  # an ICMP refusal of an earlier datagram, reported by this send
-                except OSError as e:
-                    if e.errno == 90:  # EMSGSIZE: the kernel learnt a smaller path MTU
-                        train.mtu = _path_mtu(sock, v6)
-                    elif not sent_ns:
-                        raise
-                sent_ns[seq] = before
-                if big:
-                    train.big_sent += 1
-                else:
-                    train.small_sent += 1
-            # The round trips are the kernel's stamps, so the echoes may be read late at no cost
-            # to the figures: one look reads a healthy path's whole train in one wakeup (a
-            # wakeup per datagram was most of a train's CPU); only a train not yet whole
-            # waits on the socket, up to the timeout.
-            # Without kernel stamps an echo is timed when it is read: read each as it comes.
-            look = min(look, timeout) if kernel_rx else 0.0
-            await asyncio.sleep(look)
-            read()
-            if not done.done():
-                loop.add_reader(sock.fileno(), read)
-                reading = True
-                try:
-                    async with asyncio.timeout(max(timeout - look, 0.0)):
-                        await done
-                except TimeoutError:
-                    pass
+    reading = False
+    try:
+        # Built first, so the datagrams leave back to back: the echo reads a train in few
+        # wakeups.
+        bigs = [seq % BIG_EVERY == BIG_EVERY - 1 for seq in range(count)]
+        payloads = [
+            _HEADER.pack(_MAGIC, train_id, seq).ljust(train.big_size if big else SMALL, b"\0")
+            for seq, big in enumerate(bigs)
+        ]
+        for seq, payload in enumerate(payloads):
+            big = bigs[seq]
+            before = time.perf_counter_ns()
+            try:
+                sock.send(payload)
+            except (BlockingIOError, InterruptedError):
+                pass  # a full send buffer: the datagram counts as sent and lost
+            except ConnectionRefusedError:
+                raise  # an ICMP refusal of an earlier datagram, reported by this send
+            except OSError as e:
+                if e.errno == 90:  # EMSGSIZE: the kernel learnt a smaller path MTU
+                    train.mtu = _path_mtu(sock, v6)
+                elif not sent_ns:
+                    raise
+            sent_ns[seq] = before
+            if big:
+                train.big_sent += 1
             else:
-                done.result()  # an ICMP refusal read in that look raises here
-        except ConnectionRefusedError:
-            train.error = f"{_where(address, port)} refused (nothing answers UDP on that port)"
-            train.error_type = "connection_refused"
-        except OSError as e:
-            train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
-        finally:
-            if reading:
-                loop.remove_reader(sock.fileno())
+                train.small_sent += 1
+        # The round trips are the kernel's stamps, so the echoes may be read late at no cost
+        # to the figures: one look reads a healthy path's whole train in one wakeup (a
+        # wakeup per datagram was most of a train's CPU); only a train not yet whole
+        # waits on the socket, up to the timeout.
+        # Without kernel stamps an echo is timed when it is read: read each as it comes.
+        look = min(look, timeout) if kernel_rx else 0.0
+        if look > 0:
+            sent_at = loop.time()
+            look_at = looks.at(sent_at + look) if looks is not None else sent_at + look
+            look = look_at - sent_at
+            await sleep_until(look_at)
+        read()
+        if not done.done():
+            loop.add_reader(sock.fileno(), read)
+            reading = True
+            try:
+                async with asyncio.timeout(max(timeout - look, 0.0)):
+                    await done
+            except TimeoutError:
+                pass
+        else:
+            done.result()  # an ICMP refusal read in that look raises here
+    except ConnectionRefusedError:
+        train.error = f"{_where(address, port)} refused (nothing answers UDP on that port)"
+        train.error_type = "connection_refused"
+    except OSError as e:
+        train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
+    finally:
+        if reading:
+            loop.remove_reader(sock.fileno())
     for seq, started in sorted(sent_ns.items()):
         big = seq % BIG_EVERY == BIG_EVERY - 1
         if seq in back:
@@ -302,6 +348,10 @@ class UdpKind(Kind):
         self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
         #: Target key -> when to first read its next train's echoes (first_look of its last).
         self._looks: OrderedDict[str, float] = OrderedDict()
+        #: The first looks of the trains sent about together (a slot's): one wakeup reads them.
+        self._look_at = SharedDeadline(LOOK_SLACK)
+        #: Target key -> its path's socket, kept open between trains.
+        self._paths: OrderedDict[str, PathSocket] = OrderedDict()
 
     def _remember(self, key: str, train: Train) -> tuple[tuple[int, int, int], ...]:
         trains = self._history.pop(key, None) or deque(maxlen=WINDOW)
@@ -310,6 +360,32 @@ class UdpKind(Kind):
         while len(self._history) > MAX_PATHS:  # departed neighbours are forgotten, oldest first
             self._history.popitem(last=False)
         return tuple(trains)
+
+    def _path(self, key: str, address: str, port: int) -> PathSocket | None:
+        """The target's open socket to address:port, opened if need be; None if it cannot be
+        (send_train then tries with a socket of its own, and says why it failed)."""
+        path = self._paths.pop(key, None)
+        if path is not None and path.peer != (address, port):
+            path.close()  # the name now resolves elsewhere
+            path = None
+        if path is None:
+            try:
+                path = PathSocket(address, port, self._source)
+            except OSError:
+                return None
+        self._paths[key] = path
+        while len(self._paths) > MAX_OPEN_PATHS:
+            self._paths.popitem(last=False)[1].close()
+        return path
+
+    def _close_path(self, key: str) -> None:
+        path = self._paths.pop(key, None)
+        if path is not None:
+            path.close()
+
+    async def close(self) -> None:
+        while self._paths:
+            self._paths.popitem()[1].close()
 
     def attributes(self, target: Target) -> Mapping[str, AttributeValue]:
         assert isinstance(target.spec, UdpEndpoint)
@@ -329,7 +405,13 @@ class UdpKind(Kind):
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
         look = self._looks.pop(target.key, FIRST_LOOK)
-        train = await send_train(address, endpoint.port, max(remaining, 0.001), source=self._source, look=look)
+        path = self._path(target.key, address, endpoint.port)
+        train = await send_train(
+            address, endpoint.port, max(remaining, 0.001), source=self._source, look=look, looks=self._look_at,
+            path=path,
+        )
+        if train.error is not None and path is not None:  # the next train starts afresh
+            self._close_path(target.key)
         self._looks[target.key] = first_look(train)
         while len(self._looks) > MAX_PATHS:
             self._looks.popitem(last=False)

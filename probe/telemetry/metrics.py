@@ -18,6 +18,7 @@ from probe import __version__, names
 from probe.checks.result import CheckResult
 from probe.telemetry.exemplars import ExemplarCollector, ExemplarPrometheusReader, ExemplarStore
 from probe.telemetry.otel import cardinality_limits, run_bounded
+from probe.telemetry.points import PointRecorder
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Metrics:
         # stops honouring this attribute.
         if getattr(self.provider, "_disabled", False):
             self.provider._disabled = False
+        self._points = PointRecorder(self.provider)
         meter = self.provider.get_meter(names.METER_NAME)
         # Buckets come from the advisory, not a View, so an OTLP reader may still choose
         # exponential histograms while /metrics keeps these explicit bounds (Views would apply
@@ -154,8 +156,7 @@ class Metrics:
             # HTTP check of that neighbour, whose httpclient series it must not touch.
             self.udp_sent.add(udp.sent, check_type)
             self.udp_lost.add(udp.lost, check_type)
-            for rtt in udp.rtts:
-                self.udp_rtt.record(rtt, check_type)
+            self._points.record(self.udp_rtt, udp.rtts, check_type)
             if result.error_event:
                 self.errors.add(1, {**check_type, names.LABEL_EVENT: result.error_event})
             return
