@@ -298,3 +298,77 @@ async def test_datagrams_dropped_at_the_echos_own_socket_are_shown(echo: tuple[i
         await asyncio.sleep(0.2)
     assert protocol.stats.socket_drops > 0, protocol.stats
     assert protocol.stats.as_alive()["dropped_at_socket"] == protocol.stats.socket_drops
+
+
+async def test_a_path_keeps_its_socket_and_starts_afresh_after_an_error(echo: tuple[int, UdpEcho]) -> None:
+    """A path's trains leave from one socket (the echo sees one source port); a train that
+    failed (refused) closes it, and the next train does not inherit the refusal."""
+    port, _ = echo
+    sources: list[int] = []
+    echo_protocol = echo[1]
+    original = echo_protocol.send
+    echo_protocol.send = lambda data, addr: (sources.append(addr[1]), original(data, addr))[1]
+    url = f"udp://127.0.0.1:{port}"
+    kind = udp.UdpKind(Settings(check_timeout=1.0))
+    target = Target("echo", url, parse_udp_url(url))
+    try:
+        for _ in range(3):
+            assert (await kind.measure(target)).failure is None
+        assert len(sources) == 3 * udp.TRAIN and len(set(sources)) == 1, set(sources)
+        # A late datagram of an earlier train earned an ICMP refusal: not this train's.
+        path = kind._paths[target.key]
+        stray = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        stray.bind(("127.0.0.1", 0))
+        stray_port = stray.getsockname()[1]
+        stray.close()
+        path.sock.connect(("127.0.0.1", stray_port))
+        path.sock.send(b"to nobody")  # refused: an error now waits on the socket
+        await asyncio.sleep(0.05)
+        path.sock.connect(("127.0.0.1", port))
+        outcome = await kind.measure(target)
+        assert outcome.failure is None, outcome.failure
+        refused_url = f"udp://127.0.0.1:{free_port()}"
+        refused = Target("refused", refused_url, parse_udp_url(refused_url))
+        assert (await kind.measure(refused)).failure is not None
+        assert refused.key not in kind._paths  # closed: the next train starts with a new socket
+    finally:
+        await kind.close()
+    assert not kind._paths
+
+
+async def test_trains_sent_together_are_first_read_at_one_moment() -> None:
+    from probe.checks.wakeups import SharedDeadline
+
+    looks = SharedDeadline(0.002)
+    first = looks.at(10.0)
+    assert first == pytest.approx(10.002)
+    assert looks.at(10.001) == first and looks.at(10.002) == first  # within the slack: the same
+    assert looks.at(9.0) == pytest.approx(9.002)  # earlier than the shared moment allows: its own
+    assert looks.at(10.5) == pytest.approx(10.502)
+
+
+async def test_sleepers_given_one_moment_wake_in_one_turn_of_the_loop() -> None:
+    from probe.checks.wakeups import sleep_until
+
+    loop = asyncio.get_running_loop()
+    turns = 0
+
+    def tick() -> None:
+        nonlocal turns
+        turns += 1
+        loop.call_soon(tick)
+
+    woke: list[int] = []
+
+    async def sleeper(when: float) -> None:
+        await sleep_until(when)
+        woke.append(turns)
+
+    when = loop.time() + 0.03
+    sleepers = []
+    for _ in range(10):
+        sleepers.append(asyncio.create_task(sleeper(when)))
+        await asyncio.sleep(0.001)  # created a moment apart, as a slot's checks are
+    loop.call_soon(tick)
+    await asyncio.gather(*sleepers)
+    assert len(set(woke)) == 1, woke
