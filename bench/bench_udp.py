@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from bench.core import fetch, free_port, running, scrape_value
@@ -173,10 +173,42 @@ def deployed_rows(nodes: int = 11, interval: float = 5.0, rounds: int = 12) -> l
     return [(f"{label}: CPU ms per probe per round off / on", f"{off_ms:.2f} / {on_ms:.2f}  ({on_ms / off_ms:.2f}x)")]
 
 
+@contextmanager
+def mesh(nodes: int, subnet: int, interval: float, udp: bool) -> Iterator[list[int]]:
+    """`nodes` probes talking directly, each checking every other (HTTP, and with `udp` the
+    UDP train) and answering them: a cluster's neighbourhood without the sandbox's relays
+    (its proxies forward every datagram on their own, which spreads a train out); the pids."""
+    port = free_port()
+    addresses = [f"127.0.{subnet}.{i + 2}" for i in range(nodes)]
+    with ExitStack() as stack:
+        pids = []
+        for i, address in enumerate(addresses):
+            env = _env(port, address, interval, NODE_NAME=f"node-{i}", KUBENURSE_SHUTDOWN_DURATION="0s",
+                       KUBENURSE_CHECK_NEIGHBOURHOOD_UDP="true" if udp else "false")
+            others = [f"node-{j}={other}" for j, other in enumerate(addresses) if j != i]
+            proc = stack.enter_context(running([sys.executable, "-m", "kubenurse_sandbox.fixed", *others],
+                                               f"http://{address}:{port}/alwayshappy", env=env))
+            pids.append(proc.pid)
+        yield pids
+
+
+def direct_rows(nodes: int = 11, interval: float = 5.0, rounds: int = 12) -> list[Row]:
+    """Every probe checks ten neighbours and answers ten, directly: CPU per probe per round,
+    off and on side by side."""
+    with mesh(nodes, 1, interval, udp=False) as off, mesh(nodes, 2, interval, udp=True) as on:
+        time.sleep(max(10.0, 2 * interval))  # imports done, the first rounds ran
+        before = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
+        time.sleep(rounds * interval)
+        after = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
+    off_ms, on_ms = ((b - a) / nodes / rounds * 1000 for a, b in zip(before, after, strict=True))
+    label = f"UDP train, {nodes} probes checking each other directly ({interval:g} s)"
+    return [(f"{label}: CPU ms per probe per round off / on", f"{off_ms:.2f} / {on_ms:.2f}  ({on_ms / off_ms:.2f}x)")]
+
+
 def run() -> list[Row]:
-    return [*deployed_rows(), *rows_at(5.0, 16), *rows_at(0.5, 40)]
+    return [*direct_rows(), *deployed_rows(), *rows_at(5.0, 16), *rows_at(0.5, 40)]
 
 
 if __name__ == "__main__":
-    for label, value in run():
+    for label, value in (direct_rows() if sys.argv[1:] == ["direct"] else run()):
         print(f"{label}: {value}")
