@@ -19,8 +19,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 
 from bench.core import fetch, free_port, running, scrape_value
@@ -159,16 +159,28 @@ def sandbox(nodes: int, interval: float, udp: bool) -> Iterator[list[int]]:
             proc.wait()
 
 
+def _per_probe_round(
+    set_up: Callable[[bool], AbstractContextManager[list[int]]], settle: float, rounds: int, interval: float
+) -> tuple[float, float]:
+    """CPU ms per probe per round of two set-ups, UDP off and on, side by side."""
+    with set_up(False) as off, set_up(True) as on:
+        time.sleep(settle)
+        before = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
+        time.sleep(rounds * interval)
+        after = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
+        nodes = len(on)
+    off_ms, on_ms = ((b - a) / nodes / rounds * 1000 for a, b in zip(before, after, strict=True))
+    return off_ms, on_ms
+
+
 def deployed_rows(nodes: int = 11, interval: float = 5.0, rounds: int = 12) -> list[Row]:
     """Every probe both checks ten neighbours and answers ten, with the default round's own
     checks: CPU per probe per round, all the probes of a sandbox together, off and on side
     by side."""
-    with sandbox(nodes, interval, udp=False) as off, sandbox(nodes, interval, udp=True) as on:
-        time.sleep(max(20.0, 3 * interval))  # discovery listed everyone, the first rounds ran
-        before = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
-        time.sleep(rounds * interval)
-        after = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
-    off_ms, on_ms = ((b - a) / nodes / rounds * 1000 for a, b in zip(before, after, strict=True))
+    # Settled once discovery listed everyone and the first rounds ran.
+    off_ms, on_ms = _per_probe_round(
+        lambda udp: sandbox(nodes, interval, udp), max(20.0, 3 * interval), rounds, interval
+    )
     label = f"UDP train, {nodes} sandbox probes ({nodes - 1} neighbours each, {interval:g} s)"
     return [(f"{label}: CPU ms per probe per round off / on", f"{off_ms:.2f} / {on_ms:.2f}  ({on_ms / off_ms:.2f}x)")]
 
@@ -195,12 +207,9 @@ def mesh(nodes: int, subnet: int, interval: float, udp: bool) -> Iterator[list[i
 def direct_rows(nodes: int = 11, interval: float = 5.0, rounds: int = 12) -> list[Row]:
     """Every probe checks ten neighbours and answers ten, directly: CPU per probe per round,
     off and on side by side."""
-    with mesh(nodes, 1, interval, udp=False) as off, mesh(nodes, 2, interval, udp=True) as on:
-        time.sleep(max(10.0, 2 * interval))  # imports done, the first rounds ran
-        before = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
-        time.sleep(rounds * interval)
-        after = [sum(map(cpu_seconds, pids)) for pids in (off, on)]
-    off_ms, on_ms = ((b - a) / nodes / rounds * 1000 for a, b in zip(before, after, strict=True))
+    off_ms, on_ms = _per_probe_round(
+        lambda udp: mesh(nodes, 2 if udp else 1, interval, udp), max(10.0, 2 * interval), rounds, interval
+    )
     label = f"UDP train, {nodes} probes checking each other directly ({interval:g} s)"
     return [(f"{label}: CPU ms per probe per round off / on", f"{off_ms:.2f} / {on_ms:.2f}  ({on_ms / off_ms:.2f}x)")]
 
