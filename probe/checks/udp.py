@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import os
 import socket
 import struct
 import time
@@ -173,7 +173,7 @@ async def send_train(
     the echoes are first read after `look`, at the moment `looks` shares among the trains
     sent about together, if given. Through `path` if given (it stays open), else through a
     socket of its own."""
-    train_id = random.getrandbits(64)
+    train_id = int.from_bytes(os.urandom(8), "big")  # unguessable: peers see train ids
     train = Train(address, port, train_id)
     if path is None:
         try:
