@@ -8,14 +8,10 @@ it to plan rounds and mesh views exactly as a pod in a cluster does, without an 
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import sys
 
-from probe.app import Probe
+from probe.cli import run_probe
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
-from probe.settings import SettingsError, load_settings
 
 
 def neighbourhood(words: list[str]) -> Neighbourhood:
@@ -28,24 +24,14 @@ def neighbourhood(words: list[str]) -> Neighbourhood:
     return Neighbourhood(tuple(neighbours))
 
 
-async def run(words: list[str]) -> None:
-    settings = load_settings(os.environ)
-    probe = Probe(settings, StaticNeighbours(neighbourhood(words)))
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    await probe.start()
-    await stop.wait()
-    await probe.stop()
-
-
 def main(words: list[str]) -> int:
+    """Runs as `kubenurse` does (the same settings, logs, signals and shutdown)."""
     try:
-        asyncio.run(run(words))
-    except (SettingsError, ValueError) as e:
+        given = neighbourhood(words)
+    except ValueError as e:
         print(f"kubenurse_sandbox.fixed: {e}", file=sys.stderr)
         return 2
-    return 0
+    return run_probe(StaticNeighbours(given), "kubenurse_sandbox.fixed")
 
 
 if __name__ == "__main__":

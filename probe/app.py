@@ -201,9 +201,9 @@ def node_event_reporter(
     )
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, neighbours: NeighbourSource | None = None) -> None:
     """Run until SIGTERM/SIGINT; then report not-ready for the shutdown duration and stop.
-    A second signal during that time stops at once."""
+    A second signal during that time stops at once. `neighbours` replaces discovery."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -212,7 +212,7 @@ async def serve(settings: Settings) -> None:
         log.info("open-files limit raised", extra={"from": before, "to": after})
     for sig in (signal.SIGTERM, signal.SIGINT):  # before the ports open: no window without them
         loop.add_signal_handler(sig, stop.set)
-    probe = Probe(settings)
+    probe = Probe(settings, neighbours)
     await probe.start()
     await stop.wait()
     stop.clear()

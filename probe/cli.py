@@ -11,9 +11,13 @@ import os
 import platform
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from probe import __version__, logs
 from probe.settings import SettingsError, load_settings, variable_help
+
+if TYPE_CHECKING:
+    from probe.neighbours import NeighbourSource
 
 
 def _mesh(args: list[str]) -> int:
@@ -101,18 +105,24 @@ def main(argv: list[str] | None = None) -> int:
     if args:
         print(f"kubenurse: unknown command {args[0]!r} (try --help)", file=sys.stderr)
         return 2
+    return run_probe()
+
+
+def run_probe(neighbours: NeighbourSource | None = None, name: str = "kubenurse") -> int:
+    """The probe, configured from the environment, until SIGTERM/SIGINT; `neighbours` replaces
+    discovery (kubenurse_sandbox.fixed). Returns the exit status."""
     try:
         settings = load_settings(os.environ)
     except SettingsError as e:
-        print(f"kubenurse: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 2
     logs.configure(settings.log_format, settings.log_level)
     from probe.app import serve  # after validation: bad settings exit fast, without heavy imports
     from probe.server import ListenError
 
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, neighbours))
     except ListenError as e:  # the port is taken, not ours, or the host is not here: one line
-        print(f"kubenurse: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 1
     return 0

@@ -83,10 +83,10 @@ def test_changed_internals_fall_back_to_the_api_and_say_so(
     reader = InMemoryMetricReader()
     provider = MeterProvider(metric_readers=[reader])
     fast = provider.get_meter("test").create_histogram("fast")
-    recorder = PointRecorder(provider)
     # The SDK's own modules hold their reference; only a new import of it fails.
     monkeypatch.delattr("opentelemetry.sdk.metrics._internal.measurement.Measurement")
     with caplog.at_level(logging.ERROR, logger="probe.telemetry.points"):
+        recorder = PointRecorder(provider)
         recorder.record(fast, VALUES, ATTRIBUTES)
         recorder.record(fast, VALUES, ATTRIBUTES)
     assert recorder._broken

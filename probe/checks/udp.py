@@ -337,6 +337,15 @@ def _failure(train: Train) -> Failure | None:
     return None
 
 
+@dataclass
+class _PathMemory:
+    """What a path's last trains told: its last WINDOW trains (id, sent, came back), for the
+    mesh's loss verdicts, and when to first read its next train's echoes."""
+
+    trains: deque[tuple[int, int, int]] = field(default_factory=lambda: deque(maxlen=WINDOW))
+    look: float = FIRST_LOOK
+
+
 class UdpKind(Kind):
     """`udp://` checks, and the neighbours' UDP paths."""
 
@@ -344,22 +353,19 @@ class UdpKind(Kind):
         self._timeout = settings.check_timeout
         self._resolv_conf = resolv_conf
         self._source = settings.listen_host
-        #: Target key -> its last WINDOW trains (id, sent, came back), for the mesh's loss verdicts.
-        self._history: OrderedDict[str, deque[tuple[int, int, int]]] = OrderedDict()
-        #: Target key -> when to first read its next train's echoes (first_look of its last).
-        self._looks: OrderedDict[str, float] = OrderedDict()
+        #: Target key -> what the path's last trains told (oldest forgotten first past MAX_PATHS).
+        self._memory: OrderedDict[str, _PathMemory] = OrderedDict()
         #: The first looks of the trains sent about together (a slot's): one wakeup reads them.
         self._look_at = SharedDeadline(LOOK_SLACK)
         #: Target key -> its path's socket, kept open between trains.
         self._paths: OrderedDict[str, PathSocket] = OrderedDict()
 
-    def _remember(self, key: str, train: Train) -> tuple[tuple[int, int, int], ...]:
-        trains = self._history.pop(key, None) or deque(maxlen=WINDOW)
-        trains.append((train.train_id, train.sent, train.sent - train.lost))
-        self._history[key] = trains
-        while len(self._history) > MAX_PATHS:  # departed neighbours are forgotten, oldest first
-            self._history.popitem(last=False)
-        return tuple(trains)
+    def _recall(self, key: str) -> _PathMemory:
+        memory = self._memory.pop(key, None) or _PathMemory()
+        self._memory[key] = memory
+        while len(self._memory) > MAX_PATHS:  # departed neighbours are forgotten, oldest first
+            self._memory.popitem(last=False)
+        return memory
 
     def _path(self, key: str, address: str, port: int) -> PathSocket | None:
         """The target's open socket to address:port, opened if need be; None if it cannot be
@@ -404,15 +410,16 @@ class UdpKind(Kind):
             address = resolution.records[0]
         remaining = self._timeout - (time.perf_counter_ns() - started_ns) / 1e9
         sent_ns = time.perf_counter_ns()
-        look = self._looks.pop(target.key, FIRST_LOOK)
+        memory = self._recall(target.key)
         path = self._path(target.key, address, endpoint.port)
         train = await send_train(
-            address, endpoint.port, max(remaining, 0.001), source=self._source, look=look, looks=self._look_at,
-            path=path,
+            address, endpoint.port, max(remaining, 0.001), source=self._source, look=memory.look,
+            looks=self._look_at, path=path,
         )
         if train.error is not None and path is not None:  # the next train starts afresh
             self._close_path(target.key)
-        self._looks[target.key] = first_look(train)
-        while len(self._looks) > MAX_PATHS:
-            self._looks.popitem(last=False)
-        return outcome_of(train, sent_ns, resolution, self._remember(target.key, train) if train.sent else ())
+        memory.look = first_look(train)
+        if not train.sent:
+            return outcome_of(train, sent_ns, resolution)
+        memory.trains.append((train.train_id, train.sent, train.sent - train.lost))
+        return outcome_of(train, sent_ns, resolution, tuple(memory.trains))

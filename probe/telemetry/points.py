@@ -3,7 +3,7 @@
 A UDP train records a round trip per datagram. Through the OpenTelemetry API each point
 pays for its own measurement: the attribute set cleaned and hashed, the context looked up,
 the exemplar filter asked, each reader's storage walked (17 µs a point measured on a 2-core
-VM, most of a train's Python). Here the first point goes through the API (it creates the
+VM, the largest single part of a train's Python). Here the first point goes through the API (it creates the
 series and may carry an exemplar) and the others straight into the aggregations that point
 reached, through SDK internals: pyproject.toml pins the SDK's minor version, and
 tests/test_points.py checks that both ways export the same histogram on /metrics and over
@@ -27,7 +27,19 @@ class PointRecorder:
 
     def __init__(self, provider: MeterProvider) -> None:
         self._provider = provider
-        self._broken = False
+        try:
+            from opentelemetry.sdk.metrics._internal._view_instrument_match import _hash_attributes
+            from opentelemetry.sdk.metrics._internal.measurement import Measurement
+        except ImportError as e:
+            self._give_up(e)
+        else:
+            self._broken = False
+            self._hash: Any = _hash_attributes
+            self._measurement: Any = Measurement
+
+    def _give_up(self, error: Exception) -> None:
+        self._broken = True
+        log.error("recording histogram points one by one (SDK internals changed): %s", error)
 
     def record(self, histogram: Histogram, values: Sequence[float], attributes: Mapping[str, str]) -> None:
         if not values:
@@ -40,10 +52,7 @@ class PointRecorder:
     def _aggregate(self, histogram: Histogram, values: Sequence[float], attributes: Mapping[str, str]) -> bool:
         """True when the values went into the series the first point reached."""
         try:
-            from opentelemetry.sdk.metrics._internal._view_instrument_match import _hash_attributes
-            from opentelemetry.sdk.metrics._internal.measurement import Measurement
-
-            key = _hash_attributes(dict(attributes))
+            key = self._hash(dict(attributes))
             matches: list[Any] = []
             storages: Any = self._provider._measurement_consumer._reader_storages
             for storage in storages.values():
@@ -53,7 +62,7 @@ class PointRecorder:
                     matches.append(match)
             if not matches:
                 return False
-            points = [Measurement(value, 0, histogram, None, None) for value in values]  # type: ignore[arg-type]
+            points = [self._measurement(value, 0, histogram, None, None) for value in values]
             for match in matches:
                 # Under the lock, as the SDK does: a delta reader's collection may have just
                 # replaced the aggregation (it is then made again, as the API would).
@@ -62,7 +71,6 @@ class PointRecorder:
                     for point in points:
                         aggregation.aggregate(point, False)
             return True
-        except (AttributeError, TypeError, ImportError) as e:
-            self._broken = True
-            log.error("recording histogram points one by one (SDK internals changed): %s", e)
+        except (AttributeError, TypeError) as e:
+            self._give_up(e)
             return False
