@@ -15,7 +15,7 @@ from prometheus_client.samples import Sample
 import probe
 from probe import names
 from probe.app import Probe
-from probe.checks.result import CheckResult
+from probe.checks.result import CheckResult, Facts, UdpLoss
 from probe.neighbours import Neighbour, Neighbourhood, StaticNeighbours
 from probe.settings import load_settings
 from probe.telemetry.metrics import Metrics, series_limit
@@ -274,3 +274,26 @@ def test_forget_relies_on_the_sdk_storage_shape() -> None:
     assert metrics.forget({"path_node-c"}) == len(names.EVENTS) + 2
     text = metrics.exposition("text/plain")[0].decode()
     assert "path_node-c" not in text and 'type="path_node-b"' in text
+
+
+def _udp_result(check_type: str, sent: int, lost: int) -> CheckResult:
+    rtts = tuple(0.0004 for _ in range(sent - lost))
+    return CheckResult(check_type=check_type, facts=Facts(udp=UdpLoss(sent, lost, rtts)))
+
+
+def test_udp_counts_add_up_per_type_and_go_with_their_node() -> None:
+    metrics = Metrics(buckets=(0.001, 1), incoming=lambda: 0)
+    for sent, lost in ((8, 0), (8, 3), (8, 8)):
+        metrics.record(_udp_result("path_node-b", sent, lost))
+    metrics.record(_udp_result("path_node-c", 8, 1))
+    text = metrics.exposition("text/plain")[0].decode()
+    assert value(text, "kubenurse_udp_packets_sent_total", type="path_node-b") == 24
+    assert value(text, "kubenurse_udp_packets_lost_total", type="path_node-b") == 11
+    assert value(text, "kubenurse_udp_rtt_seconds_count", type="path_node-b") == 13
+    assert value(text, "kubenurse_udp_packets_lost_total", type="path_node-c") == 1
+    metrics.forget({"path_node-c"})
+    metrics.record(_udp_result("path_node-b", 8, 0))
+    text = metrics.exposition("text/plain")[0].decode()
+    assert "path_node-c" not in text, "a departed node's UDP series must go"
+    assert value(text, "kubenurse_udp_packets_sent_total", type="path_node-b") == 32
+    assert "# TYPE kubenurse_udp_packets_sent_total counter" in text

@@ -92,3 +92,24 @@ def test_changed_internals_fall_back_to_the_api_and_say_so(
     assert recorder._broken
     assert _points(reader)["fast"].count == 2 * len(VALUES)  # type: ignore[attr-defined]
     assert len([r for r in caplog.records if "internals changed" in r.getMessage()]) == 1
+
+
+def test_the_first_point_of_a_run_is_offered_as_an_exemplar_inside_a_sampled_span() -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    fast = provider.get_meter("test").create_histogram("fast", explicit_bucket_boundaries_advisory=[0.001, 1.0])
+    recorder = PointRecorder(provider)
+    recorder.record(fast, [0.5], ATTRIBUTES)  # the series exists: what follows takes the fast path
+    tracer = TracerProvider().get_tracer("test")
+    with trace.use_span(tracer.start_span("check"), end_on_exit=True) as span:
+        recorder.record(fast, [0.0002, 0.0003, 3.0], ATTRIBUTES)
+        trace_id = span.get_span_context().trace_id
+    recorder.record(fast, [0.0004], ATTRIBUTES)  # no span: no exemplar
+    point = _points(reader)["fast"]
+    assert point.count == 5  # type: ignore[attr-defined]
+    exemplars = point.exemplars  # type: ignore[attr-defined]
+    assert [(e.value, e.trace_id) for e in exemplars] == [(0.0002, trace_id)]
+    assert not recorder._broken
