@@ -398,14 +398,18 @@ async def test_two_probe_pods_on_one_node_are_both_checked_and_a_failing_one_is_
 async def test_a_slot_sends_its_udp_trains_first_and_its_other_checks_a_moment_later() -> None:
     """The echo answering a train must not be busy with this probe's HTTP check to it (its
     delay would be in the round trip): in a slot the trains go first, the rest UDP_LEAD later,
-    and a path's train shares its HTTP check's slot."""
+    and a path's train shares its HTTP check's slot. The trains' first look is the moment the
+    rest starts, so the lead costs no wakeup of its own."""
     from probe.checks.rounds import UDP_LEAD
+    from probe.checks.wakeups import awake_at
 
     hood = Neighbourhood(tuple(Neighbour(f"kubenurse-n{i}", f"10.0.0.{i}", f"10.0.1.{i}", f"n{i}") for i in range(3)))
     started: dict[str, float] = {}
+    awake: dict[str, float | None] = {}
 
     async def note(target: Target) -> CheckResult:
-        started[target.key] = time.monotonic()
+        started[target.key] = asyncio.get_running_loop().time()
+        awake[target.key] = awake_at.get()
         return CheckResult(check_type=target.check_type, target=target)
 
     settings = Settings(check_interval=10.0)
@@ -424,3 +428,8 @@ async def test_a_slot_sends_its_udp_trains_first_and_its_other_checks_a_moment_l
     assert set(udp) == set(http) == {"path_n0", "path_n1", "path_n2"}, started
     for path, at in http.items():
         assert at - udp[path] >= UDP_LEAD * 0.9, (path, at - udp[path])
+    for key, moment in awake.items():
+        if key.endswith("(udp)"):
+            http_key = key.removesuffix(" (udp)")
+            assert moment is not None and moment <= started[http_key] < moment + 0.01, (key, moment, started)
+            assert awake[http_key] is None

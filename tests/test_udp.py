@@ -372,3 +372,26 @@ async def test_sleepers_given_one_moment_wake_in_one_turn_of_the_loop() -> None:
     loop.call_soon(tick)
     await asyncio.gather(*sleepers)
     assert len(set(woke)) == 1, woke
+
+
+async def test_a_trains_first_look_is_the_moment_the_loop_wakes_anyway(echo: tuple[int, UdpEcho]) -> None:
+    """Given the moment the rest of its slot starts (within its leeway), a train is first read
+    then, in that wakeup, instead of waking the loop once more; a moment past its leeway is
+    not waited for."""
+    from probe.checks.wakeups import awake_at
+
+    port, _ = echo
+    loop = asyncio.get_running_loop()
+
+    async def train(awake_in: float) -> tuple[udp.Train, float, float]:
+        start = loop.time()
+        awake_at.set(start + awake_in)  # this task's own context, as the prober sets it
+        done = await udp.send_train("127.0.0.1", port, 1.0)
+        return done, start + awake_in, loop.time()
+
+    whole, awake, returned = await asyncio.create_task(train(0.04))
+    assert len(whole.rtts_ns) == udp.TRAIN
+    assert awake <= returned < awake + 0.02, (awake, returned)
+    assert max(whole.rtts_ns) < 30_000_000, "a late read is not in the round trips"
+    early, awake, returned = await asyncio.create_task(train(udp.LAST_LOOK + 0.2))
+    assert len(early.rtts_ns) == udp.TRAIN and returned < awake - 0.1, (awake, returned)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from probe import names
 from probe.checks.result import CheckResult, Status, Target
 from probe.checks.targets import Plan, plan_round
-from probe.checks.wakeups import sleep_until
+from probe.checks.wakeups import awake_at
 from probe.neighbours import Neighbourhood, NeighbourSource
 from probe.settings import Settings
 
@@ -47,8 +47,16 @@ SLOT_SIZE = 16
 
 #: In each slot the UDP trains go first and the other checks this long after: by then a
 #: healthy path's echoes are back, so the echo answering a train is not at that moment busy
-#: answering this probe's HTTP check (its lateness would be in every round trip).
+#: answering this probe's HTTP check (its lateness would be in every round trip; started
+#: together, the mean round trip of eleven probes on two cores rose from 544 to 695 µs). The
+#: trains' echoes are first read at that very moment (probe.checks.wakeups.awake_at), so the
+#: lead costs one wakeup a slot, not two.
 UDP_LEAD = 0.02
+
+
+def trains_first(targets: Iterable[Target]) -> list[Target]:
+    """The targets in the order their checks start within a slot: UDP trains first."""
+    return sorted(targets, key=lambda target: target.kind != names.KIND_UDP)
 
 
 def slots_for(checks: int) -> int:
@@ -167,7 +175,7 @@ class Prober:
         started = time.monotonic()
         self._replan()
         assert self._plan is not None
-        tasks = [self._start(target, None) for target in self._plan.targets]
+        tasks = [self._start(target, None) for target in trains_first(self._plan.targets)]
         await asyncio.gather(*tasks)
         return self._complete(started)
 
@@ -191,16 +199,21 @@ class Prober:
         if departed:
             self._on_departed(departed)
 
-    def _start(self, target: Target, at: float | None) -> asyncio.Task[CheckResult]:
-        task = asyncio.create_task(self._perform(target, at), name=f"check {target.key}")
+    def _start(
+        self, target: Target, gate: asyncio.Event | None, awake: float | None = None
+    ) -> asyncio.Task[CheckResult]:
+        task = asyncio.create_task(self._perform(target, gate, awake), name=f"check {target.key}")
         self._in_flight[target.key] = task
         return task
 
-    async def _perform(self, target: Target, at: float | None) -> CheckResult:
-        """The check, started at loop time `at` (None: now)."""
+    async def _perform(self, target: Target, gate: asyncio.Event | None, awake: float | None) -> CheckResult:
+        """The check, started once `gate` is set (None: now); `awake`: a loop time at which the
+        loop wakes anyway, for the check to wait for rather than wake it once more."""
         try:
-            if at is not None:
-                await sleep_until(at)
+            if gate is not None:
+                await gate.wait()
+            if awake is not None:
+                awake_at.set(awake)  # this task's own context
             result = await self._check(target)
             self._latest[target.key] = result
             self._failures.update(result)
@@ -228,18 +241,25 @@ class Prober:
         # The slots count check types: a path's HTTP check and its UDP train share a slot.
         slots = slots_for(len({target.check_type for target in self._plan.targets}))
         lead = UDP_LEAD if any(target.kind == names.KIND_UDP for target in self._plan.targets) else 0.0
-        # Every check of a slot starts at the very same loop time, so a slot is one wakeup
-        # (each wakeup of an idle probe costs more CPU than the Python it runs).
-        now = asyncio.get_running_loop().time()
+        # The checks starting at one moment wait for the same event, so each moment is one
+        # wakeup (each wakeup of an idle probe costs more CPU than the Python it runs).
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        gates: dict[float, asyncio.Event] = {}
         tasks = []
-        for target in self._plan.targets:
+        for target in trains_first(self._plan.targets):
             if target.key in self._in_flight:
                 self.skipped_ticks += 1
                 continue
-            offset = start_offset(target.check_type, interval, slots)
-            if target.kind != names.KIND_UDP:
-                offset += lead
-            tasks.append(self._start(target, now + offset if offset > 0 else None))
+            slot_at = now + start_offset(target.check_type, interval, slots)
+            train = target.kind == names.KIND_UDP
+            at = slot_at if train else slot_at + lead
+            gate = gates.get(at)
+            if gate is None and at > now:
+                gate = gates[at] = asyncio.Event()
+                loop.call_at(at, gate.set)
+            # A train's first look is when its slot's other checks start: the same wakeup.
+            tasks.append(self._start(target, gate, slot_at + lead if train and lead else None))
         watcher = asyncio.create_task(self._watch(tasks, started), name="round")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)

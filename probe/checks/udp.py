@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from probe import names
 from probe.checks import dns, kernel
 from probe.checks.result import AttributeValue, Facts, Failure, Kind, Outcome, Phase, Target, UdpLoss
-from probe.checks.wakeups import SharedDeadline, sleep_until
+from probe.checks.wakeups import SharedDeadline, awake_at, sleep_until
 from probe.checkurls import UdpEndpoint, is_ip
 from probe.settings import Settings
 
@@ -263,6 +263,9 @@ async def _send(
         if look > 0:
             sent_at = loop.time()
             look_at = looks.at(sent_at + look) if looks is not None else sent_at + look
+            awake = awake_at.get()
+            if awake is not None and look_at <= awake <= sent_at + min(LAST_LOOK, timeout):
+                look_at = awake  # the loop wakes then anyway
             look = look_at - sent_at
             await sleep_until(look_at)
         read()

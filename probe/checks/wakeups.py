@@ -5,6 +5,12 @@ checks that may as well wait for the same moment wait for the very same loop tim
 from __future__ import annotations
 
 import asyncio
+from contextvars import ContextVar
+
+#: A loop time at which the loop wakes anyway (the rest of the slot starts then), set by the
+#: prober in a check's own context: a check with a moment to wait for that lies within its
+#: leeway waits for this one instead of waking the loop once more.
+awake_at: ContextVar[float | None] = ContextVar("awake_at", default=None)
 
 
 async def sleep_until(when: float) -> None:
