@@ -395,3 +395,36 @@ async def test_a_trains_first_look_is_the_moment_the_loop_wakes_anyway(echo: tup
     assert max(whole.rtts_ns) < 30_000_000, "a late read is not in the round trips"
     early, awake, returned = await asyncio.create_task(train(udp.LAST_LOOK + 0.2))
     assert len(early.rtts_ns) == udp.TRAIN and returned < awake - 0.1, (awake, returned)
+
+
+async def test_a_step_of_the_real_time_clock_while_a_train_is_out_is_not_in_its_round_trips(
+    echo: tuple[int, UdpEcho], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel stamps arrivals in CLOCK_REALTIME, which a VM's guest agent or NTP can step
+    (our CI machines: 0.5 ms forward every 100 ms). Stepped after the echoes arrived and before
+    they were read, converting with the offset of the moment they were read would take the step
+    off every round trip; the offset of the moment the train left does not."""
+    import time as real_time
+
+    port, _ = echo
+    step_ns = 50_000_000
+    stepped = False
+
+    class SteppedClock:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_time, name)
+
+        @staticmethod
+        def time_ns() -> int:
+            return real_time.time_ns() + (step_ns if stepped else 0)
+
+    monkeypatch.setattr(udp.kernel, "time", SteppedClock())
+
+    def step() -> None:
+        nonlocal stepped
+        stepped = True
+
+    asyncio.get_running_loop().call_later(0.02, step)  # the echoes are back by then, unread
+    train = await udp.send_train("127.0.0.1", port, 1.0, look=0.04)
+    assert stepped and train.source == "kernel" and len(train.rtts_ns) == udp.TRAIN
+    assert all(0 < rtt < 20_000_000 for rtt in train.rtts_ns), train.rtts_ns

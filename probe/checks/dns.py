@@ -157,8 +157,8 @@ def _network_ns(before_ns: int, sent_ns: int, rx_ns: int) -> int:
     return rx_ns - sent_ns if rx_ns >= sent_ns else max(rx_ns - before_ns, 0)
 
 
-def _rx_ns(ancdata: list[tuple[int, int, bytes]]) -> int:
-    return kernel.rx_timestamp_ns(ancdata) or time.perf_counter_ns()
+def _rx_ns(ancdata: list[tuple[int, int, bytes]], offset_ns: int) -> int:
+    return kernel.rx_timestamp_ns(ancdata, offset_ns) or time.perf_counter_ns()
 
 
 async def _udp(query: dns.message.Message, server: tuple[str, int], timeout: float) -> Exchange:
@@ -170,7 +170,7 @@ async def _udp(query: dns.message.Message, server: tuple[str, int], timeout: flo
 
         def read() -> bool:
             data, ancdata, _, _ = sock.recvmsg(UDP_BUFSIZE, kernel.ANCILLARY_SIZE)
-            rx_ns = _rx_ns(ancdata)
+            rx_ns = _rx_ns(ancdata, offset_ns)
             try:
                 response = dns.message.from_wire(data, ignore_trailing=True, raise_on_truncation=False)
             except dns.exception.DNSException:
@@ -184,6 +184,7 @@ async def _udp(query: dns.message.Message, server: tuple[str, int], timeout: flo
             # A connected UDP socket only hears from the server, and hears its ICMP refusals.
             sock.connect(server)
             wire = query.to_wire()
+            offset_ns = kernel.clock_offset_ns()
             before_ns = time.perf_counter_ns()
             sock.send(wire)
             sent_ns = time.perf_counter_ns()
@@ -214,7 +215,7 @@ async def _tcp(query: dns.message.Message, server: tuple[str, int], timeout: flo
             data, ancdata, _, _ = sock.recvmsg(UDP_BUFSIZE, kernel.ANCILLARY_SIZE)
             if not data:
                 raise ConnectionResetError("closed before the whole answer came")
-            last_rx[0] = _rx_ns(ancdata)
+            last_rx[0] = _rx_ns(ancdata, offset_ns)
             buffer.extend(data)
             return len(buffer) >= 2 and len(buffer) >= 2 + struct.unpack_from("!H", buffer)[0]
 
@@ -226,6 +227,7 @@ async def _tcp(query: dns.message.Message, server: tuple[str, int], timeout: flo
                     sock, connect_ns, sock.connect_seen_ns or time.perf_counter_ns()
                 )
                 kernel.enable_rx_timestamps(sock)
+                offset_ns = kernel.clock_offset_ns()
                 before_ns = time.perf_counter_ns()
                 await loop.sock_sendall(sock, struct.pack("!H", len(wire)) + wire)
                 sent_ns = time.perf_counter_ns()

@@ -174,6 +174,8 @@ class TimedSocket(kernel.ConnectingSocket):
     #: Resends (kernel.TcpInfo.lost) when the current request took the connection, and at close.
     _retrans_base = 0
     _retrans_at_close: int | None = None
+    #: kernel.clock_offset_ns() at the last send: what the answer's receive stamps convert with.
+    _offset_ns: int | None = None
 
     def setup(self, timeline: Timeline) -> None:
         self.timeline = timeline
@@ -225,12 +227,14 @@ class TimedSocket(kernel.ConnectingSocket):
     # -- send ----------------------------------------------------------------------------
 
     def send(self, data: Any, *args: Any) -> int:
+        self._offset_ns = kernel.clock_offset_ns()
         before = time.perf_counter_ns()
         sent = super().send(data, *args)
         self._sent(before)
         return sent
 
     def sendmsg(self, *args: Any) -> int:
+        self._offset_ns = kernel.clock_offset_ns()
         before = time.perf_counter_ns()
         sent = super().sendmsg(*args)
         self._sent(before)
@@ -304,7 +308,7 @@ class TimedSocket(kernel.ConnectingSocket):
         n, ancdata, _, _ = self.recvmsg_into([view[:1]], kernel.ANCILLARY_SIZE, flags)
         if not n:
             return 0
-        first = kernel.rx_timestamp_ns(ancdata)
+        first = kernel.rx_timestamp_ns(ancdata, self._offset_ns)
         if first is None:
             self._unstamped()
         last = first
@@ -315,7 +319,7 @@ class TimedSocket(kernel.ConnectingSocket):
                 more = 0
             if more:
                 n += more
-                last = kernel.rx_timestamp_ns(ancdata) or first
+                last = kernel.rx_timestamp_ns(ancdata, self._offset_ns) or first
         now = time.perf_counter_ns()
         self._received(first or now, last or now)
         self._rx_total += n
@@ -333,7 +337,7 @@ class TimedSocket(kernel.ConnectingSocket):
         n, ancdata, _, _ = self.recvmsg_into([view[: min(len(view), want)]], kernel.ANCILLARY_SIZE, flags)
         if not n:
             return 0
-        at = kernel.rx_timestamp_ns(ancdata)
+        at = kernel.rx_timestamp_ns(ancdata, self._offset_ns)
         if at is None:
             self._unstamped()
             at = time.perf_counter_ns()

@@ -51,16 +51,26 @@ def enable_rx_timestamps(sock: socket.socket) -> bool:
     return True
 
 
-def rx_timestamp_ns(ancdata: list[tuple[int, int, bytes]]) -> int | None:
+def clock_offset_ns() -> int:
+    """CLOCK_REALTIME less perf_counter, now: what turns the kernel's receive stamps into
+    perf_counter moments. Take it just before sending what the stamped data answers."""
+    return time.time_ns() - time.perf_counter_ns()
+
+
+def rx_timestamp_ns(ancdata: list[tuple[int, int, bytes]], offset_ns: int | None = None) -> int | None:
     """The kernel receive time in `perf_counter_ns` terms, from recvmsg's control messages.
 
-    The kernel's stamp is CLOCK_REALTIME; the offset to the monotonic clock is read right
-    after the recvmsg returned, so converting costs no accuracy worth naming (< 1 µs).
+    The kernel's stamp is CLOCK_REALTIME, which can be stepped while perf_counter runs on: a
+    VM's guest agent stepped it 0.5 ms forward every 100 ms on our CI machines, and NTP steps
+    it on a clock that is far off. Converted with the offset of the moment it was read, a
+    stamp read after a step is off by the step (the figure then shrinks by it). `offset_ns`
+    (clock_offset_ns()) taken when the request or train was sent confines that to a step
+    within the network's own time; without it the offset is read now.
     """
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == SCM_TIMESTAMPNS and len(data) >= _TIMESPEC.size:
             seconds, nanos = _TIMESPEC.unpack_from(data)
-            return seconds * 1_000_000_000 + nanos - (time.time_ns() - time.perf_counter_ns())
+            return seconds * 1_000_000_000 + nanos - (clock_offset_ns() if offset_ns is None else offset_ns)
     return None
 
 

@@ -213,7 +213,7 @@ async def _send(
                 if not done.done():
                     done.set_exception(e)
                 return
-            at = kernel.rx_timestamp_ns(ancdata) if kernel_rx else None
+            at = kernel.rx_timestamp_ns(ancdata, offset_ns) if kernel_rx else None
             if at is None:
                 train.source = kernel.LOOP
                 at = time.perf_counter_ns()
@@ -235,6 +235,7 @@ async def _send(
             _HEADER.pack(_MAGIC, train_id, seq).ljust(train.big_size if big else SMALL, b"\0")
             for seq, big in enumerate(bigs)
         ]
+        offset_ns = kernel.clock_offset_ns()  # the echoes' stamps are converted with it
         for seq, payload in enumerate(payloads):
             big = bigs[seq]
             before = time.perf_counter_ns()
