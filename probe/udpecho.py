@@ -11,11 +11,13 @@ spoofed source must not turn us against a DNS or NTP server).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import os
+import select
 import socket
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -91,6 +93,9 @@ class UdpEcho:
         self._arrived: OrderedDict[str, OrderedDict[int, int]] = OrderedDict()
         #: How an answer is sent (start_echo sets it to the socket's sendto).
         self.send: Callable[[Datagram, tuple[Any, ...]], object] = lambda _data, _addr: None
+        #: Held while datagrams are taken in (the echo's thread) and while the arrivals are
+        #: read (the mesh report, on the event loop).
+        self.lock = threading.Lock()
 
     def datagram_received(self, data: Datagram, addr: tuple[Any, ...]) -> None:
         if len(data) > MAX_DATAGRAM:
@@ -137,16 +142,18 @@ class UdpEcho:
         """Train id -> datagrams that arrived, over the latest trains of every source (the
         sources heard from last first): what the mesh report tells the senders."""
         out: dict[int, int] = {}
-        for trains in reversed(self._arrived.values()):
-            for train, count in trains.items():
-                if len(out) >= limit:
-                    return out
-                out[train] = count
+        with self.lock:
+            for trains in reversed(self._arrived.values()):
+                for train, count in trains.items():
+                    if len(out) >= limit:
+                        return out
+                    out[train] = count
         return out
 
     def arrived(self, host: str) -> dict[int, int]:
         """Of the latest trains from `host`: train id -> datagrams that arrived here."""
-        return dict(self._arrived.get(host, {}))
+        with self.lock:
+            return dict(self._arrived.get(host, {}))
 
 
 def _socket(host: str | None, port: int) -> socket.socket:
@@ -174,9 +181,15 @@ def _socket(host: str | None, port: int) -> socket.socket:
 
 
 class Listening:
-    """The echo's socket, read straight from the loop: one preallocated buffer for every
+    """The echo's socket, read by a thread of its own: one preallocated buffer for every
     datagram and the answer sent from it (asyncio's datagram transport allocates 256 KiB a
-    datagram, which was most of the echo's CPU)."""
+    datagram, which was most of the echo's CPU).
+
+    A thread, not the event loop: a train that arrives while the loop runs (a check, a
+    request) is answered at once rather than after the loop's turn, whose length would be in
+    the sender's round trips; and a bare thread's wakeup costs a third of an event loop's (on
+    a 2-core VM, 70 against 240 µs of CPU, and an idle probe's echo wakes once for each
+    neighbour's train)."""
 
     def __init__(self, sock: socket.socket, echo: UdpEcho) -> None:
         self._sock = sock
@@ -189,28 +202,51 @@ class Listening:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)
         echo.send = sock.sendto
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(sock.fileno(), self._read)
+        self._stop_read, self._stop_write = os.pipe()
+        self._thread = threading.Thread(target=self._run, name="udp echo", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self._sock.fileno(), select.POLLIN)
+        poller.register(self._stop_read, select.POLLIN)
+        while True:
+            try:
+                ready = poller.poll()
+            except InterruptedError:
+                continue
+            if any(fd == self._stop_read for fd, _ in ready):
+                return
+            try:
+                self._read()
+            except Exception:  # a bug must not end the echo silently
+                log.exception("the UDP echo failed to answer")
 
     def _read(self) -> None:
-        for _ in range(READS_PER_WAKEUP):
-            try:
-                # MSG_TRUNC: the datagram's real length, so one over the limit is told apart.
-                size, ancdata, _, addr = self._sock.recvmsg_into([self._buffer], 64, socket.MSG_TRUNC)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self._echo.stats.errors += 1  # an ICMP error for an earlier answer
-                continue
-            for level, kind, data in ancdata:  # present only once something was dropped
-                if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
-                    self._echo.stats.socket_drops = int.from_bytes(data[:4], sys.byteorder)
-            self._echo.datagram_received(self._view[:size] if size <= MAX_DATAGRAM else self._buffer, addr)
+        echo = self._echo
+        with echo.lock:
+            for _ in range(READS_PER_WAKEUP):
+                try:
+                    # MSG_TRUNC: the datagram's real length, so one over the limit is told apart.
+                    size, ancdata, _, addr = self._sock.recvmsg_into([self._buffer], 64, socket.MSG_TRUNC)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:
+                    echo.stats.errors += 1  # an ICMP error for an earlier answer
+                    continue
+                for level, kind, data in ancdata:  # present only once something was dropped
+                    if level == socket.SOL_SOCKET and kind == SO_RXQ_OVFL and len(data) >= 4:
+                        echo.stats.socket_drops = int.from_bytes(data[:4], sys.byteorder)
+                echo.datagram_received(self._view[:size] if size <= MAX_DATAGRAM else self._buffer, addr)
 
     def close(self) -> None:
-        if self._sock.fileno() >= 0:
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        if self._sock.fileno() < 0:
+            return
+        os.write(self._stop_write, b"x")
+        self._thread.join(timeout=5)
+        os.close(self._stop_read)
+        os.close(self._stop_write)
+        self._sock.close()
 
 
 async def start_echo(host: str | None, port: int) -> tuple[Listening | None, UdpEcho]:

@@ -284,15 +284,16 @@ def test_an_answer_the_echo_could_not_send_is_shown_not_lost_silently() -> None:
 
 
 async def test_datagrams_dropped_at_the_echos_own_socket_are_shown(echo: tuple[int, UdpEcho]) -> None:
-    """A loop too busy to read lets the socket overflow: the senders count that as loss the
+    """An echo too busy to read lets the socket overflow: the senders count that as loss the
     network did not cause, so the echo says how many the kernel dropped at its socket."""
     port, protocol = echo
     with open("/proc/sys/net/core/rmem_max") as f:
         most = 2 * int(f.read())  # the kernel's cap on the echo's receive buffer
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.connect(("127.0.0.1", port))
-        for _ in range(most // 9000 + 200):  # while the loop does not read: over the buffer
-            sock.send(b"x" * 9000)
+        with protocol.lock:  # the echo's thread cannot take datagrams in meanwhile
+            for _ in range(most // 9000 + 200):  # over the buffer
+                sock.send(b"x" * 9000)
         await asyncio.sleep(0.3)  # now the echo reads what its socket kept
         sock.send(b"after")  # the kernel's count comes with the next datagram queued
         await asyncio.sleep(0.2)
@@ -428,3 +429,22 @@ async def test_a_step_of_the_real_time_clock_while_a_train_is_out_is_not_in_its_
     train = await udp.send_train("127.0.0.1", port, 1.0, look=0.04)
     assert stepped and train.source == "kernel" and len(train.rtts_ns) == udp.TRAIN
     assert all(0 < rtt < 20_000_000 for rtt in train.rtts_ns), train.rtts_ns
+
+
+async def test_the_echo_answers_while_the_event_loop_is_busy(echo: tuple[int, UdpEcho]) -> None:
+    """The echo reads in a thread of its own: a train arriving while the probe's loop is busy
+    (a check, a request) is answered at once, so the loop's business is in no neighbour's round
+    trip."""
+    port, _ = echo
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.connect(("127.0.0.1", port))
+        sock.settimeout(1.0)
+        udp.kernel.enable_rx_timestamps(sock)
+        offset = udp.kernel.clock_offset_ns()
+        sent = time.perf_counter_ns()
+        sock.send(udp._HEADER.pack(udp._MAGIC, 7, 0).ljust(udp.SMALL, b"\0"))
+        time.sleep(0.2)  # the loop is stuck: no callback of it runs
+        data, ancdata, _, _ = sock.recvmsg(udp.SMALL, udp.kernel.ANCILLARY_SIZE)
+    back = udp.kernel.rx_timestamp_ns(ancdata, offset)
+    assert udp.train_of(data) == 7 and back is not None
+    assert back - sent < 50_000_000, f"answered {(back - sent) / 1e6:.1f} ms after the send"
