@@ -44,7 +44,7 @@ BURST = 8 * 1024 * 1024
 #: Source addresses whose budget is remembered (the oldest is forgotten beyond this).
 MAX_SOURCES = 8192
 #: Trains remembered per source: what arrived of each, so the sender can tell which way a
-#: datagram was lost (there, or on the way back).
+#: datagram was lost (there, or on the way back); as many as a mesh report carries a path's.
 TRAINS_PER_SOURCE = 10
 #: The receive buffer asked for (the kernel caps it at twice net.core.rmem_max): a loop busy
 #: for a moment (a scrape, a collection) must not drop trains, which would read as loss.

@@ -29,7 +29,7 @@ NODE_LOSSY = "node_lossy"
 PATH_MTU = "path_mtu"
 NODE_MTU = "node_mtu"
 
-#: A path is lossy from this share of its datagrams lost, over at least MIN_SENT (three
+#: A path is lossy from this share of its datagrams lost, over at least MIN_SENT (eight
 #: trains) with at least MIN_LOST lost: a healthy pod network loses none.
 LOSSY_SHARE = 0.05
 MIN_SENT = 30

@@ -39,10 +39,12 @@ MAX_RESULTS = 6000
 MAX_FIELDS = 32
 #: UDP paths a probe reports (one per neighbour), the trains of each, and the echo's arrivals.
 MAX_UDP_PATHS = MAX_RESULTS
+#: The last trains of a path a report carries (for which way datagrams were lost); the path's
+#: sent and lost cover its whole window (probe.checks.udp.WINDOW).
 MAX_TRAINS = 10
 MAX_ARRIVALS = 4096
 TRAIN_ID = re.compile(r"[0-9a-f]{16}")
-#: A train is eight datagrams; anything beyond this is not a count of ours.
+#: A train is four datagrams; anything beyond this is not a count of ours.
 MAX_DATAGRAMS = 1_000_000
 #: The encoded report of a probe with MAX_RESULTS results stays below this.
 MAX_REPORT_BYTES = 2 * 1024 * 1024
