@@ -134,3 +134,34 @@ def test_the_node_of_two_pods_is_as_bad_as_the_worse_and_names_it() -> None:
     assert shown.summary == "connect_done: connection refused by 10.0.0.1:8080 (pod pod-old, 1 of 2 on the node)"
     (alone,) = by_type([path("pod-old", refused)]).values()
     assert alone.summary == "connect_done: connection refused by 10.0.0.1:8080"
+
+
+async def check_untraced(spec: Echo) -> tuple[CheckResult, list[CheckResult], dict[str, float]]:
+    """check(), with the no-op tracer the probe uses when OTLP traces are off."""
+    from opentelemetry.trace import NoOpTracer
+
+    metrics, recorded = new_metrics(), []
+
+    def record(result: CheckResult) -> None:
+        recorded.append(result)
+        metrics.record(result)
+
+    pipeline = Pipeline(Settings(), record=record, tracer=NoOpTracer(), kinds={Echo: EchoKind()})
+    result = await pipeline.check(Target("echo", "echo://here", spec))
+    return result, recorded, series(metrics, "echo")
+
+
+async def test_without_tracing_a_check_leaves_the_same_result_and_series() -> None:
+    """With OTLP traces off the pipeline opens no span at all: the result, what is recorded
+    and what /alive shows are those of a traced check (less its trace id)."""
+    outcome = Outcome(
+        phases=(Phase(names.CONNECT_START, names.CONNECT_DONE, 0, 2_000_000),),
+        events={names.CONNECT_DONE: 0.002, names.GOT_FIRST_RESP_BYTE: 0.004},
+        duration=0.004, status_code=200, facts=Facts(retransmits=1),
+    )
+    for spec in (Echo(outcome=outcome), Echo(error=RuntimeError("boom"))):
+        traced, _, traced_series, spans = await check(spec)
+        untraced, recorded, untraced_series = await check_untraced(spec)
+        assert spans.named("check echo") and untraced.trace_id is None
+        assert untraced == CheckResult.of(untraced.target, traced) and recorded == [untraced]  # type: ignore[arg-type]
+        assert untraced_series == traced_series

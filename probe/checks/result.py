@@ -135,6 +135,9 @@ class Outcome:
     facts: Facts = field(default_factory=Facts)
 
 
+_OUTCOME_FIELDS = tuple(f.name for f in fields(Outcome))
+
+
 class Status(enum.Enum):
     OK = names.OK
     FAILED = "failed"
@@ -173,7 +176,7 @@ class CheckResult(Outcome):
 
     @classmethod
     def of(cls, target: Target, outcome: Outcome, *, trace_id: str | None = None) -> CheckResult:
-        measured = {f.name: getattr(outcome, f.name) for f in fields(Outcome)}
+        measured = {name: getattr(outcome, name) for name in _OUTCOME_FIELDS}
         return cls(check_type=target.check_type, target=target, trace_id=trace_id, **measured)
 
     @property
