@@ -129,9 +129,20 @@ def test_a_lossy_node_is_named_with_the_way_it_loses(sandbox: Sandbox, browser) 
     sandbox.command("lossy", "node-5", "40%")
     try:
         page.wait_for_selector(".verdict[data-kind='node_lossy'][data-subject='node-5']", timeout=40_000)
-        text = page.locator(".verdict[data-kind='node_lossy']").inner_text()
+        verdict = page.locator(".verdict[data-kind='node_lossy']")
+        text = verdict.inner_text()
         assert "node-5 loses packets" in text and "datagrams lost" in text, text
-        assert "both ways" in text, text  # the sandbox's proxy drops in each direction
+        # The sandbox's proxy drops in each direction; the way is named once the losses since
+        # the fault are enough to tell (the verdict may form before).
+        try:
+            page.wait_for_function(
+                "() => [...document.querySelectorAll(\".verdict[data-kind='node_lossy']\")]"
+                ".some(v => v.innerText.includes('both ways'))",
+                timeout=40_000,
+            )
+        finally:
+            text = verdict.inner_text()
+        assert "both ways" in text, text
         ARTEFACTS.mkdir(parents=True, exist_ok=True)
         shot = ARTEFACTS / "mesh-node-lossy.png"
         page.screenshot(path=str(shot), full_page=True)

@@ -33,7 +33,7 @@ from probe.settings import Settings
 
 #: Datagrams per train (a round), and which of them are full-size: two small, two full-size.
 #: Each datagram costs the sender and the echo about 40 µs of CPU (a 2-core VM), a train
-#: another 600 µs whatever its length (the echo's wakeup most of it); eight a train read
+#: another 400 µs or so whatever its length (the echo's wakeup most of it); eight a train read
 #: 1.34x the probe's CPU per round with ten neighbours, four 1.28x (the budget is 1.33x).
 #: Two full-size datagrams, so that random loss rarely takes every one of them (`mtu`).
 TRAIN = 4

@@ -37,6 +37,11 @@ MIN_LOST = 3
 MIN_LOSSY_TRAINS = 2
 #: A direction is named when its losses are at least this many times the other's.
 DIRECTION_FACTOR = 2.0
+#: Datagrams lost either way, of the trains the echo counted, before a way is named: a handful
+#: split 7 to 2 is what even loss gives often enough (a verdict forms while the window still
+#: holds the trains from before the fault; the sandbox losing 40% each way read "on the way
+#: in" on such a handful).
+MIN_DIRECTION_LOSSES = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +102,8 @@ def _direction(paths: Sequence[UdpPathView], there_words: str, back_words: str) 
     back = sum(p.lost_back or 0 for p in paths)
     if not any(p.lost_there is not None for p in paths) or there + back == 0:
         return "which way is unknown (the echo's counts did not come back)"
+    if there + back < MIN_DIRECTION_LOSSES:
+        return f"which way is not clear yet ({there} lost on the way there, {back} on the way back)"
     # Shares, not counts: what is lost on the way there never sets out on the way back, so the
     # same loss each way loses fewer datagrams back than there.
     sent = sum(p.matched_sent if p.matched_sent is not None else p.sent for p in paths)
