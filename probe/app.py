@@ -69,7 +69,10 @@ class Probe:
         )
         tracer = otel.tracer(self.tracing)
         self.checker = Pipeline(settings, record=self.metrics.record, tracer=tracer)
-        self.prober = Prober(settings, self.neighbours, self.checker.check, on_departed=self._forget_series)
+        self.prober = Prober(
+            settings, self.neighbours, self.checker.check, check_many=self.checker.check_many,
+            on_departed=self._forget_series,
+        )
         self.state = ServerState(
             last_round=lambda: self.prober.last_round,
             neighbourhood=self.neighbours.current,

@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -433,3 +434,33 @@ async def test_a_slot_sends_its_udp_trains_first_and_its_other_checks_a_moment_l
             http_key = key.removesuffix(" (udp)")
             assert moment is not None and moment <= started[http_key] < moment + 0.01, (key, moment, started)
             assert awake[http_key] is None
+
+
+async def test_a_slots_trains_are_checked_together_in_one_task() -> None:
+    """A task a train cost more than the train's own Python: the prober hands a slot's UDP
+    trains to check_many at once (the HTTP checks stay one task each)."""
+    hood = Neighbourhood(tuple(Neighbour(f"kubenurse-n{i}", f"10.0.0.{i}", f"10.0.1.{i}", f"n{i}") for i in range(4)))
+    batches: list[list[str]] = []
+    single: list[str] = []
+
+    async def one(target: Target) -> CheckResult:
+        single.append(target.key)
+        return CheckResult(check_type=target.check_type, target=target)
+
+    async def many(targets: Sequence[Target]) -> list[CheckResult]:
+        batches.append([t.key for t in targets])
+        return [CheckResult(check_type=t.check_type, target=t) for t in targets]
+
+    prober = Prober(Settings(check_interval=10.0), StaticNeighbours(hood), one, check_many=many)
+    task = asyncio.create_task(prober.run())
+    try:
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if prober.rounds:
+                break
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(batches) == 1 and sorted(batches[0]) == [f"path_n{i}/kubenurse-n{i} (udp)" for i in range(4)], batches
+    assert sorted(single) == [f"path_n{i}/kubenurse-n{i}" for i in range(4)]
+    assert prober.last_round is not None and set(prober.last_round.udp) == {f"path_n{i}" for i in range(4)}

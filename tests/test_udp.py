@@ -459,3 +459,27 @@ async def test_the_echo_answers_while_the_event_loop_is_busy(echo: tuple[int, Ud
     back = udp.kernel.rx_timestamp_ns(ancdata, offset)
     assert udp.train_of(data) == 7 and back is not None
     assert back - sent < 50_000_000, f"answered {(back - sent) / 1e6:.1f} ms after the send"
+
+
+async def test_trains_checked_together_each_get_their_own_result_span_and_series(echo: tuple[int, UdpEcho]) -> None:
+    """A slot's trains go out in one task and are read in one wakeup (Pipeline.check_many):
+    each still has its own result, span and series, and a refusing path fails alone."""
+    port, protocol = echo
+    closed = free_port()
+    metrics, spans = new_metrics(), Spans()
+    checker = Pipeline(Settings(check_timeout=1.0), record=metrics.record, tracer=spans.tracer)
+    urls = {"a": f"udp://127.0.0.1:{port}", "b": f"udp://127.0.0.1:{closed}", "c": f"udp://127.0.0.1:{port}"}
+    targets = [Target(name, url, parse_udp_url(url)) for name, url in urls.items()]
+    results = await checker.check_many(targets)
+    assert [r.check_type for r in results] == ["a", "b", "c"]
+    a, b, c = results
+    for ok in (a, c):
+        assert ok.ok and ok.facts.udp is not None and (ok.facts.udp.sent, ok.facts.udp.lost) == (udp.TRAIN, 0)
+        assert len(ok.facts.udp.rtts) == udp.TRAIN and ok.timing_source == "kernel"
+        sent = f'kubenurse_udp_packets_sent_total{{type="{ok.check_type}"}}'
+        assert series(metrics, ok.check_type)[sent] == udp.TRAIN
+    assert b.error_event == names.ROUND_TRIP_ERROR and "refused" in b.summary, b.summary
+    assert protocol.stats.echoed == 2 * udp.TRAIN
+    assert sorted(s.name for s in spans.exporter.get_finished_spans() if s.name.startswith("check")) == [
+        "check a (udp)", "check b (udp)", "check c (udp)",
+    ]

@@ -4,7 +4,7 @@ A kind (kinds.py) only measures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from opentelemetry import trace
 
@@ -56,6 +56,43 @@ class Pipeline:
             self._record(result)
         return result
 
+    async def check_many(self, targets: Sequence[Target]) -> list[CheckResult]:
+        """Checks of one kind started together (a slot's UDP trains), each with its own span,
+        result and recording as check() gives it; the kind measures them at once."""
+        if not targets:
+            return []
+        kind = self._kinds[type(targets[0].spec)]
+        assert all(type(t.spec) is type(targets[0].spec) for t in targets), "one kind at a time"
+        if self._untraced:
+            measured = await kind.measure_many(targets)
+            results = []
+            for target, outcome in zip(targets, measured, strict=True):
+                result = CheckResult.of(target, _outcome(outcome))
+                result = await kind.after_span(target, result)
+                self._record(result)
+                results.append(result)
+            return results
+        clocks = [spans.Clock() for _ in targets]
+        opened = [spans.start(self._tracer, t, c, kind.attributes(t)) for t, c in zip(targets, clocks, strict=True)]
+        try:
+            measured = await kind.measure_many(targets)
+        except BaseException:
+            for span in opened:
+                span.end()
+            raise
+        results = []
+        for target, clock, span, outcome in zip(targets, clocks, opened, measured, strict=True):
+            with trace.use_span(span, end_on_exit=False):
+                context = span.get_span_context()
+                sampled = context.is_valid and context.trace_flags.sampled
+                trace_id = format(context.trace_id, "032x") if sampled else None
+                result = CheckResult.of(target, _outcome(outcome), trace_id=trace_id)
+                spans.finish(self._tracer, span, clock, result)
+                result = await kind.after_span(target, result)
+                self._record(result)
+            results.append(result)
+        return results
+
     async def _check_untraced(self, kind: Kind, target: Target) -> CheckResult:
         """The same without a span: no traces are exported (OTLP traces off), and a span that
         records nothing still cost the check's attributes, a context switch and its phases."""
@@ -69,5 +106,14 @@ async def _measure(kind: Kind, target: Target) -> Outcome:
     try:
         return await kind.measure(target)
     except Exception as e:  # never let one check take the round down
-        name = type(e).__name__
-        return Outcome(failure=Failure(names.ROUND_TRIP_ERROR, name, f"{name}: {e}"))
+        return _outcome(e)
+
+
+def _outcome(measured: Outcome | BaseException) -> Outcome:
+    """An unexpected exception is the check's failure; cancellation goes on up."""
+    if isinstance(measured, Outcome):
+        return measured
+    if not isinstance(measured, Exception):
+        raise measured
+    name = type(measured).__name__
+    return Outcome(failure=Failure(names.ROUND_TRIP_ERROR, name, f"{name}: {measured}"))

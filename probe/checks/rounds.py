@@ -19,8 +19,9 @@ import dataclasses
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from probe import names
 from probe.checks.result import CheckResult, Status, Target
@@ -151,17 +152,20 @@ class Prober:
         neighbours: NeighbourSource,
         check: Callable[[Target], Awaitable[CheckResult]],
         *,
+        check_many: Callable[[Sequence[Target]], Awaitable[Sequence[CheckResult]]] | None = None,
         on_departed: Callable[[set[str]], None] = lambda _types: None,
     ) -> None:
+        """`check_many`: the UDP trains of a slot, checked together (default: one by one)."""
         self._settings = settings
         self._neighbours = neighbours
         self._check = check
+        self._check_many = check_many or self._one_by_one
         self._on_departed = on_departed
         self._failures = FailureLog()
         self._path_types: set[str] = set()
         #: Latest result and running task per check key (Target.key).
         self._latest: dict[str, CheckResult] = {}
-        self._in_flight: dict[str, asyncio.Task[CheckResult]] = {}
+        self._in_flight: dict[str, asyncio.Task[Any]] = {}
         self._plan: Plan | None = None
         self._neighbourhood: Neighbourhood | None = None
         self._watchers: set[asyncio.Task[None]] = set()
@@ -199,21 +203,16 @@ class Prober:
         if departed:
             self._on_departed(departed)
 
-    def _start(
-        self, target: Target, gate: asyncio.Event | None, awake: float | None = None
-    ) -> asyncio.Task[CheckResult]:
-        task = asyncio.create_task(self._perform(target, gate, awake), name=f"check {target.key}")
+    def _start(self, target: Target, gate: asyncio.Event | None) -> asyncio.Task[CheckResult]:
+        task = asyncio.create_task(self._perform(target, gate), name=f"check {target.key}")
         self._in_flight[target.key] = task
         return task
 
-    async def _perform(self, target: Target, gate: asyncio.Event | None, awake: float | None) -> CheckResult:
-        """The check, started once `gate` is set (None: now); `awake`: a loop time at which the
-        loop wakes anyway, for the check to wait for rather than wake it once more."""
+    async def _perform(self, target: Target, gate: asyncio.Event | None) -> CheckResult:
+        """The check, started once `gate` is set (None: now)."""
         try:
             if gate is not None:
                 await gate.wait()
-            if awake is not None:
-                awake_at.set(awake)  # this task's own context
             result = await self._check(target)
             self._latest[target.key] = result
             self._failures.update(result)
@@ -221,6 +220,41 @@ class Prober:
         finally:
             if self._in_flight.get(target.key) is asyncio.current_task():
                 del self._in_flight[target.key]
+
+    async def _one_by_one(self, targets: Sequence[Target]) -> list[CheckResult]:
+        return list(await asyncio.gather(*(self._check(target) for target in targets)))
+
+    def _start_many(
+        self, targets: list[Target], gate: asyncio.Event | None, awake: float | None
+    ) -> asyncio.Task[list[CheckResult]]:
+        """One task for a slot's trains (a task each cost more than its train's Python). A
+        neighbour departing while they are out cancels them all: that round, its slot-mates
+        keep their previous result."""
+        task = asyncio.create_task(self._perform_many(targets, gate, awake), name=f"trains of {len(targets)}")
+        for target in targets:
+            self._in_flight[target.key] = task
+        return task
+
+    async def _perform_many(
+        self, targets: list[Target], gate: asyncio.Event | None, awake: float | None
+    ) -> list[CheckResult]:
+        """The trains, started once `gate` is set; `awake`: a loop time at which the loop wakes
+        anyway (the slot's other checks start), for their first look."""
+        try:
+            if gate is not None:
+                await gate.wait()
+            if awake is not None:
+                awake_at.set(awake)  # this task's own context
+            results = list(await self._check_many(targets))
+            for result in results:
+                self._latest[result.key] = result
+                self._failures.update(result)
+            return results
+        finally:
+            task = asyncio.current_task()
+            for target in targets:
+                if self._in_flight.get(target.key) is task:
+                    del self._in_flight[target.key]
 
     def _complete(self, started: float) -> Round:
         assert self._neighbourhood is not None
@@ -246,25 +280,37 @@ class Prober:
         loop = asyncio.get_running_loop()
         now = loop.time()
         gates: dict[float, asyncio.Event] = {}
-        tasks = []
-        for target in trains_first(self._plan.targets):
-            if target.key in self._in_flight:
-                self.skipped_ticks += 1
-                continue
-            slot_at = now + start_offset(target.check_type, interval, slots)
-            train = target.kind == names.KIND_UDP
-            at = slot_at if train else slot_at + lead
+
+        def gate_at(at: float) -> asyncio.Event | None:
             gate = gates.get(at)
             if gate is None and at > now:
                 gate = gates[at] = asyncio.Event()
                 loop.call_at(at, gate.set)
-            # A train's first look is when its slot's other checks start: the same wakeup.
-            tasks.append(self._start(target, gate, slot_at + lead if train and lead else None))
+            return gate
+
+        trains: dict[float, list[Target]] = {}
+        others: list[tuple[Target, float]] = []
+        for target in self._plan.targets:
+            if target.key in self._in_flight:
+                self.skipped_ticks += 1
+                continue
+            slot_at = now + start_offset(target.check_type, interval, slots)
+            if target.kind == names.KIND_UDP:
+                trains.setdefault(slot_at, []).append(target)
+            else:
+                others.append((target, slot_at + lead))
+        # The trains first (a slot's trains are one task); their first look is when the slot's
+        # other checks start, in the same wakeup.
+        tasks: list[asyncio.Task[Any]] = [
+            self._start_many(group, gate_at(slot_at), slot_at + lead if lead else None)
+            for slot_at, group in trains.items()
+        ]
+        tasks += [self._start(target, gate_at(at)) for target, at in others]
         watcher = asyncio.create_task(self._watch(tasks, started), name="round")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
 
-    async def _watch(self, tasks: list[asyncio.Task[CheckResult]], started: float) -> None:
+    async def _watch(self, tasks: list[asyncio.Task[Any]], started: float) -> None:
         if tasks:
             await asyncio.wait(tasks)
         for task in tasks:

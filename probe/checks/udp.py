@@ -21,7 +21,7 @@ import socket
 import struct
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from probe import names
@@ -94,6 +94,8 @@ class Train:
     error_type: str | None = None
     #: Where the round trips came from: kernel.KERNEL (receive stamps) or kernel.LOOP.
     source: str = kernel.KERNEL
+    #: perf_counter_ns just before its first datagram was sent.
+    started_ns: int = 0
 
     @property
     def sent(self) -> int:
@@ -178,71 +180,97 @@ async def send_train(
     the echoes are first read after `look`, at the moment `looks` shares among the trains
     sent about together, if given. Through `path` if given (it stays open), else through a
     socket of its own."""
-    train_id = int.from_bytes(os.urandom(8), "big")  # unguessable: peers see train ids
-    train = Train(address, port, train_id)
     if path is None:
         try:
             own = PathSocket(address, port, source)
         except OSError as e:
+            train = Train(address, port, _train_id())
             train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
             return train
         try:
-            return await _send(train, own, timeout, count, look, looks)
+            (train,) = await send_trains([(address, port, own)], timeout, count, [look], looks)
+            return train
         finally:
             own.close()
-    path.clear_error()
-    return await _send(train, path, timeout, count, look, looks)
+    (train,) = await send_trains([(address, port, path)], timeout, count, [look], looks)
+    return train
 
 
-async def _send(
-    train: Train, path: PathSocket, timeout: float, count: int, look: float, looks: SharedDeadline | None
-) -> Train:
-    address, port, train_id, sock, v6 = train.address, train.port, train.train_id, path.sock, path.v6
-    sent_ns: dict[int, int] = {}
-    back: dict[int, int] = {}
+async def send_trains(
+    paths: Sequence[tuple[str, int, PathSocket]], timeout: float, count: int = TRAIN,
+    looks: Sequence[float] | None = None, shared: SharedDeadline | None = None,
+) -> list[Train]:
+    """A train through each open path, sent one after the other, then read together: the
+    echoes are first read at one moment (the latest of the paths' `looks`, shared with other
+    trains sent about then through `shared`), in one wakeup; only a train not yet whole then
+    waits on its socket, up to `timeout`."""
     loop = asyncio.get_running_loop()
-    done = loop.create_future()
-    kernel_rx = path.kernel_rx
-    if not kernel_rx:
-        train.source = kernel.LOOP
-    train.mtu = _path_mtu(sock, v6)
-    train.big_size = max(min(train.mtu, MAX_BIG) - (48 if v6 else 28), SMALL)
-
-    def read() -> None:
-        while True:
-            try:
-                data, ancdata, _, _ = sock.recvmsg(MAX_BIG, kernel.ANCILLARY_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # ICMP port unreachable and the like
-                if not done.done():
-                    done.set_exception(e)
-                return
-            at = kernel.rx_timestamp_ns(ancdata, offset_ns) if kernel_rx else None
-            if at is None:
-                train.source = kernel.LOOP
-                at = time.perf_counter_ns()
-            if len(data) < _HEADER.size:
-                continue
-            magic, got_id, seq = _HEADER.unpack_from(data)
-            if magic != _MAGIC or got_id != train_id or seq not in sent_ns or seq in back:
-                continue
-            back[seq] = at
-            if len(back) == len(sent_ns) and not done.done():
-                done.set_result(None)
-
-    reading = False
+    flights = []
+    for address, port, path in paths:
+        path.clear_error()
+        flights.append(_Flight(Train(address, port, _train_id()), path, count))
+    # The round trips are the kernel's stamps, so the echoes may be read late at no cost to
+    # the figures: one look reads healthy paths' whole trains in one wakeup (a wakeup per
+    # datagram was most of a train's CPU). Without kernel stamps an echo is timed when it is
+    # read: then each is read as it comes.
+    stamped = all(f.path.kernel_rx for f in flights)
+    look = min(max(looks or [FIRST_LOOK]), timeout) if stamped else 0.0
+    if look > 0 and any(not f.done.done() for f in flights):
+        sent_at = loop.time()
+        look_at = shared.at(sent_at + look) if shared is not None else sent_at + look
+        awake = awake_at.get()
+        if awake is not None and look_at <= awake <= sent_at + min(LAST_LOOK, timeout):
+            look_at = awake  # the loop wakes then anyway
+        look = look_at - sent_at
+        await sleep_until(look_at)
+    waiting = []
+    for flight in flights:
+        flight.read()
+        if not flight.done.done():
+            loop.add_reader(flight.path.sock.fileno(), flight.read)
+            waiting.append(flight)
     try:
-        # Built first, so the datagrams leave back to back: the echo reads a train in few
-        # wakeups.
+        if waiting:
+            await asyncio.wait([f.done for f in waiting], timeout=max(timeout - look, 0.0))
+    finally:
+        for flight in waiting:
+            loop.remove_reader(flight.path.sock.fileno())
+    return [flight.finish() for flight in flights]
+
+
+def _train_id() -> int:
+    return int.from_bytes(os.urandom(8), "big")  # unguessable: peers see train ids
+
+
+class _Flight:
+    """One train on its way: sent when made, then read (`read`, until `done`), then `finish`ed
+    into its counts and round trips."""
+
+    def __init__(self, train: Train, path: PathSocket, count: int) -> None:
+        train.started_ns = time.perf_counter_ns()
+        self.train, self.path = train, path
+        self.sent_ns: dict[int, int] = {}
+        self.back: dict[int, int] = {}
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if not path.kernel_rx:
+            train.source = kernel.LOOP
+        train.mtu = _path_mtu(path.sock, path.v6)
+        train.big_size = max(min(train.mtu, MAX_BIG) - (48 if path.v6 else 28), SMALL)
+        self.offset_ns = kernel.clock_offset_ns()  # the echoes' stamps are converted with it
+        try:
+            self._send(count)
+        except OSError as e:
+            self._fail(e)
+
+    def _send(self, count: int) -> None:
+        train, sock = self.train, self.path.sock
+        # Built first, so the datagrams leave back to back: the echo reads a train in one wakeup.
         bigs = [seq % BIG_EVERY == BIG_EVERY - 1 for seq in range(count)]
         payloads = [
-            _HEADER.pack(_MAGIC, train_id, seq).ljust(train.big_size if big else SMALL, b"\0")
+            _HEADER.pack(_MAGIC, train.train_id, seq).ljust(train.big_size if big else SMALL, b"\0")
             for seq, big in enumerate(bigs)
         ]
-        offset_ns = kernel.clock_offset_ns()  # the echoes' stamps are converted with it
         for seq, payload in enumerate(payloads):
-            big = bigs[seq]
             before = time.perf_counter_ns()
             try:
                 sock.send(payload)
@@ -252,56 +280,60 @@ async def _send(
                 raise  # an ICMP refusal of an earlier datagram, reported by this send
             except OSError as e:
                 if e.errno == 90:  # EMSGSIZE: the kernel learnt a smaller path MTU
-                    train.mtu = _path_mtu(sock, v6)
-                elif not sent_ns:
+                    train.mtu = _path_mtu(sock, self.path.v6)
+                elif not self.sent_ns:
                     raise
-            sent_ns[seq] = before
-            if big:
+            self.sent_ns[seq] = before
+            if bigs[seq]:
                 train.big_sent += 1
             else:
                 train.small_sent += 1
-        # The round trips are the kernel's stamps, so the echoes may be read late at no cost
-        # to the figures: one look reads a healthy path's whole train in one wakeup (a
-        # wakeup per datagram was most of a train's CPU); only a train not yet whole
-        # waits on the socket, up to the timeout.
-        # Without kernel stamps an echo is timed when it is read: read each as it comes.
-        look = min(look, timeout) if kernel_rx else 0.0
-        if look > 0:
-            sent_at = loop.time()
-            look_at = looks.at(sent_at + look) if looks is not None else sent_at + look
-            awake = awake_at.get()
-            if awake is not None and look_at <= awake <= sent_at + min(LAST_LOOK, timeout):
-                look_at = awake  # the loop wakes then anyway
-            look = look_at - sent_at
-            await sleep_until(look_at)
-        read()
-        if not done.done():
-            loop.add_reader(sock.fileno(), read)
-            reading = True
+
+    def _fail(self, error: OSError) -> None:
+        train = self.train
+        if self.done.done():
+            return
+        if isinstance(error, ConnectionRefusedError):
+            train.error = f"{_where(train.address, train.port)} refused (nothing answers UDP on that port)"
+            train.error_type = "connection_refused"
+        else:
+            train.error = f"{_where(train.address, train.port)}: {error.strerror or error}"
+            train.error_type = type(error).__name__
+        self.done.set_result(None)
+
+    def read(self) -> None:
+        sock, train, sent_ns, back = self.path.sock, self.train, self.sent_ns, self.back
+        while not self.done.done():
             try:
-                async with asyncio.timeout(max(timeout - look, 0.0)):
-                    await done
-            except TimeoutError:
-                pass
-        else:
-            done.result()  # an ICMP refusal read in that look raises here
-    except ConnectionRefusedError:
-        train.error = f"{_where(address, port)} refused (nothing answers UDP on that port)"
-        train.error_type = "connection_refused"
-    except OSError as e:
-        train.error, train.error_type = f"{_where(address, port)}: {e.strerror or e}", type(e).__name__
-    finally:
-        if reading:
-            loop.remove_reader(sock.fileno())
-    for seq, started in sorted(sent_ns.items()):
-        big = seq % BIG_EVERY == BIG_EVERY - 1
-        if seq in back:
-            train.rtts_ns.append(max(back[seq] - started, 0))
-        elif big:
-            train.big_lost += 1
-        else:
-            train.small_lost += 1
-    return train
+                data, ancdata, _, _ = sock.recvmsg(MAX_BIG, kernel.ANCILLARY_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # ICMP port unreachable and the like
+                self._fail(e)
+                return
+            at = kernel.rx_timestamp_ns(ancdata, self.offset_ns) if self.path.kernel_rx else None
+            if at is None:
+                train.source = kernel.LOOP
+                at = time.perf_counter_ns()
+            if len(data) < _HEADER.size:
+                continue
+            magic, got_id, seq = _HEADER.unpack_from(data)
+            if magic != _MAGIC or got_id != train.train_id or seq not in sent_ns or seq in back:
+                continue
+            back[seq] = at
+            if len(back) == len(sent_ns):
+                self.done.set_result(None)
+
+    def finish(self) -> Train:
+        train = self.train
+        for seq, started in sorted(self.sent_ns.items()):
+            if seq in self.back:
+                train.rtts_ns.append(max(self.back[seq] - started, 0))
+            elif seq % BIG_EVERY == BIG_EVERY - 1:
+                train.big_lost += 1
+            else:
+                train.small_lost += 1
+        return train
 
 
 # --- the check -----------------------------------------------------------------------------
@@ -425,8 +457,41 @@ class UdpKind(Kind):
             address, endpoint.port, max(remaining, 0.001), source=self._source, look=memory.look,
             looks=self._look_at, path=path,
         )
-        if train.error is not None and path is not None:  # the next train starts afresh
-            self._close_path(target.key)
+        return self._outcome(target.key, memory, train, path is not None, sent_ns, resolution)
+
+    async def measure_many(self, targets: Sequence[Target]) -> Sequence[Outcome | BaseException]:
+        """Trains to many targets at once (a slot's neighbours): sent one after the other and
+        first read together, in one wakeup, with no task of their own. A target named by a
+        DNS name, or whose socket cannot be opened, is measured on its own."""
+        alone: list[Target] = []
+        batch: list[tuple[Target, _PathMemory, tuple[str, int, PathSocket]]] = []
+        for target in targets:
+            endpoint = target.spec
+            assert isinstance(endpoint, UdpEndpoint)
+            path = self._path(target.key, endpoint.host, endpoint.port) if is_ip(endpoint.host) else None
+            if path is None:
+                alone.append(target)
+            else:
+                batch.append((target, self._recall(target.key), (endpoint.host, endpoint.port, path)))
+        measuring = asyncio.gather(*(self.measure(t) for t in alone), return_exceptions=True) if alone else None
+        trains = await send_trains(
+            [where for _, _, where in batch], self._timeout,
+            looks=[memory.look for _, memory, _ in batch], shared=self._look_at,
+        ) if batch else []
+        outcomes: dict[str, Outcome | BaseException] = {
+            target.key: self._outcome(target.key, memory, train, True, train.started_ns)
+            for (target, memory, _), train in zip(batch, trains, strict=True)
+        }
+        if measuring is not None:
+            outcomes.update(zip((t.key for t in alone), await measuring, strict=True))
+        return [outcomes[target.key] for target in targets]
+
+    def _outcome(
+        self, key: str, memory: _PathMemory, train: Train, kept_path: bool, sent_ns: int,
+        resolution: dns.Resolution | None = None,
+    ) -> Outcome:
+        if train.error is not None and kept_path:  # the next train starts afresh
+            self._close_path(key)
         memory.look = first_look(train)
         if not train.sent:
             return outcome_of(train, sent_ns, resolution)
