@@ -43,35 +43,24 @@ class Pipeline:
     async def check(self, target: Target) -> CheckResult:
         kind = self._kinds[type(target.spec)]
         if self._untraced:
-            return await self._check_untraced(kind, target)
+            return await self._conclude(kind, target, await _measure(kind, target))
         clock = spans.Clock()
         span = spans.start(self._tracer, target, clock, kind.attributes(target))
-        with trace.use_span(span, end_on_exit=False):
+        with trace.use_span(span, end_on_exit=False):  # the kind measures inside it (propagation)
             outcome = await _measure(kind, target)
-            context = span.get_span_context()
-            sampled = context.is_valid and context.trace_flags.sampled
-            result = CheckResult.of(target, outcome, trace_id=format(context.trace_id, "032x") if sampled else None)
-            spans.finish(self._tracer, span, clock, result)
-            result = await kind.after_span(target, result)
-            self._record(result)
-        return result
+        return await self._conclude(kind, target, outcome, span, clock)
 
     async def check_many(self, targets: Sequence[Target]) -> list[CheckResult]:
         """Checks of one kind started together (a slot's UDP trains), each with its own span,
-        result and recording as check() gives it; the kind measures them at once."""
+        result and recording as check() gives it; the kind measures them at once, outside
+        their spans' context (nothing of theirs propagates a trace)."""
         if not targets:
             return []
         kind = self._kinds[type(targets[0].spec)]
         assert all(type(t.spec) is type(targets[0].spec) for t in targets), "one kind at a time"
         if self._untraced:
             measured = await kind.measure_many(targets)
-            results = []
-            for target, outcome in zip(targets, measured, strict=True):
-                result = CheckResult.of(target, _outcome(outcome))
-                result = await kind.after_span(target, result)
-                self._record(result)
-                results.append(result)
-            return results
+            return [await self._conclude(kind, t, _outcome(m)) for t, m in zip(targets, measured, strict=True)]
         clocks = [spans.Clock() for _ in targets]
         opened = [spans.start(self._tracer, t, c, kind.attributes(t)) for t, c in zip(targets, clocks, strict=True)]
         try:
@@ -80,25 +69,30 @@ class Pipeline:
             for span in opened:
                 span.end()
             raise
-        results = []
-        for target, clock, span, outcome in zip(targets, clocks, opened, measured, strict=True):
-            with trace.use_span(span, end_on_exit=False):
-                context = span.get_span_context()
-                sampled = context.is_valid and context.trace_flags.sampled
-                trace_id = format(context.trace_id, "032x") if sampled else None
-                result = CheckResult.of(target, _outcome(outcome), trace_id=trace_id)
-                spans.finish(self._tracer, span, clock, result)
-                result = await kind.after_span(target, result)
-                self._record(result)
-            results.append(result)
-        return results
+        return [
+            await self._conclude(kind, target, _outcome(outcome), span, clock)
+            for target, clock, span, outcome in zip(targets, clocks, opened, measured, strict=True)
+        ]
 
-    async def _check_untraced(self, kind: Kind, target: Target) -> CheckResult:
-        """The same without a span: no traces are exported (OTLP traces off), and a span that
-        records nothing still cost the check's attributes, a context switch and its phases."""
-        result = CheckResult.of(target, await _measure(kind, target))
-        result = await kind.after_span(target, result)
-        self._record(result)
+    async def _conclude(
+        self, kind: Kind, target: Target, outcome: Outcome, span: trace.Span | None = None,
+        clock: spans.Clock | None = None,
+    ) -> CheckResult:
+        """The result of what was measured, its span ended with the phases, then recorded
+        inside that span (histogram points carry its trace id). Without tracing (OTLP traces
+        off) there is no span at all: one that records nothing still cost the check's
+        attributes, a context switch and its phases."""
+        if span is None or clock is None:
+            result = await kind.after_span(target, CheckResult.of(target, outcome))
+            self._record(result)
+            return result
+        with trace.use_span(span, end_on_exit=False):
+            context = span.get_span_context()
+            sampled = context.is_valid and context.trace_flags.sampled
+            result = CheckResult.of(target, outcome, trace_id=format(context.trace_id, "032x") if sampled else None)
+            spans.finish(self._tracer, span, clock, result)
+            result = await kind.after_span(target, result)
+            self._record(result)
         return result
 
 

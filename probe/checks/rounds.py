@@ -21,7 +21,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 from probe import names
 from probe.checks.result import CheckResult, Status, Target
@@ -165,7 +164,7 @@ class Prober:
         self._path_types: set[str] = set()
         #: Latest result and running task per check key (Target.key).
         self._latest: dict[str, CheckResult] = {}
-        self._in_flight: dict[str, asyncio.Task[Any]] = {}
+        self._in_flight: dict[str, asyncio.Task[list[CheckResult]]] = {}
         self._plan: Plan | None = None
         self._neighbourhood: Neighbourhood | None = None
         self._watchers: set[asyncio.Task[None]] = set()
@@ -179,7 +178,7 @@ class Prober:
         started = time.monotonic()
         self._replan()
         assert self._plan is not None
-        tasks = [self._start(target, None) for target in trains_first(self._plan.targets)]
+        tasks = [self._start([target], None) for target in trains_first(self._plan.targets)]
         await asyncio.gather(*tasks)
         return self._complete(started)
 
@@ -203,49 +202,30 @@ class Prober:
         if departed:
             self._on_departed(departed)
 
-    def _start(self, target: Target, gate: asyncio.Event | None) -> asyncio.Task[CheckResult]:
-        task = asyncio.create_task(self._perform(target, gate), name=f"check {target.key}")
-        self._in_flight[target.key] = task
-        return task
-
-    async def _perform(self, target: Target, gate: asyncio.Event | None) -> CheckResult:
-        """The check, started once `gate` is set (None: now)."""
-        try:
-            if gate is not None:
-                await gate.wait()
-            result = await self._check(target)
-            self._latest[target.key] = result
-            self._failures.update(result)
-            return result
-        finally:
-            if self._in_flight.get(target.key) is asyncio.current_task():
-                del self._in_flight[target.key]
-
-    async def _one_by_one(self, targets: Sequence[Target]) -> list[CheckResult]:
-        return list(await asyncio.gather(*(self._check(target) for target in targets)))
-
-    def _start_many(
-        self, targets: list[Target], gate: asyncio.Event | None, awake: float | None
+    def _start(
+        self, targets: list[Target], gate: asyncio.Event | None, *, together: bool = False,
+        awake: float | None = None,
     ) -> asyncio.Task[list[CheckResult]]:
-        """One task for a slot's trains (a task each cost more than its train's Python). A
-        neighbour departing while they are out cancels them all: that round, its slot-mates
-        keep their previous result."""
-        task = asyncio.create_task(self._perform_many(targets, gate, awake), name=f"trains of {len(targets)}")
+        """One task for one check, or for a slot's trains `together` (a task each cost more
+        than a train's Python). A neighbour departing while they are out cancels them all:
+        that round, its slot-mates keep their previous result."""
+        name = f"trains of {len(targets)}" if together else f"check {targets[0].key}"
+        task = asyncio.create_task(self._perform(targets, gate, together, awake), name=name)
         for target in targets:
             self._in_flight[target.key] = task
         return task
 
-    async def _perform_many(
-        self, targets: list[Target], gate: asyncio.Event | None, awake: float | None
+    async def _perform(
+        self, targets: list[Target], gate: asyncio.Event | None, together: bool, awake: float | None
     ) -> list[CheckResult]:
-        """The trains, started once `gate` is set; `awake`: a loop time at which the loop wakes
-        anyway (the slot's other checks start), for their first look."""
+        """The checks, started once `gate` is set (None: now); `awake`: a loop time at which
+        the loop wakes anyway (the slot's other checks start), for the trains' first look."""
         try:
             if gate is not None:
                 await gate.wait()
             if awake is not None:
                 awake_at.set(awake)  # this task's own context
-            results = list(await self._check_many(targets))
+            results = list(await self._check_many(targets)) if together else [await self._check(targets[0])]
             for result in results:
                 self._latest[result.key] = result
                 self._failures.update(result)
@@ -255,6 +235,9 @@ class Prober:
             for target in targets:
                 if self._in_flight.get(target.key) is task:
                     del self._in_flight[target.key]
+
+    async def _one_by_one(self, targets: Sequence[Target]) -> list[CheckResult]:
+        return list(await asyncio.gather(*(self._check(target) for target in targets)))
 
     def _complete(self, started: float) -> Round:
         assert self._neighbourhood is not None
@@ -301,16 +284,16 @@ class Prober:
                 others.append((target, slot_at + lead))
         # The trains first (a slot's trains are one task); their first look is when the slot's
         # other checks start, in the same wakeup.
-        tasks: list[asyncio.Task[Any]] = [
-            self._start_many(group, gate_at(slot_at), slot_at + lead if lead else None)
+        tasks = [
+            self._start(group, gate_at(slot_at), together=True, awake=slot_at + lead if lead else None)
             for slot_at, group in trains.items()
         ]
-        tasks += [self._start(target, gate_at(at)) for target, at in others]
+        tasks += [self._start([target], gate_at(at)) for target, at in others]
         watcher = asyncio.create_task(self._watch(tasks, started), name="round")
         self._watchers.add(watcher)
         watcher.add_done_callback(self._watchers.discard)
 
-    async def _watch(self, tasks: list[asyncio.Task[Any]], started: float) -> None:
+    async def _watch(self, tasks: list[asyncio.Task[list[CheckResult]]], started: float) -> None:
         if tasks:
             await asyncio.wait(tasks)
         for task in tasks:

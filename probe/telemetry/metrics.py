@@ -117,8 +117,8 @@ class Metrics:
             description="TCP segments the kernel resent on the checks' connections, SYNs included",
         )
         # A train's counts are added to totals of our own and observed when the readers
-        # collect: a counter's add() per train cost about as much as recording its eight round
-        # trips (a UDP train of ten neighbours every round is held to a CPU budget).
+        # collect: a counter's add() per train cost about as much as recording its round trips
+        # (a UDP train of ten neighbours every round is held to a CPU budget).
         self._udp_totals: dict[str, list[int]] = {}  # check type -> [sent, lost]
         meter.create_observable_counter(
             names.UDP_PACKETS_SENT,
